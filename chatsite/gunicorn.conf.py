@@ -1,0 +1,27 @@
+"""gunicorn settings for `make run`: one process owns the model; threads serve pages meanwhile."""
+
+import os
+import threading
+
+bind = os.environ.get("CHATBOT_BIND", "127.0.0.1:8000")
+# Each worker process holds its own copy of the model, so one is the default.
+workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+worker_class = "gthread"
+threads = int(os.environ.get("CHATBOT_WEB_THREADS", "8"))
+timeout = 120
+graceful_timeout = 30
+accesslog = "-"
+
+
+def post_worker_init(worker):
+    # Load the model in the background so the first message does not wait for it.
+    from conversations.runtime import get_engine
+
+    def warm():
+        try:
+            get_engine().load()
+            worker.log.info("Model loaded.")
+        except Exception as exc:  # the message names the setting to fix
+            worker.log.error("Model could not be loaded: %s", exc)
+
+    threading.Thread(target=warm, name="model-warmup", daemon=True).start()

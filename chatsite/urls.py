@@ -1,0 +1,11 @@
+from django.contrib import admin
+from django.urls import include, path
+
+from conversations.urls import auth_urlpatterns
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("api/", include("conversations.api.urls")),
+    path("accounts/", include(auth_urlpatterns)),
+    path("", include("conversations.urls")),
+]

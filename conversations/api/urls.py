@@ -1,0 +1,17 @@
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework.authtoken.views import obtain_auth_token
+from rest_framework.routers import DefaultRouter
+
+from .views import ConversationViewSet, StartMessageView
+
+router = DefaultRouter()
+router.register("conversations", ConversationViewSet, basename="conversation")
+
+urlpatterns = [
+    path("token/", obtain_auth_token, name="api-token"),
+    path("messages/", StartMessageView.as_view(), name="api-messages"),
+    path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path("", include(router.urls)),
+]

@@ -1,0 +1,93 @@
+"""From the turns stored in the database to the message list the model reads.
+
+Nothing about a conversation lives only in memory: every new message rebuilds its context here,
+so a conversation picks up after a restart exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ContextOverflow
+from .models import Conversation, Message
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    messages: list[dict]  # system prompt, the earlier turns kept, the new user message
+    prompt_tokens: int
+    context_turns: int  # earlier messages the model sees
+    dropped_turns: int  # earlier messages left out for lack of room
+
+
+def load_history(conversation: Conversation, *, before: Message) -> list[Message]:
+    """The conversation's earlier successful turns, oldest first, in one query."""
+    return list(
+        conversation.messages.filter(
+            created_at__lt=before.created_at,
+            status=Message.Status.OK,
+            role__in=[Message.Role.USER, Message.Role.ASSISTANT],
+        )
+        .exclude(pk=before.pk)
+        .order_by("created_at")
+        .only("role", "content", "created_at")
+    )
+
+
+def group_turns(history: list[Message]) -> list[list[dict]]:
+    """Split messages into turns, each a user message and the replies that followed it."""
+    turns: list[list[dict]] = []
+    for message in history:
+        if message.role == Message.Role.USER or not turns:
+            turns.append([])
+        turns[-1].append({"role": message.role, "content": message.content})
+    return turns
+
+
+def build_context(conversation: Conversation, *, new_message: Message, engine, params) -> ModelContext:
+    """The model's input for answering `new_message`.
+
+    Keeps the system prompt, the new message and as many of the newest earlier turns as fit in
+    the model's context window minus the reply budget, counted with the model's own tokenizer and
+    chat template. Whole turns are dropped, oldest first.
+    """
+    head = []
+    if conversation.system_prompt:
+        head.append({"role": "system", "content": conversation.system_prompt})
+    tail = [{"role": "user", "content": new_message.content}]
+    turns = group_turns(load_history(conversation, before=new_message))
+    budget = engine.prompt_budget(params)
+
+    def assemble(kept: int) -> list[dict]:
+        recent = turns[len(turns) - kept :] if kept else []
+        return head + [m for turn in recent for m in turn] + tail
+
+    counts: dict[int, int] = {}
+
+    def tokens(kept: int) -> int:
+        if kept not in counts:
+            counts[kept] = engine.count_tokens(assemble(kept))
+        return counts[kept]
+
+    if tokens(0) > budget:
+        raise ContextOverflow(prompt_tokens=tokens(0), budget=budget)
+    kept = len(turns)
+    if tokens(kept) > budget:
+        # Token counts grow with every turn kept: binary search for the most that fit.
+        low, high = 0, kept - 1
+        while low < high:
+            mid = (low + high + 1) // 2
+            if tokens(mid) <= budget:
+                low = mid
+            else:
+                high = mid - 1
+        kept = low
+    messages = assemble(kept)
+    seen = len(messages) - len(head) - len(tail)
+    total = sum(len(turn) for turn in turns)
+    return ModelContext(
+        messages=messages,
+        prompt_tokens=tokens(kept),
+        context_turns=seen,
+        dropped_turns=total - seen,
+    )

@@ -1,0 +1,220 @@
+"""The one owner of the model in a process: it loads lazily, counts tokens, generates and scores.
+
+Messages come in as chat messages, [{"role": "system" | "user" | "assistant", "content": ...}].
+Causal chat models format them with their own chat template; seq2seq dialogue models
+(Blenderbot) read the turns joined into one text, the way they were trained.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .loading import LoadedModel, describe_source, load_model
+
+# Used only for causal models whose tokenizer ships no chat template.
+PLAIN_TRANSCRIPT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+# Blenderbot separates dialogue turns by two spaces.
+SEQ2SEQ_TURN_SEPARATOR = "  "
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_ms: int
+    total_ms: int
+    finish_reason: str  # "stop": the model ended its turn; "length": the reply budget ran out
+
+
+class _FirstTokenTimer:
+    """A generate() streamer that notes when the first new token arrives."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.first_token_at: float | None = None
+
+    def put(self, value) -> None:
+        self.calls += 1
+        # The first call carries the prompt (or the decoder start token); the second, token one.
+        if self.calls == 2:
+            self.first_token_at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+class Engine:
+    """Loads the configured model on first use and serves generation requests one at a time."""
+
+    def __init__(
+        self,
+        *,
+        model: str = "",
+        cache_dir: Path | str,
+        context_tokens: int = 0,
+        torch_threads: int = 0,
+    ) -> None:
+        self.model_setting = model
+        self.cache_dir = Path(cache_dir)
+        self.context_tokens = context_tokens
+        self.torch_threads = torch_threads
+        self.model_name = describe_source(model)
+        self._loaded: LoadedModel | None = None
+        self._load_lock = threading.Lock()
+        self._generate_lock = threading.Lock()
+
+    # Loading
+
+    def load(self) -> LoadedModel:
+        """Load the model once; concurrent callers wait for the same load."""
+        if self._loaded is None:
+            with self._load_lock:
+                if self._loaded is None:
+                    import torch
+
+                    if self.torch_threads > 0:
+                        torch.set_num_threads(self.torch_threads)
+                    loaded = load_model(self.model_setting, self.cache_dir)
+                    if not loaded.is_seq2seq and not loaded.tokenizer.chat_template:
+                        loaded.tokenizer.chat_template = PLAIN_TRANSCRIPT_TEMPLATE
+                    self._loaded = loaded
+        return self._loaded
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._loaded is not None
+
+    # Sizes
+
+    def context_window(self) -> int:
+        """How many tokens the model reads: the model's own limit unless the setting lowers it."""
+        loaded = self.load()
+        config = loaded.model.config
+        own = getattr(config, "max_position_embeddings", None) or 2048
+        if self.context_tokens > 0:
+            return min(own, self.context_tokens)
+        return own
+
+    def prompt_budget(self, params: GenerationParams) -> int:
+        """Tokens left for the prompt once the reply budget is set aside."""
+        if self.load().is_seq2seq:
+            # The encoder reads the prompt; the decoder writes the reply in its own positions.
+            return self.context_window()
+        return max(self.context_window() - params.max_new_tokens, 0)
+
+    def count_tokens(self, messages: list[dict]) -> int:
+        """Prompt tokens for these messages, as the model will see them."""
+        return len(self._encode(messages))
+
+    # Generation
+
+    def generate(self, messages: list[dict], params: GenerationParams) -> Generation:
+        """Write the assistant's next turn for these messages."""
+        import torch
+
+        loaded = self.load()
+        input_ids = self._encode(messages)
+        prompt = torch.tensor([input_ids], dtype=torch.long)
+        config = self._generation_config(params)
+        timer = _FirstTokenTimer()
+        with self._generate_lock, torch.inference_mode():
+            started = time.perf_counter()
+            output = loaded.model.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                generation_config=config,
+                streamer=timer,
+            )
+            finished = time.perf_counter()
+        # A decoder-only model returns prompt + reply; a seq2seq one, decoder start + reply.
+        new_tokens = output[0][1:] if loaded.is_seq2seq else output[0][prompt.shape[1] :]
+        new_tokens = new_tokens.tolist()
+        stopped = bool(new_tokens) and new_tokens[-1] in self._stop_ids()
+        first_at = timer.first_token_at or finished
+        return Generation(
+            text=loaded.tokenizer.decode(new_tokens, skip_special_tokens=True).strip(),
+            prompt_tokens=len(input_ids),
+            completion_tokens=len(new_tokens),
+            ttft_ms=round((first_at - started) * 1000),
+            total_ms=round((finished - started) * 1000),
+            finish_reason="stop" if stopped or len(new_tokens) < params.max_new_tokens else "length",
+        )
+
+    def score_reply(self, messages: list[dict], reply: str) -> float:
+        """Log-probability (natural log, summed over tokens) that the model answers `reply`.
+
+        Used to check what the model makes of a context without sampling from it.
+        """
+        import torch
+
+        loaded = self.load()
+        if loaded.is_seq2seq:
+            raise NotImplementedError("Scoring is implemented for causal models.")
+        prompt_ids = self._encode(messages)
+        reply_ids = loaded.tokenizer(reply, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt_ids + reply_ids], dtype=torch.long)
+        with self._generate_lock, torch.inference_mode():
+            logits = loaded.model(input_ids=ids).logits[0].float()
+        log_probs = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
+        targets = torch.tensor(reply_ids, dtype=torch.long)
+        return float(log_probs.gather(1, targets.unsqueeze(1)).sum())
+
+    # Internals
+
+    def _encode(self, messages: list[dict]) -> list[int]:
+        loaded = self.load()
+        tokenizer = loaded.tokenizer
+        if loaded.is_seq2seq:
+            text = SEQ2SEQ_TURN_SEPARATOR.join(m["content"] for m in messages)
+            return tokenizer(text)["input_ids"]
+        encoded = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return list(encoded["input_ids"])
+
+    def _stop_ids(self) -> set[int]:
+        loaded = self.load()
+        ids: set[int] = set()
+        for source in (loaded.model.generation_config.eos_token_id, loaded.tokenizer.eos_token_id):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(source)
+        return ids
+
+    def _generation_config(self, params: GenerationParams):
+        import copy
+
+        loaded = self.load()
+        config = copy.deepcopy(loaded.model.generation_config)
+        sample = params.temperature > 0
+        config.update(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=sample,
+            temperature=params.temperature if sample else None,
+            top_p=params.top_p if sample else None,
+            top_k=None,
+            repetition_penalty=params.repetition_penalty,
+            eos_token_id=sorted(self._stop_ids()),
+        )
+        if config.pad_token_id is None:
+            config.pad_token_id = loaded.tokenizer.pad_token_id or min(self._stop_ids())
+        return config

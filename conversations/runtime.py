@@ -1,0 +1,48 @@
+"""The seam between Django and the generation layer.
+
+The engine is built from settings on first use and shared by every thread of the process.
+Importing this module imports no torch: the engine loads its model only when first asked.
+"""
+
+import threading
+
+from django.conf import settings
+
+_engine = None
+_engine_lock = threading.Lock()
+
+
+def get_engine():
+    """The process's one engine (conversations.llm.engine.Engine, or a test's replacement)."""
+    global _engine
+    if _engine is None:
+        with _engine_lock:
+            if _engine is None:
+                from .llm.engine import Engine
+
+                _engine = Engine(
+                    model=settings.CHATBOT_MODEL,
+                    cache_dir=settings.CHATBOT_MODEL_CACHE,
+                    context_tokens=settings.CHATBOT_CONTEXT_TOKENS,
+                    torch_threads=settings.CHATBOT_TORCH_THREADS,
+                )
+    return _engine
+
+
+def set_engine(engine):
+    """Replace the process's engine (tests of the web layer do this); returns the previous one."""
+    global _engine
+    with _engine_lock:
+        previous, _engine = _engine, engine
+    return previous
+
+
+def default_generation_params():
+    from .llm.engine import GenerationParams
+
+    return GenerationParams(
+        max_new_tokens=settings.CHATBOT_MAX_NEW_TOKENS,
+        temperature=settings.CHATBOT_TEMPERATURE,
+        top_p=settings.CHATBOT_TOP_P,
+        repetition_penalty=settings.CHATBOT_REPETITION_PENALTY,
+    )

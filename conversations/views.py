@@ -1,0 +1,91 @@
+from django.contrib import messages as flash
+from django.contrib.auth import login
+from django.contrib.auth.decorators import login_required
+from django.contrib.auth.forms import UserCreationForm
+from django.core.paginator import Paginator
+from django.db.models import Count
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_http_methods, require_POST
+
+from . import services
+from .errors import ChatError
+from .forms import MessageForm, NewConversationForm
+from .models import Conversation
+
+CONVERSATIONS_PER_PAGE = 30
+
+
+@require_http_methods(["GET", "POST"])
+def signup(request):
+    if request.user.is_authenticated:
+        return redirect("conversations:list")
+    form = UserCreationForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        user = form.save()
+        login(request, user)
+        return redirect("conversations:list")
+    return render(request, "registration/signup.html", {"form": form})
+
+
+@login_required
+@require_http_methods(["GET"])
+def conversation_list(request):
+    conversations = (
+        Conversation.objects.filter(owner=request.user)
+        .annotate(message_count=Count("messages"))
+        .order_by("-updated_at")
+    )
+    page = Paginator(conversations, CONVERSATIONS_PER_PAGE).get_page(request.GET.get("page"))
+    return render(
+        request,
+        "conversations/list.html",
+        {"page": page, "form": NewConversationForm(initial=_default_prompt())},
+    )
+
+
+@login_required
+@require_POST
+def new_conversation(request):
+    form = NewConversationForm(request.POST)
+    if not form.is_valid():
+        conversations = Conversation.objects.filter(owner=request.user).annotate(
+            message_count=Count("messages")
+        )
+        page = Paginator(conversations, CONVERSATIONS_PER_PAGE).get_page(1)
+        return render(request, "conversations/list.html", {"page": page, "form": form}, status=400)
+    try:
+        conversation, _ = services.start_conversation(
+            owner=request.user,
+            content=form.cleaned_data["content"],
+            system_prompt=form.cleaned_data["system_prompt"] or None,
+        )
+    except ChatError as exc:
+        flash.error(request, exc.detail)
+        return redirect(exc.exchange.user_message.conversation)
+    return redirect(conversation)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def thread(request, conversation_id):
+    conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
+    form = MessageForm(request.POST or None)
+    if request.method == "POST":
+        if form.is_valid():
+            try:
+                services.post_message(conversation=conversation, content=form.cleaned_data["content"])
+            except ChatError as exc:
+                flash.error(request, exc.detail)
+            return redirect(conversation.get_absolute_url() + "#latest")
+    context = {
+        "conversation": conversation,
+        "messages_list": list(conversation.messages.order_by("created_at")),
+        "form": form,
+    }
+    return render(request, "conversations/thread.html", context, status=400 if form.errors else 200)
+
+
+def _default_prompt():
+    from django.conf import settings
+
+    return {"system_prompt": settings.CHATBOT_SYSTEM_PROMPT}
