@@ -35,7 +35,10 @@ class ConversationAdmin(admin.ModelAdmin):
     inlines = [MessageInline]
 
     def get_queryset(self, request):
-        return super().get_queryset(request).annotate(message_count=Count("messages"))
+        # distinct: a search on message text joins messages again, which would multiply the count.
+        return (
+            super().get_queryset(request).annotate(message_count=Count("messages", distinct=True))
+        )
 
     @admin.display(description="Title", ordering="title")
     def display_title(self, obj):

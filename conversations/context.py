@@ -20,8 +20,9 @@ class ModelContext:
     dropped_turns: int  # earlier messages left out for lack of room
 
 
-def load_history(conversation: Conversation, *, before: Message) -> list[Message]:
-    """The conversation's earlier successful turns, oldest first, in one query."""
+def load_history(conversation: Conversation, *, before: Message) -> list[dict]:
+    """The conversation's earlier successful turns, oldest first, in one query, as chat
+    messages ({"role", "content"})."""
     return list(
         conversation.messages.filter(
             created_at__lt=before.created_at,
@@ -30,21 +31,23 @@ def load_history(conversation: Conversation, *, before: Message) -> list[Message
         )
         .exclude(pk=before.pk)
         .order_by("created_at")
-        .only("role", "content", "created_at")
+        .values("role", "content")
     )
 
 
-def group_turns(history: list[Message]) -> list[list[dict]]:
+def group_turns(history: list[dict]) -> list[list[dict]]:
     """Split messages into turns, each a user message and the replies that followed it."""
     turns: list[list[dict]] = []
     for message in history:
-        if message.role == Message.Role.USER or not turns:
+        if message["role"] == Message.Role.USER or not turns:
             turns.append([])
-        turns[-1].append({"role": message.role, "content": message.content})
+        turns[-1].append(message)
     return turns
 
 
-def build_context(conversation: Conversation, *, new_message: Message, engine, params) -> ModelContext:
+def build_context(
+    conversation: Conversation, *, new_message: Message, engine, params
+) -> ModelContext:
     """The model's input for answering `new_message`.
 
     Keeps the system prompt, the new message and as many of the newest earlier turns as fit in

@@ -8,7 +8,9 @@ class MessageForm(forms.Form):
         label="Message",
         strip=False,
         validators=[validate_message_content],
-        widget=forms.Textarea(attrs={"rows": 3, "placeholder": "Send a message…", "autofocus": True}),
+        widget=forms.Textarea(
+            attrs={"rows": 3, "placeholder": "Send a message…", "autofocus": True}
+        ),
     )
 
 

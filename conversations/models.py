@@ -23,14 +23,14 @@ class Conversation(models.Model):
     def __str__(self) -> str:
         return self.title or f"Conversation {self.id}"
 
-    @property
-    def display_title(self) -> str:
-        return self.title or "Untitled chat"
-
     def get_absolute_url(self) -> str:
         from django.urls import reverse
 
         return reverse("conversations:thread", args=[self.id])
+
+    @property
+    def display_title(self) -> str:
+        return self.title or "Untitled chat"
 
 
 class Message(models.Model):

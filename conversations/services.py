@@ -38,12 +38,16 @@ def fallback_title(content: str) -> str:
     return cut.rstrip(" ,.;:") + "…"
 
 
-def create_conversation(*, owner, title: str = "", system_prompt: str | None = None) -> Conversation:
+def create_conversation(
+    *, owner, title: str = "", system_prompt: str | None = None
+) -> Conversation:
     """A new, empty conversation. Without a system prompt, the configured default is stored,
     so the conversation shows exactly what the model is told."""
     if system_prompt is None:
         system_prompt = settings.CHATBOT_SYSTEM_PROMPT
-    return Conversation.objects.create(owner=owner, title=title.strip(), system_prompt=system_prompt)
+    return Conversation.objects.create(
+        owner=owner, title=title.strip(), system_prompt=system_prompt
+    )
 
 
 def post_message(*, conversation: Conversation, content: str) -> Exchange:
@@ -67,7 +71,9 @@ def post_message(*, conversation: Conversation, content: str) -> Exchange:
     engine = get_engine()
     params = default_generation_params()
     try:
-        context = build_context(conversation, new_message=user_message, engine=engine, params=params)
+        context = build_context(
+            conversation, new_message=user_message, engine=engine, params=params
+        )
         generation = engine.generate(context.messages, params)
     except ContextOverflow as exc:
         reply = _save_failed_reply(conversation, engine, params, reason=exc.detail)
@@ -124,4 +130,3 @@ def _save_failed_reply(conversation, engine, params, *, reason: str) -> Message:
         )
         Conversation.objects.filter(pk=conversation.pk).update(updated_at=reply.created_at)
     return reply
-

@@ -48,8 +48,10 @@ def conversation_list(request):
 def new_conversation(request):
     form = NewConversationForm(request.POST)
     if not form.is_valid():
-        conversations = Conversation.objects.filter(owner=request.user).annotate(
-            message_count=Count("messages")
+        conversations = (
+            Conversation.objects.filter(owner=request.user)
+            .annotate(message_count=Count("messages"))
+            .order_by("-updated_at")  # Meta.ordering does not apply to an aggregate query
         )
         page = Paginator(conversations, CONVERSATIONS_PER_PAGE).get_page(1)
         return render(request, "conversations/list.html", {"page": page, "form": form}, status=400)
@@ -70,13 +72,12 @@ def new_conversation(request):
 def thread(request, conversation_id):
     conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
     form = MessageForm(request.POST or None)
-    if request.method == "POST":
-        if form.is_valid():
-            try:
-                services.post_message(conversation=conversation, content=form.cleaned_data["content"])
-            except ChatError as exc:
-                flash.error(request, exc.detail)
-            return redirect(conversation.get_absolute_url() + "#latest")
+    if request.method == "POST" and form.is_valid():
+        try:
+            services.post_message(conversation=conversation, content=form.cleaned_data["content"])
+        except ChatError as exc:
+            flash.error(request, exc.detail)
+        return redirect(conversation.get_absolute_url() + "#latest")
     context = {
         "conversation": conversation,
         "messages_list": list(conversation.messages.order_by("created_at")),

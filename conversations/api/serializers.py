@@ -22,6 +22,13 @@ class MessageContentField(serializers.CharField):
         kwargs.setdefault("allow_blank", True)  # so emptiness gets the validator's message
         super().__init__(validators=[validate_message_content], **kwargs)
 
+    def run_validation(self, data=serializers.empty):
+        value = super().run_validation(data)
+        if value == "":
+            # CharField returns "" early, skipping validators, when blanks are allowed.
+            self.run_validators(value)
+        return value
+
     def to_internal_value(self, data):
         if not isinstance(data, str):
             self.fail("invalid")

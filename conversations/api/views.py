@@ -84,9 +84,7 @@ class StartMessageView(generics.GenericAPIView):
         content = serializer.validated_data["content"]
         conversation_id = serializer.validated_data.get("conversation")
         if conversation_id:
-            conversation = get_object_or_404(
-                Conversation, pk=conversation_id, owner=request.user
-            )
+            conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
             exchange = services.post_message(conversation=conversation, content=content)
         else:
             _, exchange = services.start_conversation(owner=request.user, content=content)

