@@ -19,7 +19,7 @@ CONVERSATIONS_PER_PAGE = 30
 def signup(request):
     if request.user.is_authenticated:
         return redirect("conversations:list")
-    form = UserCreationForm(request.POST or None)
+    form = UserCreationForm(request.POST if request.method == "POST" else None)
     if request.method == "POST" and form.is_valid():
         user = form.save()
         login(request, user)
@@ -71,7 +71,7 @@ def new_conversation(request):
 @require_http_methods(["GET", "POST"])
 def thread(request, conversation_id):
     conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
-    form = MessageForm(request.POST or None)
+    form = MessageForm(request.POST if request.method == "POST" else None)
     if request.method == "POST" and form.is_valid():
         try:
             services.post_message(conversation=conversation, content=form.cleaned_data["content"])

@@ -1,3 +1,4 @@
+from django.conf import settings
 from rest_framework import serializers
 
 from ..models import Conversation, Message
@@ -68,8 +69,8 @@ class ConversationSerializer(serializers.ModelSerializer):
         read_only_fields = ("id", "created_at", "updated_at", "message_count")
 
     def update(self, instance, validated_data):
-        if validated_data.get("system_prompt", "") is None:
-            validated_data["system_prompt"] = ""
+        if "system_prompt" in validated_data and validated_data["system_prompt"] is None:
+            validated_data["system_prompt"] = settings.CHATBOT_SYSTEM_PROMPT
         return super().update(instance, validated_data)
 
 

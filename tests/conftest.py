@@ -1,0 +1,68 @@
+import pytest
+from django.contrib.auth import get_user_model
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from conversations import runtime
+from tests.fakes import FakeEngine
+
+PASSWORD = "a-Long-test-passw0rd"
+
+
+@pytest.fixture(autouse=True)
+def _fast_passwords(settings):
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture
+def fake_engine():
+    """Replace the process's engine with FakeEngine for the test."""
+    engine = FakeEngine()
+    previous = runtime.set_engine(engine)
+    yield engine
+    runtime.set_engine(previous)
+
+
+def make_user(username: str):
+    return get_user_model().objects.create_user(username=username, password=PASSWORD)
+
+
+@pytest.fixture
+def owner(db):
+    return make_user("owner")
+
+
+@pytest.fixture
+def other_user(db):
+    return make_user("intruder")
+
+
+def token_client(user) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    return client
+
+
+@pytest.fixture
+def api(owner):
+    return token_client(owner)
+
+
+@pytest.fixture
+def other_api(other_user):
+    return token_client(other_user)
+
+
+@pytest.fixture
+def anon_api():
+    return APIClient()
+
+
+@pytest.fixture(autouse=True)
+def _plain_static_storage(settings):
+    """Pages and the API docs render {% static %}. The production manifest storage needs
+    `collectstatic` to have run; tests render against the plain storage instead."""
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }

@@ -1,0 +1,179 @@
+"""Settings from the environment, the lazy model seam, and the terminal chat command."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from conversations.models import Conversation, Message
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(code: str, env: dict) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "CHATBOT_"))}
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**clean, "DJANGO_SETTINGS_MODULE": "chatsite.settings", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+SHOW_SETTINGS = """
+import json, django
+from django.conf import settings
+django.setup()
+print(json.dumps({
+    "db": str(settings.DATABASES["default"]["NAME"]),
+    "engine": settings.DATABASES["default"]["ENGINE"],
+    "debug": settings.DEBUG,
+    "hosts": settings.ALLOWED_HOSTS,
+    "cors": settings.CORS_ALLOWED_ORIGINS,
+    "secret": settings.SECRET_KEY,
+    "model": settings.CHATBOT_MODEL,
+    "cache": str(settings.CHATBOT_MODEL_CACHE),
+    "max_new_tokens": settings.CHATBOT_MAX_NEW_TOKENS,
+    "temperature": settings.CHATBOT_TEMPERATURE,
+}))
+"""
+
+
+def test_defaults_work_without_configuration(tmp_path):
+    result = run_python(SHOW_SETTINGS, {"CHATBOT_VAR_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["engine"] == "django.db.backends.sqlite3"
+    assert shown["db"] == str(tmp_path / "db.sqlite3")
+    assert shown["debug"] is False
+    assert shown["hosts"] == ["127.0.0.1", "localhost"]
+    assert shown["cors"] == []
+    assert shown["model"] == ""
+    assert shown["cache"] == str(tmp_path / "models")
+    assert shown["max_new_tokens"] == 256
+    assert shown["temperature"] == 0.0
+    # A local secret key is generated once and kept.
+    assert (tmp_path / "secret_key").read_text().strip() == shown["secret"]
+    again = json.loads(run_python(SHOW_SETTINGS, {"CHATBOT_VAR_DIR": str(tmp_path)}).stdout)
+    assert again["secret"] == shown["secret"]
+
+
+def test_environment_overrides_the_defaults(tmp_path):
+    env = {
+        "CHATBOT_VAR_DIR": str(tmp_path),
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'other.db'}",
+        "DJANGO_DEBUG": "true",
+        "DJANGO_ALLOWED_HOSTS": "chat.example.test, localhost",
+        "DJANGO_SECRET_KEY": "from-the-environment",
+        "CORS_ALLOWED_ORIGINS": "https://a.example.test,https://b.example.test",
+        "CHATBOT_MODEL": "/models/blenderbot",
+        "CHATBOT_MAX_NEW_TOKENS": "64",
+        "CHATBOT_TEMPERATURE": "0.7",
+    }
+    shown = json.loads(run_python(SHOW_SETTINGS, env).stdout)
+    assert shown["db"] == str(tmp_path / "other.db")
+    assert shown["debug"] is True
+    assert shown["hosts"] == ["chat.example.test", "localhost"]
+    assert shown["secret"] == "from-the-environment"
+    assert shown["cors"] == ["https://a.example.test", "https://b.example.test"]
+    assert shown["model"] == "/models/blenderbot"
+    assert shown["max_new_tokens"] == 64
+    assert shown["temperature"] == 0.7
+    assert not (tmp_path / "secret_key").exists()
+
+
+def test_migrate_and_the_web_layer_never_import_torch(tmp_path):
+    code = """
+import sys, django
+django.setup()
+from django.core.management import call_command
+call_command("migrate", verbosity=0)
+import chatsite.urls, conversations.admin, conversations.api.views, conversations.views
+import conversations.services, conversations.runtime
+from django.test import Client
+Client().get("/accounts/login/")
+heavy = sorted(m for m in ("torch", "transformers") if m in sys.modules)
+print("heavy:", heavy)
+"""
+    result = run_python(
+        code, {"CHATBOT_VAR_DIR": str(tmp_path), "DJANGO_ALLOWED_HOSTS": "testserver"}
+    )
+    assert result.returncode == 0, result.stderr
+    assert "heavy: []" in result.stdout
+
+
+def test_sqlite_runs_in_wal_mode(db):
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("PRAGMA journal_mode")
+        mode = cursor.fetchone()[0]
+    # The test database is in memory, where SQLite reports "memory"; on disk it is WAL.
+    assert mode in {"wal", "memory"}
+
+
+def test_sqlite_file_database_uses_wal(tmp_path):
+    code = """
+import django
+django.setup()
+from django.db import connection
+with connection.cursor() as cursor:
+    cursor.execute("PRAGMA journal_mode")
+    print(cursor.fetchone()[0])
+"""
+    result = run_python(code, {"CHATBOT_VAR_DIR": str(tmp_path)})
+    assert result.stdout.strip() == "wal", result.stderr
+
+
+@pytest.fixture
+def terminal_input(monkeypatch):
+    def feed(text: str):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+
+    return feed
+
+
+def test_chat_command_stores_turns_like_any_conversation(db, fake_engine, terminal_input):
+    terminal_input("hello there\n   \nsecond message\n/quit\n")
+    out, err = io.StringIO(), io.StringIO()
+    call_command("chat", "--user", "carol", stdout=out, stderr=err)
+    conversation = Conversation.objects.get(owner__username="carol")
+    assert list(conversation.messages.values_list("role", "content")) == [
+        ("user", "hello there"),
+        ("assistant", "Echo: hello there"),
+        ("user", "second message"),
+        ("assistant", "Echo: second message"),
+    ]
+    assert "bot> Echo: second message" in out.getvalue()
+    assert "must not be empty" in err.getvalue()
+    assert f"--conversation {conversation.pk}" in out.getvalue()
+    # The second message's context held the first exchange.
+    assert [m["content"] for m in fake_engine.calls[1]][1:3] == ["hello there", "Echo: hello there"]
+
+
+def test_chat_command_continues_a_conversation(db, owner, fake_engine, terminal_input):
+    conversation = Conversation.objects.create(owner=owner, title="t")
+    Message.objects.create(conversation=conversation, role="user", content="earlier question")
+    Message.objects.create(conversation=conversation, role="assistant", content="earlier answer")
+    terminal_input("follow-up\n")  # then end of input
+    out = io.StringIO()
+    call_command("chat", "--conversation", str(conversation.pk), stdout=out)
+    assert "you> earlier question" in out.getvalue()
+    assert "bot> earlier answer" in out.getvalue()
+    assert conversation.messages.count() == 4
+    assert conversation.messages.order_by("created_at").last().context_turns == 2
+
+
+def test_chat_command_rejects_unknown_or_foreign_conversations(db, owner, other_user):
+    with pytest.raises(CommandError, match="No conversation"):
+        call_command("chat", "--conversation", "not-a-uuid")
+    conversation = Conversation.objects.create(owner=owner)
+    with pytest.raises(CommandError, match="does not belong"):
+        call_command("chat", "--conversation", str(conversation.pk), "--user", other_user.username)
