@@ -75,6 +75,10 @@ class Message(models.Model):
         return f"{self.role}: {self.content[:60]}"
 
     @property
+    def total_seconds(self) -> float | None:
+        return None if self.total_ms is None else self.total_ms / 1000
+
+    @property
     def tokens_per_second(self) -> float | None:
         if not self.completion_tokens or not self.total_ms:
             return None
