@@ -7,7 +7,7 @@ from conversations.llm.engine import GenerationParams
 from conversations.llm.loading import ModelUnavailable, bundled_cache_dir, prepare_bundled_model
 from conversations.runtime import get_engine
 
-SMOKE_PROMPT = "Say hello in one short sentence."
+SMOKE_PROMPT = "What is the capital of France?"
 
 
 class Command(BaseCommand):
@@ -36,9 +36,11 @@ class Command(BaseCommand):
         self.stdout.write(
             f"Loaded {loaded.name} ({kind}) from {loaded.source_dir} in {loaded.load_seconds:.1f} s"
         )
-        generation = engine.generate(
-            [{"role": "user", "content": SMOKE_PROMPT}], GenerationParams(max_new_tokens=24)
-        )
+        messages = [
+            {"role": "system", "content": settings.CHATBOT_SYSTEM_PROMPT},
+            {"role": "user", "content": SMOKE_PROMPT},
+        ]
+        generation = engine.generate(messages, GenerationParams(max_new_tokens=24))
         rate = generation.completion_tokens / max(generation.total_ms / 1000, 1e-6)
         self.stdout.write(
             f"Smoke test: {SMOKE_PROMPT!r} -> {generation.text!r} "
