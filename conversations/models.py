@@ -1,6 +1,7 @@
 import uuid
 
 from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.utils import timezone
 
@@ -12,6 +13,13 @@ class Conversation(models.Model):
     )
     title = models.CharField(max_length=200, blank=True)
     system_prompt = models.TextField(blank=True)
+    # Per-conversation generation parameters; null means the server's default.
+    temperature = models.FloatField(
+        null=True, blank=True, validators=[MinValueValidator(0.0), MaxValueValidator(2.0)]
+    )
+    max_new_tokens = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1), MaxValueValidator(4096)]
+    )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     # Moves on every message, so lists can sort by last activity without a join.
     updated_at = models.DateTimeField(default=timezone.now)
@@ -33,6 +41,14 @@ class Conversation(models.Model):
         return self.title or "Untitled chat"
 
 
+class MessageQuerySet(models.QuerySet):
+    def active_path(self):
+        """The chosen versions: active messages, leaving out replies to inactive questions."""
+        return self.filter(is_active=True).exclude(
+            reply_to__isnull=False, reply_to__is_active=False
+        )
+
+
 class Message(models.Model):
     class Role(models.TextChoices):
         SYSTEM = "system"
@@ -41,7 +57,9 @@ class Message(models.Model):
 
     class Status(models.TextChoices):
         OK = "ok"
-        PENDING = "pending"  # a reply being generated
+        STREAMING = "streaming"  # the model is writing this reply now
+        CANCELLED = "cancelled"  # stopped by the user; the partial text is kept
+        INTERRUPTED = "interrupted"  # the server stopped while writing; the partial text is kept
         ERROR = "error"  # generation failed; `error` says why
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
@@ -54,6 +72,16 @@ class Message(models.Model):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.OK)
     error = models.TextField(blank=True)
 
+    # Versions. A reply answers one user message (`reply_to`); regenerating adds a sibling reply
+    # and editing the last user message adds a sibling user message. Siblings share a
+    # `version_group`, and exactly one of them is active: only the active path goes into the
+    # model's context and the thread.
+    reply_to = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.CASCADE, related_name="replies"
+    )
+    version_group = models.UUIDField(default=uuid.uuid4, db_index=True)
+    is_active = models.BooleanField(default=True)
+
     # What happened when the model wrote this reply (empty on user messages).
     model = models.CharField(max_length=200, blank=True)
     prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
@@ -64,6 +92,8 @@ class Message(models.Model):
         null=True, blank=True, help_text="Earlier messages of the conversation the model saw."
     )
     generation_params = models.JSONField(default=dict, blank=True)
+
+    objects = MessageQuerySet.as_manager()
 
     class Meta:
         ordering = ["created_at"]
