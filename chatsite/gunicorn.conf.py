@@ -11,6 +11,21 @@ threads = int(os.environ.get("CHATBOT_WEB_THREADS", "8"))
 timeout = 120
 graceful_timeout = 30
 accesslog = "-"
+# No runtime control socket: several servers (tests, a second checkout) may run side by side.
+control_socket_disable = True
+
+
+def on_starting(server):
+    # Replies left "streaming" by a server that died mid-reply are marked "interrupted" before
+    # any worker starts, so nothing stays "streaming" forever.
+    import django
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatsite.settings")
+    django.setup()
+    from conversations.services import mark_interrupted_replies
+
+    if count := mark_interrupted_replies():
+        server.log.info("Marked %d unfinished replies as interrupted.", count)
 
 
 def post_worker_init(worker):

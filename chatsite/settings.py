@@ -188,6 +188,8 @@ CHATBOT_CONTEXT_TOKENS = env_int("CHATBOT_CONTEXT_TOKENS", 0)
 CHATBOT_SYSTEM_PROMPT = env_str("CHATBOT_SYSTEM_PROMPT", "You are a helpful AI assistant.")
 CHATBOT_MAX_MESSAGE_CHARS = env_int("CHATBOT_MAX_MESSAGE_CHARS", 16000)
 CHATBOT_TORCH_THREADS = env_int("CHATBOT_TORCH_THREADS", 0)
+# After the first exchange the model writes the conversation's title (else: the first message).
+CHATBOT_AUTO_TITLE = env_bool("CHATBOT_AUTO_TITLE", True)
 
 # Generation defaults, tuned for a small model: greedy decoding with a light repetition penalty.
 CHATBOT_MAX_NEW_TOKENS = env_int("CHATBOT_MAX_NEW_TOKENS", 256)

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from .errors import ContextOverflow
 from .models import Conversation, Message
 
+# Replies the model sees again later: finished ones, and the part of a stopped one that was kept.
+SEEN_STATUSES = [Message.Status.OK, Message.Status.CANCELLED, Message.Status.INTERRUPTED]
+
 
 @dataclass(frozen=True)
 class ModelContext:
@@ -21,15 +24,17 @@ class ModelContext:
 
 
 def load_history(conversation: Conversation, *, before: Message) -> list[dict]:
-    """The conversation's earlier successful turns, oldest first, in one query, as chat
-    messages ({"role", "content"})."""
+    """The conversation's earlier turns on the active path (the chosen versions), oldest first,
+    in one query, as chat messages ({"role", "content"})."""
     return list(
-        conversation.messages.filter(
+        conversation.messages.active_path()
+        .filter(
             created_at__lt=before.created_at,
-            status=Message.Status.OK,
+            status__in=SEEN_STATUSES,
             role__in=[Message.Role.USER, Message.Role.ASSISTANT],
         )
         .exclude(pk=before.pk)
+        .exclude(content="")
         .order_by("created_at")
         .values("role", "content")
     )

@@ -12,6 +12,13 @@ class ChatError(Exception):
         self.exchange = exchange
 
 
+class Conflict(ChatError):
+    """The conversation is not in a state that allows this (a reply is still being written,
+    there is nothing to regenerate, ...)."""
+
+    status_code = 409
+
+
 class GenerationFailed(ChatError):
     """The model could not write a reply. The user message is saved; so is the failed reply."""
 

@@ -1,5 +1,6 @@
 from django import forms
 
+from .models import Conversation
 from .validators import validate_message_content
 
 
@@ -23,3 +24,20 @@ class NewConversationForm(MessageForm):
         widget=forms.Textarea(attrs={"rows": 2}),
         help_text="How the assistant should behave in this chat. Leave empty for the default.",
     )
+
+
+class ConversationSettingsForm(forms.ModelForm):
+    class Meta:
+        model = Conversation
+        fields = ("title", "system_prompt", "temperature", "max_new_tokens")
+        widgets = {
+            "system_prompt": forms.Textarea(attrs={"rows": 4}),
+            "temperature": forms.NumberInput(attrs={"step": "0.1", "min": "0", "max": "2"}),
+            "max_new_tokens": forms.NumberInput(attrs={"min": "1", "max": "4096"}),
+        }
+        help_texts = {
+            "title": "Leave empty to name the chat after its first message.",
+            "temperature": "0 answers the same way every time (recommended for small models); "
+            "higher values vary more. Empty: the server's default.",
+            "max_new_tokens": "The longest reply, in tokens. Empty: the server's default.",
+        }

@@ -3,6 +3,7 @@ import uuid
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
+from django.db.models import F, Func, OuterRef, Subquery
 from django.utils import timezone
 
 
@@ -41,11 +42,36 @@ class Conversation(models.Model):
         return self.title or "Untitled chat"
 
 
+# What a reply records about how it was written (empty on user messages).
+REPLY_FIELDS = (
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "ttft_ms",
+    "total_ms",
+    "context_turns",
+    "generation_params",
+)
+
+
 class MessageQuerySet(models.QuerySet):
     def active_path(self):
         """The chosen versions: active messages, leaving out replies to inactive questions."""
         return self.filter(is_active=True).exclude(
             reply_to__isnull=False, reply_to__is_active=False
+        )
+
+    def with_versions(self):
+        """Annotate `version` (1-based, oldest first) and `versions` (how many siblings)."""
+        siblings = Message.objects.filter(version_group=OuterRef("version_group")).order_by()
+        count = Func(F("pk"), function="COUNT", output_field=models.IntegerField())
+        return self.annotate(
+            versions=Subquery(siblings.annotate(n=count).values("n")[:1]),
+            version=Subquery(
+                siblings.filter(created_at__lte=OuterRef("created_at"))
+                .annotate(n=count)
+                .values("n")[:1]
+            ),
         )
 
 

@@ -2,31 +2,36 @@
 
 Rows are written in short transactions; generation, the slow part, runs outside any transaction,
 so a user message that was accepted is stored whatever happens while the model writes.
+
+Answering returns a ReplyWriter: iterate it to stream the reply (ReplyEvents), or call `run()`
+to wait for the whole of it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass
+import re
 
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from .context import build_context
-from .errors import ContextOverflow, GenerationFailed
+from .errors import Conflict
 from .models import Conversation, Message
+from .replies import Exchange, ReplyEvent, ReplyWriter, cancel_running
 from .runtime import default_generation_params, get_engine
 
 logger = logging.getLogger(__name__)
 
 TITLE_LENGTH = 60
+TITLE_MAX_WORDS = 8
+TITLE_PROMPT = (
+    "Write a title of at most five words for a conversation that starts with this message:"
+    "\n\n{message}\n\nAnswer with the title only."
+)
 
-
-@dataclass(frozen=True)
-class Exchange:
-    user_message: Message
-    reply: Message
+__all__ = ["Exchange", "ReplyEvent", "ReplyWriter"]
 
 
 def fallback_title(content: str) -> str:
@@ -39,15 +44,25 @@ def fallback_title(content: str) -> str:
 
 
 def create_conversation(
-    *, owner, title: str = "", system_prompt: str | None = None
+    *, owner, title: str = "", system_prompt: str | None = None, **params
 ) -> Conversation:
     """A new, empty conversation. Without a system prompt, the configured default is stored,
     so the conversation shows exactly what the model is told."""
     if system_prompt is None:
         system_prompt = settings.CHATBOT_SYSTEM_PROMPT
     return Conversation.objects.create(
-        owner=owner, title=title.strip(), system_prompt=system_prompt
+        owner=owner, title=title.strip(), system_prompt=system_prompt, **params
     )
+
+
+def generation_params(conversation: Conversation):
+    """The server's defaults, with this conversation's own choices on top."""
+    params = default_generation_params()
+    overrides = {
+        "temperature": conversation.temperature,
+        "max_new_tokens": conversation.max_new_tokens,
+    }
+    return dataclasses.replace(params, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def post_message(*, conversation: Conversation, content: str) -> Exchange:
@@ -56,53 +71,14 @@ def post_message(*, conversation: Conversation, content: str) -> Exchange:
     Raises GenerationFailed (or ContextOverflow) after saving both the user message and a reply
     with status error and the reason; the exception carries the saved exchange.
     """
-    now = timezone.now()
-    with transaction.atomic():
-        user_message = Message.objects.create(
-            conversation=conversation, role=Message.Role.USER, content=content, created_at=now
-        )
-        changes = {"updated_at": now}
-        if not conversation.title:
-            changes["title"] = fallback_title(content)
-        Conversation.objects.filter(pk=conversation.pk).update(**changes)
-        for field, value in changes.items():
-            setattr(conversation, field, value)
+    return open_message_stream(conversation=conversation, content=content).run()
 
-    engine = get_engine()
-    params = default_generation_params()
-    try:
-        context = build_context(
-            conversation, new_message=user_message, engine=engine, params=params
-        )
-        generation = engine.generate(context.messages, params)
-    except ContextOverflow as exc:
-        reply = _save_failed_reply(conversation, engine, params, reason=exc.detail)
-        exc.exchange = Exchange(user_message, reply)
-        raise
-    except Exception as exc:
-        logger.exception("Generation failed in conversation %s", conversation.pk)
-        reason = f"{type(exc).__name__}: {exc}"
-        reply = _save_failed_reply(conversation, engine, params, reason=reason)
-        raise GenerationFailed(
-            f"The model could not answer: {reason}. Your message was saved; try again.",
-            exchange=Exchange(user_message, reply),
-        ) from exc
 
-    with transaction.atomic():
-        reply = Message.objects.create(
-            conversation=conversation,
-            role=Message.Role.ASSISTANT,
-            content=generation.text,
-            model=engine.model_name,
-            prompt_tokens=generation.prompt_tokens,
-            completion_tokens=generation.completion_tokens,
-            ttft_ms=generation.ttft_ms,
-            total_ms=generation.total_ms,
-            context_turns=context.context_turns,
-            generation_params={**params.as_dict(), "finish_reason": generation.finish_reason},
-        )
-        Conversation.objects.filter(pk=conversation.pk).update(updated_at=reply.created_at)
-    return Exchange(user_message, reply)
+def open_message_stream(*, conversation: Conversation, content: str) -> ReplyWriter:
+    """Store the user's message now; the returned writer answers it as it is iterated."""
+    _ensure_idle(conversation)
+    question = _save_user_message(conversation, content)
+    return _writer(conversation, question)
 
 
 def start_conversation(
@@ -117,16 +93,149 @@ def start_conversation(
     return conversation, post_message(conversation=conversation, content=content)
 
 
-def _save_failed_reply(conversation, engine, params, *, reason: str) -> Message:
+def regenerate(*, conversation: Conversation) -> ReplyWriter:
+    """A new version of the last reply. The earlier versions are kept, inactive."""
+    _ensure_idle(conversation)
+    question = _last_question(conversation)
+    if question is None:
+        raise Conflict("There is no message to answer again yet.")
+    return _writer(conversation, question)
+
+
+def edit_last_message(*, conversation: Conversation, content: str) -> ReplyWriter:
+    """Replace the last user message with a new version and answer it. The earlier version and
+    its replies are kept, inactive, and can be switched back to."""
+    _ensure_idle(conversation)
+    previous = _last_question(conversation)
+    if previous is None:
+        raise Conflict("There is no message to edit yet.")
     with transaction.atomic():
-        reply = Message.objects.create(
-            conversation=conversation,
-            role=Message.Role.ASSISTANT,
-            content="",
-            status=Message.Status.ERROR,
-            error=reason,
-            model=engine.model_name,
-            generation_params=params.as_dict(),
+        Message.objects.filter(version_group=previous.version_group).update(is_active=False)
+        question = _save_user_message(conversation, content, version_group=previous.version_group)
+    return _writer(conversation, question)
+
+
+def activate_version(*, conversation: Conversation, message: Message) -> Message:
+    """Make `message` the chosen version among its siblings. Only the last exchange can switch:
+    the turns after an earlier exchange were written from the version that was active then."""
+    question = _last_question(conversation)
+    in_last_exchange = question is not None and (
+        message.version_group == question.version_group
+        or (message.role == Message.Role.ASSISTANT and message.reply_to_id == question.pk)
+    )
+    if not in_last_exchange:
+        raise Conflict("Only the versions of the last message and its reply can be switched.")
+    if message.status == Message.Status.STREAMING:
+        raise Conflict("This reply is still being written.")
+    with transaction.atomic():
+        Message.objects.filter(version_group=message.version_group).exclude(pk=message.pk).update(
+            is_active=False
         )
-        Conversation.objects.filter(pk=conversation.pk).update(updated_at=reply.created_at)
-    return reply
+        Message.objects.filter(pk=message.pk).update(is_active=True)
+    message.is_active = True
+    return message
+
+
+def stop_generation(*, conversation: Conversation) -> bool:
+    """Stop the reply being written in this conversation, if any. The partial reply is kept
+    with status cancelled. True if something was running."""
+    stopped_here = cancel_running(conversation.pk)
+    # A reply written by another server process sees this at its next save and stops.
+    marked = conversation.messages.filter(status=Message.Status.STREAMING).update(
+        status=Message.Status.CANCELLED
+    )
+    return stopped_here or bool(marked)
+
+
+def mark_interrupted_replies() -> int:
+    """At server start: replies left "streaming" by a process that died are "interrupted"."""
+    return Message.objects.filter(status=Message.Status.STREAMING).update(
+        status=Message.Status.INTERRUPTED
+    )
+
+
+# Internals
+
+
+def _ensure_idle(conversation: Conversation) -> None:
+    if conversation.messages.filter(status=Message.Status.STREAMING).exists():
+        raise Conflict(
+            "A reply is still being written in this conversation. Wait for it or stop it."
+        )
+
+
+def _save_user_message(conversation, content: str, *, version_group=None) -> Message:
+    now = timezone.now()
+    with transaction.atomic():
+        message = Message.objects.create(
+            conversation=conversation,
+            role=Message.Role.USER,
+            content=content,
+            created_at=now,
+            **({"version_group": version_group} if version_group else {}),
+        )
+        changes = {"updated_at": now}
+        if not conversation.title:
+            changes["title"] = fallback_title(content)
+        Conversation.objects.filter(pk=conversation.pk).update(**changes)
+    for field, value in changes.items():
+        setattr(conversation, field, value)
+    return message
+
+
+def _last_question(conversation: Conversation) -> Message | None:
+    return (
+        conversation.messages.active_path()
+        .filter(role=Message.Role.USER)
+        .order_by("-created_at")
+        .first()
+    )
+
+
+def _writer(conversation: Conversation, question: Message) -> ReplyWriter:
+    return ReplyWriter(
+        conversation=conversation,
+        question=question,
+        engine=get_engine(),
+        params=generation_params(conversation),
+        after_done=_write_title,
+    )
+
+
+def _write_title(writer: ReplyWriter) -> ReplyEvent | None:
+    """After the first exchange, let the model name the conversation. The fallback title from
+    the first message stays if the model's answer is not a clean, short title, or if someone
+    renamed the conversation meanwhile."""
+    conversation, question = writer.conversation, writer.question
+    fallback = fallback_title(question.content)
+    if (
+        not settings.CHATBOT_AUTO_TITLE
+        or writer.reply.status != Message.Status.OK
+        or conversation.title != fallback
+        or conversation.messages.filter(role=Message.Role.USER).count() != 1
+    ):
+        return None
+    prompt = [{"role": "user", "content": TITLE_PROMPT.format(message=question.content[:2000])}]
+    params = dataclasses.replace(default_generation_params(), max_new_tokens=16, temperature=0)
+    try:
+        generation = writer.engine.generate(prompt, params)
+    except Exception:
+        logger.exception("Writing a title failed; keeping %r", fallback)
+        return None
+    title = _clean_title(generation.text)
+    if generation.finish_reason != "stop" or not title:
+        return None
+    if not Conversation.objects.filter(pk=conversation.pk, title=fallback).update(title=title):
+        return None
+    conversation.title = title
+    return ReplyEvent("title", title)
+
+
+def _clean_title(text: str) -> str:
+    line = text.strip().split("\n", 1)[0]
+    line = re.sub(r"^(title|subject)\s*:\s*", "", line, flags=re.IGNORECASE)
+    line = line.strip(" \"'*#`\u201c\u201d\u2018\u2019").rstrip(".:;,!")
+    words = line.split()
+    if not words or len(words) > TITLE_MAX_WORDS or len(line) > TITLE_LENGTH:
+        return ""
+    return " ".join(words)

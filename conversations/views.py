@@ -4,13 +4,14 @@ from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
 from django.core.paginator import Paginator
 from django.db.models import Count
-from django.shortcuts import get_object_or_404, redirect, render
+from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 
 from . import services
 from .errors import ChatError
-from .forms import MessageForm, NewConversationForm
+from .forms import NewConversationForm
 from .models import Conversation
+from .search import search_conversations
 
 CONVERSATIONS_PER_PAGE = 30
 
@@ -30,16 +31,20 @@ def signup(request):
 @login_required
 @require_http_methods(["GET"])
 def conversation_list(request):
-    conversations = (
-        Conversation.objects.filter(owner=request.user)
-        .annotate(message_count=Count("messages"))
-        .order_by("-updated_at")
-    )
+    query = request.GET.get("q", "").strip()
+    if query:  # best match first, each with a snippet
+        conversations = search_conversations(owner=request.user, query=query)
+    else:
+        conversations = (
+            Conversation.objects.filter(owner=request.user)
+            .annotate(message_count=Count("messages"))
+            .order_by("-updated_at")
+        )
     page = Paginator(conversations, CONVERSATIONS_PER_PAGE).get_page(request.GET.get("page"))
     return render(
         request,
         "conversations/list.html",
-        {"page": page, "form": NewConversationForm(initial=_default_prompt())},
+        {"page": page, "form": NewConversationForm(initial=_default_prompt()), "query": query},
     )
 
 
@@ -65,25 +70,6 @@ def new_conversation(request):
         flash.error(request, exc.detail)
         return redirect(exc.exchange.user_message.conversation)
     return redirect(conversation)
-
-
-@login_required
-@require_http_methods(["GET", "POST"])
-def thread(request, conversation_id):
-    conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
-    form = MessageForm(request.POST if request.method == "POST" else None)
-    if request.method == "POST" and form.is_valid():
-        try:
-            services.post_message(conversation=conversation, content=form.cleaned_data["content"])
-        except ChatError as exc:
-            flash.error(request, exc.detail)
-        return redirect(conversation.get_absolute_url() + "#latest")
-    context = {
-        "conversation": conversation,
-        "messages_list": list(conversation.messages.order_by("created_at")),
-        "form": form,
-    }
-    return render(request, "conversations/thread.html", context, status=400 if form.errors else 200)
 
 
 def _default_prompt():

@@ -15,8 +15,10 @@ def _fast_passwords(settings):
 
 
 @pytest.fixture
-def fake_engine():
-    """Replace the process's engine with FakeEngine for the test."""
+def fake_engine(settings):
+    """Replace the process's engine with FakeEngine for the test. Titles stay the first
+    message's (tests of model-written titles turn CHATBOT_AUTO_TITLE back on)."""
+    settings.CHATBOT_AUTO_TITLE = False
     engine = FakeEngine()
     previous = runtime.set_engine(engine)
     yield engine

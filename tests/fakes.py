@@ -1,18 +1,68 @@
 """A stand-in engine for tests of the web layer. The real engine and model are tested in
 test_engine_*.py and test_end_to_end.py."""
 
+import threading
+import time
+
 from conversations.llm.engine import Generation
 
 
+class FakeStream:
+    """Streams the echo word by word, like ReplyStream streams tokens."""
+
+    def __init__(self, engine: "FakeEngine", messages: list[dict], params) -> None:
+        self.engine = engine
+        self.messages = messages
+        self.params = params
+        self.cancelled = threading.Event()
+        self.result: Generation | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def __iter__(self):
+        engine = self.engine
+        engine.calls.append(self.messages)
+        if engine.fail_with is not None and engine.fail_after is None:
+            raise engine.fail_with
+        words = engine.reply_for(self.messages).split(" ")[: self.params.max_new_tokens]
+        sent: list[str] = []
+        try:
+            for i, word in enumerate(words):
+                if self.cancelled.is_set():
+                    break
+                if engine.fail_with is not None and i == engine.fail_after:
+                    raise engine.fail_with
+                if engine.word_delay:
+                    time.sleep(engine.word_delay)
+                sent.append(word)
+                yield word if i == 0 else " " + word
+        finally:
+            if len(sent) < len(words):
+                self.cancelled.set()
+            self.result = Generation(
+                text=" ".join(sent),
+                prompt_tokens=engine.count_tokens(self.messages),
+                completion_tokens=len(sent),
+                ttft_ms=5,
+                total_ms=20,
+                finish_reason="cancelled" if self.cancelled.is_set() else "stop",
+            )
+
+
 class FakeEngine:
-    """Counts a token per word and echoes the last user message; can be told to fail."""
+    """Counts a token per word and echoes the last user message; can be told to fail, to fail
+    part-way (`fail_after` words), or to write slowly (`word_delay` seconds a word)."""
 
     model_name = "fake-echo"
 
     def __init__(self, *, context_window: int = 4096, fail_with: Exception | None = None):
         self.window = context_window
         self.fail_with = fail_with
+        self.fail_after: int | None = None
+        self.word_delay = 0.0
         self.calls: list[list[dict]] = []
+        self.replies: list[str] = []  # replies to give, in order, before echoing
 
     def prompt_budget(self, params) -> int:
         return self.window - params.max_new_tokens
@@ -20,16 +70,16 @@ class FakeEngine:
     def count_tokens(self, messages: list[dict]) -> int:
         return sum(len(m["content"].split()) + 2 for m in messages)
 
+    def reply_for(self, messages: list[dict]) -> str:
+        if self.replies:
+            return self.replies.pop(0)
+        return f"Echo: {messages[-1]['content']}"
+
+    def stream(self, messages: list[dict], params) -> FakeStream:
+        return FakeStream(self, messages, params)
+
     def generate(self, messages: list[dict], params) -> Generation:
-        self.calls.append(messages)
-        if self.fail_with is not None:
-            raise self.fail_with
-        text = f"Echo: {messages[-1]['content']}"
-        return Generation(
-            text=text,
-            prompt_tokens=self.count_tokens(messages),
-            completion_tokens=len(text.split()),
-            ttft_ms=5,
-            total_ms=20,
-            finish_reason="stop",
-        )
+        stream = self.stream(messages, params)
+        for _ in stream:
+            pass
+        return stream.result

@@ -19,7 +19,12 @@ from tests.fakes import FakeEngine
 
 pytestmark = pytest.mark.django_db
 
-USER_MESSAGE_FIELDS = {"id", "role", "content", "status", "created_at"}
+USER_MESSAGE_FIELDS = {"id", "role", "content", "status", "created_at"} | {
+    "is_active",
+    "version",
+    "versions",
+    "version_group",
+}
 # The reply statistics the API promises, as listed in the README.
 REPLY_STATS = set("model prompt_tokens completion_tokens ttft_ms total_ms context_turns".split())
 
@@ -136,6 +141,8 @@ def test_list_is_newest_first_paginated_and_counts_messages(api, owner, other_us
         "id",
         "title",
         "system_prompt",
+        "temperature",
+        "max_new_tokens",
         "created_at",
         "updated_at",
         "message_count",

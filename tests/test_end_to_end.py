@@ -1,6 +1,7 @@
 """The product as a user runs it: gunicorn serving the real bundled model over HTTP, a SQLite
 database on disk, and a restart in the middle of a conversation."""
 
+import json
 import os
 import re
 import signal
@@ -62,6 +63,7 @@ class Server:
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, so kill() reaches the workers
             )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -73,6 +75,11 @@ class Server:
                 pass
             time.sleep(0.3)
         raise AssertionError("server did not start:\n" + self.log.read_text())
+
+    def kill(self) -> None:
+        """SIGKILL the master and its workers: no shutdown code runs."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -95,11 +102,7 @@ def test_api_chat_survives_a_restart(server):
         f"{server.url}/api/token/", json={"username": USERNAME, "password": PASSWORD}, timeout=10
     )
     assert token.status_code == 400  # no such user yet
-    server.manage("shell", "-c", _create_user_code())
-    token = requests.post(
-        f"{server.url}/api/token/", json={"username": USERNAME, "password": PASSWORD}, timeout=10
-    )
-    headers = {"Authorization": f"Token {token.json()['token']}"}
+    headers = _token_headers(server)
 
     first = requests.post(
         f"{server.url}/api/messages/",
@@ -183,8 +186,12 @@ def test_a_person_signs_up_and_chats_in_the_browser_pages(server):
     assert browser.get(f"{server.url}{css}", timeout=10).status_code == 200
     assert "https://" not in thread.text
 
+    # The model named the chat after the first exchange; the list shows that name.
+    title = re.search(r'<h1 id="thread-title">([^<]+)</h1>', thread.text).group(1)
+    assert title.strip()
+    assert len(title.split()) <= 8
     listing = browser.get(f"{server.url}/", timeout=10)
-    assert "What is the capital of France?" in listing.text
+    assert title in listing.text
     assert "2 messages" in listing.text
 
 
@@ -193,3 +200,90 @@ def _create_user_code() -> str:
         "from django.contrib.auth import get_user_model; "
         f"get_user_model().objects.create_user({USERNAME!r}, password={PASSWORD!r})"
     )
+
+
+def _token_headers(server) -> dict:
+    server.manage("shell", "-c", _create_user_code())
+    token = requests.post(
+        f"{server.url}/api/token/", json={"username": USERNAME, "password": PASSWORD}, timeout=10
+    )
+    return {"Authorization": f"Token {token.json()['token']}"}
+
+
+def _events(response):
+    """(event, data) pairs of a Server-Sent Events response, as they arrive."""
+    kind = None
+    for line in response.iter_lines(decode_unicode=True):
+        if line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("data: "):
+            yield kind, json.loads(line[6:])
+
+
+def test_replies_stream_token_by_token_and_a_killed_server_leaves_no_reply_streaming(server):
+    headers = _token_headers(server)
+    conversation = requests.post(
+        f"{server.url}/api/conversations/",
+        json={"max_new_tokens": 200},
+        headers=headers,
+        timeout=10,
+    ).json()["id"]
+    messages_url = f"{server.url}/api/conversations/{conversation}/messages/"
+
+    # A streamed reply arrives in pieces over time, and ends with the saved reply.
+    with requests.post(
+        messages_url,
+        json={"content": "What is the capital of France?"},
+        headers={**headers, "Accept": "text/event-stream"},
+        stream=True,
+        timeout=300,
+    ) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        arrivals, pieces, done = [], [], None
+        for kind, data in _events(response):
+            if kind == "delta":
+                arrivals.append(time.monotonic())
+                pieces.append(data["text"])
+            elif kind == "done":
+                done = data
+    assert len(pieces) > 3
+    assert arrivals[-1] - arrivals[0] > 0.05, "pieces arrive as they are written, not at once"
+    assert "Paris" in done["content"]
+    assert "".join(pieces).strip() == done["content"]
+    assert done["status"] == "ok"
+
+    # Kill the server in the middle of a long reply.
+    response = requests.post(
+        messages_url,
+        json={"content": "Write a long story about a lighthouse keeper.", "stream": True},
+        headers=headers,
+        stream=True,
+        timeout=300,
+    )
+    seen = 0
+    for kind, _ in _events(response):
+        seen += kind == "delta"
+        if seen == 5:
+            # Keep the stream open (closing it would stop the reply as "cancelled"), let the
+            # writer save the partial text at least once, then kill.
+            time.sleep(1.0)
+            server.kill()
+            break
+    response.close()
+    server.start()
+
+    history = requests.get(
+        messages_url, params={"include": "all"}, headers=headers, timeout=10
+    ).json()["results"]
+    statuses = [m["status"] for m in history]
+    assert "streaming" not in statuses
+    assert statuses[-1] == "interrupted"
+    assert history[-2]["content"] == "Write a long story about a lighthouse keeper."
+    assert history[-1]["content"], "the text written before the crash is kept"
+
+    # Chatting goes on, and the partial reply is part of the conversation.
+    follow_up = requests.post(
+        messages_url, json={"content": "Thanks!"}, headers=headers, timeout=300
+    )
+    assert follow_up.status_code == 201, follow_up.text
+    assert follow_up.json()["reply"]["context_turns"] == 4

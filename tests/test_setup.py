@@ -98,13 +98,18 @@ call_command("migrate", verbosity=0)
 import chatsite.urls, conversations.admin, conversations.api.views, conversations.views
 import conversations.services, conversations.runtime
 from django.test import Client
-Client().get("/accounts/login/")
+import conversations.views_thread, conversations.views_transfer, conversations.search
+assert Client().get("/accounts/login/").status_code == 200
+assert Client().get("/api/conversations/").status_code == 401
 heavy = sorted(m for m in ("torch", "transformers") if m in sys.modules)
 print("heavy:", heavy)
 """
-    result = run_python(
-        code, {"CHATBOT_VAR_DIR": str(tmp_path), "DJANGO_ALLOWED_HOSTS": "testserver"}
-    )
+    env = {
+        "CHATBOT_VAR_DIR": str(tmp_path),
+        "DJANGO_ALLOWED_HOSTS": "testserver",
+        "DJANGO_DEBUG": "true",  # static URLs without a collectstatic manifest
+    }
+    result = run_python(code, env)
     assert result.returncode == 0, result.stderr
     assert "heavy: []" in result.stdout
 

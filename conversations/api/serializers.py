@@ -1,18 +1,8 @@
 from django.conf import settings
 from rest_framework import serializers
 
-from ..models import Conversation, Message
+from ..models import REPLY_FIELDS, Conversation, Message
 from ..validators import validate_message_content
-
-REPLY_FIELDS = (
-    "model",
-    "prompt_tokens",
-    "completion_tokens",
-    "ttft_ms",
-    "total_ms",
-    "context_turns",
-    "generation_params",
-)
 
 
 class MessageContentField(serializers.CharField):
@@ -37,15 +27,35 @@ class MessageContentField(serializers.CharField):
 
 
 class MessageSerializer(serializers.ModelSerializer):
+    version = serializers.IntegerField(
+        read_only=True, default=1, help_text="Which version this is among its siblings (1-based)."
+    )
+    versions = serializers.IntegerField(
+        read_only=True, default=1, help_text="How many versions there are of this message."
+    )
+
     class Meta:
         model = Message
-        fields = ("id", "role", "content", "status", "error", "created_at", *REPLY_FIELDS)
+        fields = (
+            "id",
+            "role",
+            "content",
+            "status",
+            "error",
+            "created_at",
+            "is_active",
+            "version",
+            "versions",
+            "version_group",
+            "reply_to",
+            *REPLY_FIELDS,
+        )
         read_only_fields = fields
 
     def to_representation(self, instance):
         data = super().to_representation(instance)
         if instance.role != Message.Role.ASSISTANT:
-            for field in REPLY_FIELDS:
+            for field in (*REPLY_FIELDS, "reply_to"):
                 data.pop(field, None)
         if not instance.error:
             data.pop("error", None)
@@ -62,10 +72,29 @@ class ConversationSerializer(serializers.ModelSerializer):
         max_length=20000,
         help_text="Omit (or null) for the server's default system prompt.",
     )
+    snippet = serializers.CharField(
+        read_only=True,
+        help_text="Only in search results (`?q=`): the best matching text, plain. "
+        "Absent otherwise.",
+    )
 
     class Meta:
         model = Conversation
-        fields = ("id", "title", "system_prompt", "created_at", "updated_at", "message_count")
+        fields = (
+            "id",
+            "title",
+            "system_prompt",
+            "temperature",
+            "max_new_tokens",
+            "created_at",
+            "updated_at",
+            "message_count",
+            "snippet",
+        )
+        extra_kwargs = {
+            "temperature": {"help_text": "0 is greedy; null: the server's default."},
+            "max_new_tokens": {"help_text": "Reply budget in tokens; null: the server's default."},
+        }
         read_only_fields = ("id", "created_at", "updated_at", "message_count")
 
     def update(self, instance, validated_data):
@@ -76,6 +105,9 @@ class ConversationSerializer(serializers.ModelSerializer):
 
 class PostMessageSerializer(serializers.Serializer):
     content = MessageContentField()
+    stream = serializers.BooleanField(
+        required=False, default=False, help_text="Answer as Server-Sent Events."
+    )
 
 
 class StartMessageSerializer(PostMessageSerializer):
@@ -84,7 +116,32 @@ class StartMessageSerializer(PostMessageSerializer):
     )
 
 
+def load_versions(*messages: Message) -> None:
+    """Set `version` and `versions` on messages that were not loaded with_versions()."""
+    counts = Message.objects.with_versions().filter(pk__in=[m.pk for m in messages if m])
+    found = {row["pk"]: row for row in counts.values("pk", "version", "versions")}
+    for message in messages:
+        if message and message.pk in found:
+            message.version = found[message.pk]["version"]
+            message.versions = found[message.pk]["versions"]
+
+
 class ExchangeSerializer(serializers.Serializer):
     conversation = serializers.UUIDField(source="user_message.conversation_id", read_only=True)
     user_message = MessageSerializer(read_only=True)
     reply = MessageSerializer(read_only=True)
+
+
+class StreamOptionSerializer(serializers.Serializer):
+    stream = serializers.BooleanField(
+        required=False, default=False, help_text="Answer as Server-Sent Events."
+    )
+
+
+class ActivateSerializer(serializers.Serializer):
+    message = serializers.UUIDField(help_text="The version to switch to.")
+
+
+class StopResultSerializer(serializers.Serializer):
+    stopped = serializers.BooleanField()
+    detail = serializers.CharField()

@@ -3,6 +3,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.authtoken.views import obtain_auth_token
 from rest_framework.routers import DefaultRouter
 
+from .transfer import ConversationExportView, ConversationImportView
 from .views import ConversationViewSet, StartMessageView
 
 router = DefaultRouter()
@@ -13,5 +14,11 @@ urlpatterns = [
     path("messages/", StartMessageView.as_view(), name="api-messages"),
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path("conversations/import/", ConversationImportView.as_view(), name="api-conversation-import"),
+    path(
+        "conversations/<uuid:pk>/export/",
+        ConversationExportView.as_view(),
+        name="api-conversation-export",
+    ),
     path("", include(router.urls)),
 ]

@@ -1,18 +1,37 @@
 from django.db.models import Count
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import extend_schema
-from rest_framework import generics, status, viewsets
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import generics, renderers, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import NotAcceptable
 from rest_framework.response import Response
 
 from .. import services
 from ..models import Conversation
+from ..search import search_conversations
 from .serializers import (
+    ActivateSerializer,
     ConversationSerializer,
     ExchangeSerializer,
     MessageSerializer,
     PostMessageSerializer,
     StartMessageSerializer,
+    StopResultSerializer,
+    StreamOptionSerializer,
+    load_versions,
+)
+from .streaming import EVENT_STREAM, EventStreamRenderer, reply_response, wants_stream
+
+# JSON by default; `Accept: text/event-stream` (or "stream": true in the body) streams the reply.
+STREAM_RENDERERS = [
+    renderers.JSONRenderer,
+    renderers.BrowsableAPIRenderer,
+    EventStreamRenderer,
+]
+STREAM_NOTE = (
+    'With `Accept: text/event-stream` or `"stream": true`, the answer is a stream of '
+    "Server-Sent Events: `user_message`, `delta` ({text}) as the model writes, then `done` "
+    "(the saved reply) or `error` ({detail, reply}), and `title` when the model named the chat."
 )
 
 ERROR_RESPONSES = {
@@ -38,12 +57,33 @@ class ConversationViewSet(viewsets.ModelViewSet):
             queryset = queryset.annotate(message_count=Count("messages"))
         return queryset
 
+    @extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "q",
+                str,
+                description="Full-text search of your conversations' titles and message text. "
+                "Every word must appear in the conversation (the last one as a prefix); results "
+                "come best match first, each with a `snippet` of its best matching text. "
+                "Blank lists all.",
+            )
+        ]
+    )
+    def list(self, request, *args, **kwargs):
+        query = request.query_params.get("q", "").strip()
+        if not query:
+            return super().list(request, *args, **kwargs)
+        page = self.paginate_queryset(search_conversations(owner=request.user, query=query))
+        return self.get_paginated_response(self.get_serializer(page, many=True).data)
+
     def perform_create(self, serializer):
         data = serializer.validated_data
         conversation = services.create_conversation(
             owner=self.request.user,
             title=data.get("title", ""),
             system_prompt=data.get("system_prompt"),
+            temperature=data.get("temperature"),
+            max_new_tokens=data.get("max_new_tokens"),
         )
         conversation.message_count = 0
         serializer.instance = conversation
@@ -52,25 +92,97 @@ class ConversationViewSet(viewsets.ModelViewSet):
         conversation = serializer.save()
         conversation.message_count = conversation.messages.count()
 
-    @extend_schema(methods=["GET"], responses=MessageSerializer(many=True))
+    @extend_schema(
+        methods=["GET"],
+        parameters=[
+            OpenApiParameter(
+                "include",
+                str,
+                enum=["active", "all"],
+                description="`active` (default): the chosen version of every message, as the "
+                "thread shows it. `all`: every version, oldest first.",
+            )
+        ],
+        responses=MessageSerializer(many=True),
+    )
     @extend_schema(
         methods=["POST"],
         request=PostMessageSerializer,
         responses={201: ExchangeSerializer, **ERROR_RESPONSES},
         description="Store a message and answer it with the model. The model sees the "
-        "conversation's earlier turns, rebuilt from the database.",
+        "conversation's earlier turns, rebuilt from the database. " + STREAM_NOTE,
     )
-    @action(detail=True, methods=["get", "post"])
+    @action(detail=True, methods=["get", "post"], renderer_classes=STREAM_RENDERERS)
     def messages(self, request, pk=None):
         conversation = self.get_object()
         if request.method == "GET":
-            page = self.paginate_queryset(conversation.messages.order_by("created_at"))
+            if request.accepted_renderer.media_type == EVENT_STREAM:
+                raise NotAcceptable("Only posting a message can answer as an event stream.")
+            messages = conversation.messages.with_versions().order_by("created_at")
+            if request.query_params.get("include", "active") != "all":
+                messages = messages.active_path()
+            page = self.paginate_queryset(messages)
             return self.get_paginated_response(MessageSerializer(page, many=True).data)
         serializer = PostMessageSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        exchange = services.post_message(
+        writer = services.open_message_stream(
             conversation=conversation, content=serializer.validated_data["content"]
         )
+        return self._answer(request, writer, with_user_message=True)
+
+    @extend_schema(
+        request=StreamOptionSerializer,
+        responses={201: ExchangeSerializer, **ERROR_RESPONSES, 409: None},
+        description="Write a new version of the last reply; earlier versions are kept. "
+        + STREAM_NOTE,
+    )
+    @action(detail=True, methods=["post"], renderer_classes=STREAM_RENDERERS)
+    def regenerate(self, request, pk=None):
+        writer = services.regenerate(conversation=self.get_object())
+        return self._answer(request, writer, with_user_message=False)
+
+    @extend_schema(
+        request=PostMessageSerializer,
+        responses={201: ExchangeSerializer, **ERROR_RESPONSES, 409: None},
+        description="Replace the last user message with a new version and answer it; the "
+        "earlier version and its replies are kept. " + STREAM_NOTE,
+    )
+    @action(detail=True, methods=["post"], renderer_classes=STREAM_RENDERERS)
+    def edit(self, request, pk=None):
+        conversation = self.get_object()
+        serializer = PostMessageSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        writer = services.edit_last_message(
+            conversation=conversation, content=serializer.validated_data["content"]
+        )
+        return self._answer(request, writer, with_user_message=True)
+
+    @extend_schema(request=None, responses={200: StopResultSerializer})
+    @action(detail=True, methods=["post"])
+    def stop(self, request, pk=None):
+        """Stop the reply being written; its partial text is kept with status cancelled."""
+        stopped = services.stop_generation(conversation=self.get_object())
+        detail = "Stopped." if stopped else "Nothing was being generated."
+        return Response({"stopped": stopped, "detail": detail})
+
+    @extend_schema(request=ActivateSerializer, responses={200: MessageSerializer, 409: None})
+    @action(detail=True, methods=["post"])
+    def activate(self, request, pk=None):
+        """Switch to another version of the last message or of the last reply."""
+        conversation = self.get_object()
+        serializer = ActivateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        message = get_object_or_404(conversation.messages, pk=serializer.validated_data["message"])
+        services.activate_version(conversation=conversation, message=message)
+        message = conversation.messages.with_versions().get(pk=message.pk)
+        return Response(MessageSerializer(message).data)
+
+    def _answer(self, request, writer, *, with_user_message: bool):
+        if wants_stream(request):
+            user_message = writer.question if with_user_message else None
+            return reply_response(writer, user_message=user_message)
+        exchange = writer.run()
+        load_versions(exchange.user_message, exchange.reply)
         return Response(ExchangeSerializer(exchange).data, status=status.HTTP_201_CREATED)
 
 

@@ -7,8 +7,10 @@ Causal chat models format them with their own chat template; seq2seq dialogue mo
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,24 +43,119 @@ class Generation:
     completion_tokens: int
     ttft_ms: int
     total_ms: int
-    finish_reason: str  # "stop": the model ended its turn; "length": the reply budget ran out
+    # "stop": the model ended its turn; "length": the reply budget ran out; "cancelled": stopped
+    finish_reason: str
 
 
-class _FirstTokenTimer:
-    """A generate() streamer that notes when the first new token arrives."""
+class _TokenQueue:
+    """A generate() streamer that hands each new token to the consuming thread."""
 
     def __init__(self) -> None:
-        self.calls = 0
-        self.first_token_at: float | None = None
+        self.queue: queue.Queue = queue.Queue()
+        self._seen_prompt = False
 
     def put(self, value) -> None:
-        self.calls += 1
-        # The first call carries the prompt (or the decoder start token); the second, token one.
-        if self.calls == 2:
-            self.first_token_at = time.perf_counter()
+        # The first call carries the prompt (or the decoder start token): not part of the reply.
+        if not self._seen_prompt:
+            self._seen_prompt = True
+            return
+        self.queue.put(("tokens", value.reshape(-1).tolist(), time.perf_counter()))
 
     def end(self) -> None:
         pass
+
+
+class ReplyStream:
+    """One reply being written. Iterate it for pieces of text as the model writes them; once
+    iteration ends (finished, cancelled, or abandoned by the consumer), `result` holds the
+    Generation. `cancel()` stops the model within one decoding step."""
+
+    def __init__(self, engine: Engine, messages: list[dict], params: GenerationParams) -> None:
+        self.engine = engine
+        self.messages = messages
+        self.params = params
+        self.cancelled = threading.Event()
+        self.result: Generation | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def __iter__(self) -> Iterator[str]:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        engine, cancelled = self.engine, self.cancelled
+        loaded = engine.load()
+        input_ids = engine._encode(self.messages)
+        config = engine._generation_config(self.params)
+        streamer = _TokenQueue()
+
+        class StopWhenCancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool)
+
+        def run() -> None:
+            try:
+                with engine._generate_lock, torch.inference_mode():
+                    if cancelled.is_set():
+                        return
+                    prompt = torch.tensor([input_ids], dtype=torch.long)
+                    loaded.model.generate(
+                        input_ids=prompt,
+                        attention_mask=torch.ones_like(prompt),
+                        generation_config=config,
+                        streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([StopWhenCancelled()]),
+                    )
+            except BaseException as exc:
+                streamer.queue.put(("error", exc, time.perf_counter()))
+            else:
+                streamer.queue.put(("end", None, time.perf_counter()))
+
+        started = time.perf_counter()
+        first_at = finished = None
+        tokens: list[int] = []
+        sent = ""
+        worker = threading.Thread(target=run, name="generate", daemon=True)
+        worker.start()
+        try:
+            while True:
+                kind, payload, at = streamer.queue.get()
+                if kind == "error":
+                    raise payload
+                if kind == "end":
+                    finished = at
+                    break
+                first_at = first_at or at
+                tokens.extend(payload)
+                text = loaded.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+                # Hold back a half-decoded character; send only text that extends what was sent.
+                if text.startswith(sent) and not text.endswith("\ufffd") and len(text) > len(sent):
+                    delta, sent = text[len(sent) :], text
+                    yield delta
+        finally:
+            if finished is None:  # the consumer left early, or the model failed
+                cancelled.set()
+            worker.join()
+            finished = finished or time.perf_counter()
+            self.result = self._result(tokens, len(input_ids), config, started, first_at, finished)
+
+    def _result(self, tokens, prompt_tokens, config, started, first_at, finished) -> Generation:
+        stopped = bool(tokens) and tokens[-1] in self.engine._stop_ids()
+        if stopped or (not self.cancelled.is_set() and len(tokens) < config.max_new_tokens):
+            reason = "stop"
+        elif self.cancelled.is_set():
+            reason = "cancelled"
+        else:
+            reason = "length"
+        return Generation(
+            text=self.engine.load().tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=len(tokens),
+            ttft_ms=round(((first_at or finished) - started) * 1000),
+            total_ms=round((finished - started) * 1000),
+            finish_reason=reason,
+        )
 
 
 class Engine:
@@ -135,39 +232,16 @@ class Engine:
 
     # Generation
 
+    def stream(self, messages: list[dict], params: GenerationParams) -> ReplyStream:
+        """The assistant's next turn for these messages, as a stream of text pieces."""
+        return ReplyStream(self, messages, params)
+
     def generate(self, messages: list[dict], params: GenerationParams) -> Generation:
         """Write the assistant's next turn for these messages."""
-        import torch
-
-        loaded = self.load()
-        input_ids = self._encode(messages)
-        prompt = torch.tensor([input_ids], dtype=torch.long)
-        config = self._generation_config(params)
-        timer = _FirstTokenTimer()
-        with self._generate_lock, torch.inference_mode():
-            started = time.perf_counter()
-            output = loaded.model.generate(
-                input_ids=prompt,
-                attention_mask=torch.ones_like(prompt),
-                generation_config=config,
-                streamer=timer,
-            )
-            finished = time.perf_counter()
-        # A decoder-only model returns prompt + reply; a seq2seq one, decoder start + reply.
-        new_tokens = output[0][1:] if loaded.is_seq2seq else output[0][prompt.shape[1] :]
-        new_tokens = new_tokens.tolist()
-        stopped = bool(new_tokens) and new_tokens[-1] in self._stop_ids()
-        first_at = timer.first_token_at or finished
-        return Generation(
-            text=loaded.tokenizer.decode(new_tokens, skip_special_tokens=True).strip(),
-            prompt_tokens=len(input_ids),
-            completion_tokens=len(new_tokens),
-            ttft_ms=round((first_at - started) * 1000),
-            total_ms=round((finished - started) * 1000),
-            finish_reason="stop"
-            if stopped or len(new_tokens) < config.max_new_tokens
-            else "length",
-        )
+        stream = self.stream(messages, params)
+        for _ in stream:
+            pass
+        return stream.result
 
     def score_reply(self, messages: list[dict], reply: str) -> float:
         """Log-probability (natural log, summed over tokens) that the model answers `reply`.

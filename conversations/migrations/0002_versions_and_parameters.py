@@ -7,12 +7,12 @@ from django.db import migrations, models
 
 
 def link_existing_messages(apps, schema_editor):
-    """Each existing message is its own version group; each reply answers the user message
-    before it."""
+    """Each existing user message is a version group of its own; each reply answers the user
+    message before it, and the replies to one question form its version group."""
     Message = apps.get_model("conversations", "Message")
     last_user = {}
     for message in Message.objects.order_by("conversation_id", "created_at").iterator():
-        message.version_group = message.id
+        message.version_group = uuid.uuid4()
         if message.role == "user":
             last_user[message.conversation_id] = message.id
         elif message.role == "assistant":

@@ -1,0 +1,69 @@
+"""Server-Sent Events for replies: `user_message`, then `delta`s as the model writes, then
+`done` with the saved reply (or `error`), and `title` when the model has named the chat."""
+
+import json
+
+from django.http import StreamingHttpResponse
+from rest_framework import renderers
+
+from ..rendering import render_markdown
+from ..replies import ReplyWriter
+from .serializers import MessageSerializer, load_versions
+
+EVENT_STREAM = "text/event-stream"
+
+
+class EventStreamRenderer(renderers.BaseRenderer):
+    """Lets clients ask for `text/event-stream`; a response that is not a stream (an error
+    before the reply started) is sent as one `error` event."""
+
+    media_type = EVENT_STREAM
+    format = "event-stream"
+    charset = "utf-8"
+
+    def render(self, data, accepted_media_type=None, renderer_context=None):
+        return format_event("error", data).encode()
+
+
+def wants_stream(request) -> bool:
+    if isinstance(request.data, dict) and request.data.get("stream") is True:
+        return True
+    accepted = getattr(request, "accepted_renderer", None)
+    return accepted is not None and accepted.media_type == EVENT_STREAM
+
+
+def format_event(kind: str, data) -> str:
+    return f"event: {kind}\ndata: {json.dumps(data, default=str)}\n\n"
+
+
+def reply_response(writer: ReplyWriter, *, user_message=None) -> StreamingHttpResponse:
+    """Stream `writer`'s reply. If the client goes away, the model is stopped and the partial
+    reply is kept as cancelled."""
+
+    def events():
+        finished = False
+        try:
+            if user_message is not None:
+                yield format_event("user_message", MessageSerializer(user_message).data)
+            for event in writer:
+                if event.kind == "delta":
+                    yield format_event("delta", {"text": event.data})
+                elif event.kind == "done":
+                    load_versions(event.data)
+                    reply = MessageSerializer(event.data).data
+                    reply["html"] = str(render_markdown(event.data.content))
+                    yield format_event("done", reply)
+                elif event.kind == "error":
+                    reply = MessageSerializer(event.data).data
+                    yield format_event("error", {"detail": event.detail, "reply": reply})
+                elif event.kind == "title":
+                    yield format_event("title", {"title": event.data})
+            finished = True
+        finally:
+            if not finished:
+                writer.cancel_and_finish()
+
+    response = StreamingHttpResponse(events(), content_type=f"{EVENT_STREAM}; charset=utf-8")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # tell proxies such as nginx not to buffer the stream
+    return response

@@ -1,0 +1,206 @@
+"""Writing one reply into the database while the model streams it.
+
+The reply row appears with the first token (status "streaming"), its text is saved every
+FLUSH_SECONDS while the model writes, and it ends as ok, cancelled or error, with the statistics
+of the run. Nothing about a running reply lives only in memory: a stop request from any process
+flips the row to "cancelled", and the writer notices at its next save.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from .context import build_context
+from .errors import ChatError, ContextOverflow, GenerationFailed
+from .models import Conversation, Message
+
+logger = logging.getLogger(__name__)
+
+FLUSH_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class Exchange:
+    user_message: Message
+    reply: Message
+
+
+@dataclass(frozen=True)
+class ReplyEvent:
+    """What a streaming client hears: "delta" (data: text), "done" (data: the reply),
+    "error" (data: the failed reply; detail: why), "title" (data: the new title)."""
+
+    kind: str
+    data: Any
+    detail: str = ""
+
+
+# Replies being written in this process, by conversation: the stop endpoint cancels them.
+_running: dict[Any, set] = {}
+_running_lock = threading.Lock()
+
+
+def cancel_running(conversation_id) -> bool:
+    """Cancel the replies this process is writing in a conversation; True if there were any."""
+    with _running_lock:
+        streams = list(_running.get(conversation_id, ()))
+    for stream in streams:
+        stream.cancel()
+    return bool(streams)
+
+
+@dataclass
+class ReplyWriter:
+    """Answers `question` (a saved user message) in `conversation`. Iterate for ReplyEvents;
+    afterwards `reply` is the saved reply and `error` the ChatError, if generation failed."""
+
+    conversation: Conversation
+    question: Message
+    engine: Any
+    params: Any
+    # Called after a finished reply; may return one more event (the conversation's new title).
+    after_done: Callable[[ReplyWriter], ReplyEvent | None] | None = None
+    reply: Message | None = None
+    error: ChatError | None = None
+    _stream: Any = field(default=None, repr=False)
+    _events: Any = field(default=None, repr=False)
+
+    def __iter__(self) -> Iterator[ReplyEvent]:
+        if self._events is None:
+            self._events = self._write()
+        return self._events
+
+    def run(self) -> Exchange:
+        """Write the whole reply; raise the ChatError if it failed."""
+        for _ in self:
+            pass
+        if self.error is not None:
+            raise self.error
+        return Exchange(self.question, self.reply)
+
+    def cancel_and_finish(self) -> None:
+        """The listener went away: stop the model and save the partial reply as cancelled."""
+        if self._stream is not None:
+            self._stream.cancel()
+        if self._events is not None:
+            for _ in self._events:
+                pass
+
+    def _write(self) -> Iterator[ReplyEvent]:
+        try:
+            context = build_context(
+                self.conversation, new_message=self.question, engine=self.engine, params=self.params
+            )
+            self._stream = self.engine.stream(context.messages, self.params)
+        except ContextOverflow as exc:
+            yield self._fail(exc, exc.detail)
+            return
+        except Exception as exc:
+            yield self._fail_unexpected(exc, "")
+            return
+
+        with _running_lock:
+            _running.setdefault(self.conversation.pk, set()).add(self._stream)
+        text, last_flush = "", 0.0
+        try:
+            for delta in self._stream:
+                text += delta
+                if self.reply is None:
+                    self._start_row(text)
+                    last_flush = time.monotonic()
+                elif time.monotonic() - last_flush >= FLUSH_SECONDS:
+                    self._flush(text)
+                    last_flush = time.monotonic()
+                yield ReplyEvent("delta", delta)
+        except Exception as exc:
+            yield self._fail_unexpected(exc, text)
+            return
+        finally:
+            with _running_lock:
+                running = _running.get(self.conversation.pk, set())
+                running.discard(self._stream)
+                if not running:
+                    _running.pop(self.conversation.pk, None)
+        yield ReplyEvent("done", self._finish(context.context_turns))
+        if self.after_done is not None and (extra := self.after_done(self)) is not None:
+            yield extra
+
+    # Rows
+
+    def _start_row(self, text: str) -> None:
+        with transaction.atomic():
+            # Regenerating: the earlier replies to this question stay, as inactive versions.
+            self.question.replies.filter(is_active=True).update(is_active=False)
+            self.reply = Message.objects.create(
+                conversation=self.conversation,
+                role=Message.Role.ASSISTANT,
+                content=text,
+                status=Message.Status.STREAMING,
+                reply_to=self.question,
+                version_group=self.question.pk,
+                model=self.engine.model_name,
+                generation_params=self.params.as_dict(),
+            )
+
+    def _flush(self, text: str) -> None:
+        saved = Message.objects.filter(pk=self.reply.pk, status=Message.Status.STREAMING).update(
+            content=text
+        )
+        if not saved:  # stopped from elsewhere (the stop endpoint, maybe in another process)
+            self._stream.cancel()
+
+    def _finish(self, context_turns: int) -> Message:
+        result = self._stream.result
+        if self.reply is None:  # no text at all: an empty reply, or cancelled before it began
+            self._start_row("")
+        still_streaming = Message.objects.filter(
+            pk=self.reply.pk, status=Message.Status.STREAMING
+        ).exists()
+        cancelled = result.finish_reason == "cancelled" or not still_streaming
+        fields = {
+            "content": result.text,
+            "status": Message.Status.CANCELLED if cancelled else Message.Status.OK,
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "ttft_ms": result.ttft_ms,
+            "total_ms": result.total_ms,
+            "context_turns": context_turns,
+            "generation_params": {**self.params.as_dict(), "finish_reason": result.finish_reason},
+        }
+        self._save(fields)
+        return self.reply
+
+    def _fail(self, error: ChatError, reason: str) -> ReplyEvent:
+        fields = {"status": Message.Status.ERROR, "error": reason}
+        if self.reply is None:
+            self._start_row("")
+        self._save(fields)
+        error.exchange = Exchange(self.question, self.reply)
+        self.error = error
+        return ReplyEvent("error", self.reply, detail=error.detail)
+
+    def _fail_unexpected(self, exc: Exception, text: str) -> ReplyEvent:
+        logger.exception("Generation failed in conversation %s", self.conversation.pk)
+        reason = f"{type(exc).__name__}: {exc}"
+        if self.reply is not None:
+            Message.objects.filter(pk=self.reply.pk).update(content=text)
+            self.reply.content = text  # the error event and the 503 body show the saved text
+        error = GenerationFailed(f"The model could not answer: {reason}. Your message was saved.")
+        return self._fail(error, reason)
+
+    def _save(self, fields: dict) -> None:
+        now = timezone.now()
+        with transaction.atomic():
+            Message.objects.filter(pk=self.reply.pk).update(**fields)
+            Conversation.objects.filter(pk=self.conversation.pk).update(updated_at=now)
+        for name, value in fields.items():
+            setattr(self.reply, name, value)
+        self.conversation.updated_at = now

@@ -1,0 +1,154 @@
+"""The thread page and what can be done on it: send, regenerate, edit, switch versions,
+settings, delete. Every action works as a plain form post; app.js streams where it can."""
+
+from django.contrib import messages as flash
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
+from django.http import Http404
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_http_methods, require_POST
+
+from . import services
+from .errors import ChatError
+from .forms import ConversationSettingsForm, MessageForm
+from .models import Conversation, Message
+
+
+def _own_conversation(request, conversation_id) -> Conversation:
+    return get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
+
+
+def _back_to_thread(conversation):
+    return redirect(conversation.get_absolute_url() + "#latest")
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def thread(request, conversation_id):
+    conversation = _own_conversation(request, conversation_id)
+    form = MessageForm(request.POST if request.method == "POST" else None)
+    if request.method == "POST" and form.is_valid():
+        content = form.cleaned_data["content"]
+        _run_reply(
+            request,
+            lambda: services.open_message_stream(conversation=conversation, content=content),
+        )
+        return _back_to_thread(conversation)
+    messages = list(conversation.messages.active_path().with_versions().order_by("created_at"))
+    last_question = next((m for m in reversed(messages) if m.role == Message.Role.USER), None)
+    last_reply = messages[-1] if messages and messages[-1].role == Message.Role.ASSISTANT else None
+    context = {
+        "conversation": conversation,
+        "messages_list": messages,
+        "last_question": last_question,
+        "last_reply": last_reply,
+        "switchers": _version_switchers(last_question, last_reply),
+        "form": form,
+        "streaming": any(m.status == Message.Status.STREAMING for m in messages),
+    }
+    return render(request, "conversations/thread.html", context, status=400 if form.errors else 200)
+
+
+@login_required
+@require_POST
+def regenerate(request, conversation_id):
+    conversation = _own_conversation(request, conversation_id)
+    _run_reply(request, lambda: services.regenerate(conversation=conversation))
+    return _back_to_thread(conversation)
+
+
+@login_required
+@require_POST
+def edit(request, conversation_id):
+    conversation = _own_conversation(request, conversation_id)
+    form = MessageForm(request.POST)
+    if not form.is_valid():
+        flash.error(request, " ".join(form.errors["content"]))
+    else:
+        content = form.cleaned_data["content"]
+        _run_reply(
+            request,
+            lambda: services.edit_last_message(conversation=conversation, content=content),
+        )
+    return _back_to_thread(conversation)
+
+
+@login_required
+@require_POST
+def activate(request, conversation_id):
+    conversation = _own_conversation(request, conversation_id)
+    try:
+        message = conversation.messages.get(pk=request.POST.get("message"))
+    except (Message.DoesNotExist, ValidationError) as exc:  # unknown or malformed id
+        raise Http404("No such message in this conversation.") from exc
+    try:
+        services.activate_version(conversation=conversation, message=message)
+    except ChatError as exc:
+        flash.error(request, exc.detail)
+    return _back_to_thread(conversation)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def conversation_settings(request, conversation_id):
+    conversation = _own_conversation(request, conversation_id)
+    form = ConversationSettingsForm(
+        request.POST if request.method == "POST" else None, instance=conversation
+    )
+    if request.method == "POST" and form.is_valid():
+        form.save()
+        flash.success(request, "Settings saved.")
+        return redirect(conversation)
+    status = 400 if form.errors else 200
+    return render(
+        request,
+        "conversations/settings.html",
+        {"conversation": conversation, "form": form},
+        status=status,
+    )
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def delete(request, conversation_id):
+    conversation = _own_conversation(request, conversation_id)
+    if request.method == "POST":
+        title = conversation.display_title
+        services.stop_generation(conversation=conversation)
+        conversation.delete()
+        flash.success(request, f"Deleted “{title}”.")
+        return redirect(reverse("conversations:list"))
+    count = conversation.messages.count()
+    return render(
+        request, "conversations/delete.html", {"conversation": conversation, "count": count}
+    )
+
+
+def _run_reply(request, start) -> None:
+    """Write a reply to the end (without JavaScript the page waits for it); a failure is shown
+    as a message on the thread, where the failed reply is listed too."""
+    try:
+        start().run()
+    except ChatError as exc:
+        flash.error(request, exc.detail)
+
+
+def _version_switchers(last_question, last_reply) -> dict:
+    """For the last exchange: the previous and next versions of the question and of the reply,
+    so the page can offer "< 1 / 2 >"."""
+    switchers = {}
+    for message in (last_question, last_reply):
+        if message is None or message.versions < 2:
+            continue
+        siblings = list(
+            Message.objects.filter(version_group=message.version_group)
+            .order_by("created_at")
+            .values_list("pk", flat=True)
+        )
+        index = siblings.index(message.pk)
+        switchers[message.pk] = {
+            "previous": siblings[index - 1] if index > 0 else None,
+            "next": siblings[index + 1] if index + 1 < len(siblings) else None,
+        }
+    return switchers
