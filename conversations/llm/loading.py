@@ -104,10 +104,18 @@ def prepare_bundled_model(cache_root: Path) -> Path:
     return target
 
 
+def _quiet_progress_bars() -> None:
+    # Loading bars are noise in a server's log; the caller reports how long loading took.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
@@ -144,6 +152,7 @@ def load_model(model_setting: str, cache_root: Path) -> LoadedModel:
     """Load the configured model and tokenizer, ready for inference on the CPU."""
     started = time.perf_counter()
     source = resolve_model_dir(model_setting, cache_root)
+    _quiet_progress_bars()
     try:
         from transformers import (
             AutoConfig,

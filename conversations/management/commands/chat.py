@@ -51,11 +51,30 @@ class Command(BaseCommand):
                 self.stderr.write(" ".join(exc.messages))
                 continue
             try:
-                exchange = services.post_message(conversation=chat, content=content)
+                self._answer(services.open_message_stream(conversation=chat, content=content))
             except ChatError as exc:
                 self.stderr.write(f"error: {exc.detail}")
-                continue
-            self.stdout.write(f"bot> {exchange.reply.content}")
+            except KeyboardInterrupt:  # Ctrl-C during a reply stops the reply, not the chat
+                services.stop_generation(conversation=chat)
+                self.stdout.write(" [stopped]")
+
+    def _answer(self, writer):
+        """Print the reply as the model writes it."""
+        self.stdout.write("bot> ", ending="")
+        try:
+            for event in writer:
+                if event.kind == "delta":
+                    self.stdout.write(event.data, ending="")
+                    self.stdout.flush()
+                elif event.kind == "done":
+                    self.stdout.write("")
+                elif event.kind == "error":
+                    self.stdout.write("")
+                    self.stderr.write(f"error: {event.detail}")
+                elif event.kind == "title":
+                    self.stdout.write(f"(this chat is now titled {event.data!r})")
+        finally:
+            writer.cancel_and_finish()
 
     def _owner(self, username):
         owner, created = get_user_model().objects.get_or_create(username=username)

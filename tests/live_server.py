@@ -1,0 +1,98 @@
+"""The product as a user runs it: a gunicorn process serving the real bundled model on a free
+127.0.0.1 port, with its own var dir (SQLite database, logs). Shared by the end-to-end tests,
+the browser tests and scripts/screenshots.py."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _model_cache() -> str:
+    """Where the bundled model is unpacked: the cache of the settings this process runs with
+    (outside a test run, the repository's own var/models)."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatsite.settings")
+    from django.conf import settings
+
+    return str(settings.CHATBOT_MODEL_CACHE)
+
+
+class Server:
+    """A gunicorn process of the product on its own port, database and var dir.
+
+    `env` adds to or overrides the server's environment (e.g. CHATBOT_MAX_NEW_TOKENS)."""
+
+    def __init__(self, var_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "CHATBOT_VAR_DIR": str(var_dir),
+            "CHATBOT_MODEL_CACHE": _model_cache(),
+            "CHATBOT_BIND": f"127.0.0.1:{self.port}",
+            "CHATBOT_MAX_NEW_TOKENS": "48",
+            "DJANGO_SETTINGS_MODULE": "chatsite.settings",
+            **(env or {}),
+        }
+        self.process = None
+        self.log = var_dir / "server.log"
+
+    def manage(self, *args: str) -> None:
+        subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=ROOT,
+            env=self.env,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+
+    def prepare(self) -> None:
+        """Create the database and collect the static files, as `make run` does."""
+        self.manage("migrate", "--noinput")
+        self.manage("collectstatic", "--noinput")
+
+    def start(self) -> None:
+        gunicorn = Path(sys.executable).parent / "gunicorn"
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [str(gunicorn), "--config", "chatsite/gunicorn.conf.py", "chatsite.wsgi"],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, so kill() reaches the workers
+            )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()
+            try:
+                if requests.get(f"{self.url}/accounts/login/", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError("server did not start:\n" + self.log.read_text())
+
+    def kill(self) -> None:
+        """SIGKILL the master and its workers: no shutdown code runs."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=60)
