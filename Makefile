@@ -46,6 +46,10 @@ serve: install
 	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
 	$(BIN)/gunicorn --config chatsite/gunicorn.conf.py chatsite.wsgi
 
+# PNGs of the list and thread pages (desktop and phone) in screenshots/; needs Chromium.
+screenshots: install-test
+	$(BIN)/python scripts/screenshots.py
+
 lint: install-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

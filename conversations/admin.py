@@ -44,7 +44,7 @@ class ConversationAdmin(admin.ModelAdmin):
     def display_title(self, obj):
         return obj.display_title
 
-    @admin.display(description="Messages", ordering="message_count")
+    @admin.display(description="Messages (all versions)", ordering="message_count")
     def message_count(self, obj):
         return obj.message_count
 

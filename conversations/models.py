@@ -3,8 +3,17 @@ import uuid
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
-from django.db.models import F, Func, OuterRef, Subquery
+from django.db.models import Count, F, Func, OuterRef, Q, Subquery
 from django.utils import timezone
+
+
+class ConversationQuerySet(models.QuerySet):
+    def with_message_counts(self):
+        """Annotate `message_count`: the messages the thread shows (the chosen versions)."""
+        shown = Q(messages__is_active=True) & (
+            Q(messages__reply_to__isnull=True) | Q(messages__reply_to__is_active=True)
+        )
+        return self.annotate(message_count=Count("messages", filter=shown))
 
 
 class Conversation(models.Model):
@@ -24,6 +33,8 @@ class Conversation(models.Model):
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     # Moves on every message, so lists can sort by last activity without a join.
     updated_at = models.DateTimeField(default=timezone.now)
+
+    objects = ConversationQuerySet.as_manager()
 
     class Meta:
         ordering = ["-updated_at"]

@@ -33,7 +33,6 @@ from collections.abc import Iterator, Sequence
 from functools import cached_property
 
 from django.db import NotSupportedError, connection
-from django.db.models import Count
 
 from .models import Conversation
 
@@ -168,7 +167,7 @@ class SearchResults(Sequence):
         conversations = {
             conversation.pk: conversation
             for conversation in Conversation.objects.filter(owner=self.owner, pk__in=ids)
-            .annotate(message_count=Count("messages"))
+            .with_message_counts()
             .order_by()
         }
         snippets = self.backend.snippets(conversation_ids=ids, terms=self.terms)

@@ -3,7 +3,6 @@ from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
 from django.core.paginator import Paginator
-from django.db.models import Count
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 
@@ -37,7 +36,7 @@ def conversation_list(request):
     else:
         conversations = (
             Conversation.objects.filter(owner=request.user)
-            .annotate(message_count=Count("messages"))
+            .with_message_counts()
             .order_by("-updated_at")
         )
     page = Paginator(conversations, CONVERSATIONS_PER_PAGE).get_page(request.GET.get("page"))
@@ -55,7 +54,7 @@ def new_conversation(request):
     if not form.is_valid():
         conversations = (
             Conversation.objects.filter(owner=request.user)
-            .annotate(message_count=Count("messages"))
+            .with_message_counts()
             .order_by("-updated_at")  # Meta.ordering does not apply to an aggregate query
         )
         page = Paginator(conversations, CONVERSATIONS_PER_PAGE).get_page(1)

@@ -198,3 +198,13 @@ def test_cancelled_and_interrupted_replies_are_labelled(owner_client, owner):
         conversation=conversation, message=conversation.messages.get(status="cancelled")
     )
     assert "Stopped" in page(owner_client, conversation)
+
+
+def test_message_counts_show_what_the_thread_shows(owner_client, chat, fake_engine, api):
+    owner_client.post(url(chat, "regenerate"))
+    owner_client.post(url(chat, "edit"), {"content": "better question"})
+    assert chat.messages.count() == 5  # every version is stored
+    listing = owner_client.get("/").content.decode()
+    assert "2 messages" in listing
+    assert api.get(f"/api/conversations/{chat.pk}/").json()["message_count"] == 2
+    assert api.get("/api/conversations/").json()["results"][0]["message_count"] == 2

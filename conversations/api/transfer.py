@@ -192,7 +192,7 @@ class ConversationImportView(generics.GenericAPIView):
         else:
             document = request.data
         conversation = transfer.import_conversation(owner=request.user, document=document)
-        conversation.message_count = conversation.messages.count()
+        conversation.message_count = conversation.messages.active_path().count()
         return Response(
             ConversationSerializer(conversation).data,
             status=status.HTTP_201_CREATED,

@@ -1,4 +1,3 @@
-from django.db.models import Count
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import generics, renderers, status, viewsets
@@ -54,7 +53,7 @@ class ConversationViewSet(viewsets.ModelViewSet):
             return Conversation.objects.none()
         queryset = Conversation.objects.filter(owner=self.request.user).order_by("-updated_at")
         if self.action in ("list", "retrieve"):
-            queryset = queryset.annotate(message_count=Count("messages"))
+            queryset = queryset.with_message_counts()
         return queryset
 
     @extend_schema(
@@ -90,7 +89,7 @@ class ConversationViewSet(viewsets.ModelViewSet):
 
     def perform_update(self, serializer):
         conversation = serializer.save()
-        conversation.message_count = conversation.messages.count()
+        conversation.message_count = conversation.messages.active_path().count()
 
     @extend_schema(
         methods=["GET"],

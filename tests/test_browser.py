@@ -1,0 +1,417 @@
+"""The product in a real browser (Chromium driven by Playwright) against gunicorn serving the real
+bundled model: what a person sees while a reply streams in, stops, is written again, survives a
+reload and a new login, is found by search, works without JavaScript, and cannot run a script.
+
+The tests of the JavaScript chat share one person and one chat, in order: sign up and start the
+chat (1), stop a reply (2), regenerate it (3), reload and log in again (4), search (5). Each later
+step is skipped when the chat it builds on could not be made. The no-JavaScript (6) and XSS (7)
+tests start chats of their own.
+
+Without Chromium or Playwright the tests are skipped, unless REQUIRE_BROWSER=1 (as in CI), where
+they fail instead.
+"""
+
+import contextlib
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.live_server import Server
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:  # pragma: no cover - depends on the environment
+    sync_playwright = None
+
+pytestmark = [pytest.mark.model, pytest.mark.browser]
+
+CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+# The real model writes a few tokens a second on a busy 2-core machine: waits for a whole reply
+# are long, every other wait is short.
+REPLY_MS = 150_000
+UI_MS = 15_000
+STOP_MS = 4_000
+
+PASSWORD = "correct-Horse-battery-9"
+FRANCE = "What is the capital of France?"
+DRAGON = "Write a long story about a dragon."
+PREVIOUS, NEXT = "\u2039", "\u203a"  # the version switcher's buttons
+XSS = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>'
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("REQUIRE_BROWSER") == "1":
+        pytest.fail(f"REQUIRE_BROWSER=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _browser_available():
+    """Runs first, so a machine without a browser skips before the server starts."""
+    if sync_playwright is None:
+        _unavailable("Playwright is not installed (pip install -r requirements-test.txt)")
+    if not CHROMIUM.exists():
+        _unavailable(f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = Server(tmp_path_factory.mktemp("browser"), env={"CHATBOT_MAX_NEW_TOKENS": "96"})
+    server.prepare()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        try:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        except Exception as exc:
+            _unavailable(f"Chromium at {CHROMIUM} does not start: {exc}")
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def context(browser, server):
+    """The JavaScript-enabled browser of the person who signs up in the first test."""
+    context = browser.new_context(base_url=server.url, viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(UI_MS)
+    yield context
+    context.close()
+
+
+@contextlib.contextmanager
+def _watched(page):
+    """The page, failing the test afterwards if a script on it threw."""
+    errors = []
+    page.on("pageerror", lambda error: errors.append(error))
+    try:
+        yield page
+    finally:
+        page.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+@pytest.fixture
+def page(context):
+    """A new tab in the first person's browser."""
+    with _watched(context.new_page()) as page:
+        yield page
+
+
+@pytest.fixture
+def new_browser(browser, server):
+    """A browser of someone else (a new context: no cookies); new_browser(**options)."""
+    contexts = []
+
+    def make(**options):
+        context = browser.new_context(base_url=server.url, **options)
+        context.set_default_timeout(UI_MS)
+        contexts.append(context)
+        return context.new_page()
+
+    yield make
+    for context in contexts:
+        context.close()
+
+
+@pytest.fixture(scope="module")
+def chat():
+    """What the first test made, for the ones after it: username, thread path, texts seen."""
+    return {}
+
+
+def _needs(chat: dict, *keys: str) -> None:
+    missing = [key for key in keys if key not in chat]
+    if missing:
+        pytest.skip(f"builds on an earlier test of this module, which did not get to {missing}")
+
+
+# What the page shows.
+
+
+def _streaming_text(page):
+    return page.locator("li.message.assistant.streaming .text")
+
+
+def _wait_for_streamed_text(page, more_than: int = 0) -> str:
+    """Wait until the reply being streamed shows more than `more_than` characters, while the Stop
+    button is visible and Send is disabled; return the text, read at that same moment."""
+    handle = page.wait_for_function(
+        """(n) => {
+            const text = document.querySelector("li.message.assistant.streaming .text");
+            const stop = document.getElementById("stop-button");
+            const send = document.querySelector("#send-form button[type=submit]");
+            const streaming = !stop.hidden && stop.offsetParent !== null && send.disabled;
+            return text && text.textContent.length > n && streaming ? text.textContent : false;
+        }""",
+        arg=more_than,
+        timeout=REPLY_MS,
+    )
+    return handle.json_value()
+
+
+def _wait_for_reply_done(page, timeout: int = REPLY_MS) -> None:
+    """The stream ended and the page swapped in the server-rendered thread."""
+    expect(page.locator("#stop-button")).to_be_hidden(timeout=timeout)
+    expect(_streaming_text(page)).to_have_count(0, timeout=timeout)
+    expect(page.locator("#send-form button[type=submit]")).to_be_enabled(timeout=timeout)
+
+
+def _last_reply(page):
+    return page.locator("#messages li.message.assistant").last
+
+
+def _bubbles(page) -> list[str]:
+    return [
+        " ".join(text.split())
+        for text in page.locator("#messages li.message .bubble").all_inner_texts()
+    ]
+
+
+def _letters(text: str) -> str:
+    """Only the letters, lowercase: streamed plain text and its Markdown rendering compare."""
+    return re.sub(r"[^a-z]", "", text.lower())
+
+
+def _send(page, content: str) -> None:
+    page.locator("#send-form textarea[name=content]").fill(content)
+    page.locator("#send-form button[type=submit]").click()
+
+
+def _sign_up(page, username: str) -> None:
+    page.goto("/accounts/signup/")
+    page.locator("#id_username").fill(username)
+    page.locator("#id_password1").fill(PASSWORD)
+    page.locator("#id_password2").fill(PASSWORD)
+    page.get_by_role("button", name="Sign up").click()
+    expect(page.get_by_role("heading", name="New chat")).to_be_visible()
+    expect(page.get_by_role("button", name=f"Log out {username}")).to_be_visible()
+
+
+def _start_chat(page, content: str) -> None:
+    """From the list page: the first message of a new chat; lands on its thread page."""
+    page.goto("/")
+    page.locator("#new-chat-form textarea[name=content]").fill(content)
+    page.get_by_role("button", name="Start chat").click()
+    page.wait_for_url(re.compile(r"/c/[0-9a-f-]{36}/(#latest)?$"), timeout=REPLY_MS)
+
+
+# 1-5: one person, one chat, with JavaScript.
+
+
+def test_1_sign_up_start_a_chat_and_watch_the_reply_stream_in(page, chat):
+    _sign_up(page, "dana")
+    chat["username"] = "dana"
+
+    _start_chat(page, FRANCE)
+    chat["path"] = re.sub(r"^https?://[^/]+|#.*$", "", page.url)
+    expect(page.locator("#messages li.message.user .bubble")).to_have_text(FRANCE)
+
+    # The reply grows while the Stop button is shown.
+    first = _wait_for_streamed_text(page)
+    second = _wait_for_streamed_text(page, len(first))
+    assert len(second) > len(first) > 0
+    assert second.startswith(first)
+
+    # Then the server's rendering replaces the streamed text: Markdown, statistics, buttons.
+    _wait_for_reply_done(page)
+    reply = _last_reply(page)
+    expect(reply).to_have_class(re.compile(r"\bstatus-ok\b"))
+    expect(reply.locator(".bubble .markdown")).to_contain_text("Paris")
+    stats = reply.locator(".stats")
+    expect(stats).to_be_visible()
+    expect(stats).to_contain_text("SmolLM2-135M-Instruct")
+    expect(stats).to_contain_text(re.compile(r"\d+ tokens\s+· [\d.]+ tok/s\s+· [\d.]+ s"))
+    expect(stats).to_contain_text("saw 0 earlier messages")
+    expect(reply.get_by_role("button", name="Regenerate")).to_be_visible()
+    expect(page.locator("#messages li.message.user details.edit summary")).to_have_text("Edit")
+
+    # The chat has a name, on the page and in the tab.
+    title = page.locator("#thread-title")
+    expect(title).not_to_have_text(re.compile(r"^\s*(Untitled chat)?\s*$"))
+    chat["title"] = title.inner_text().strip()
+    assert page.title().startswith(chat["title"])
+    chat["first_reply"] = reply.locator(".bubble").inner_text()
+
+
+def test_2_stop_keeps_the_partial_reply(page, chat):
+    _needs(chat, "path")
+    page.goto(chat["path"])
+    _send(page, DRAGON)
+    expect(page.locator("#messages li.message.user .bubble").last).to_have_text(DRAGON)
+
+    shown = _wait_for_streamed_text(page, 20)
+    page.locator("#stop-button").click()
+    stopped_at = time.monotonic()
+    _wait_for_reply_done(page, timeout=STOP_MS)
+    took = time.monotonic() - stopped_at
+
+    reply = _last_reply(page)
+    expect(reply).to_have_class(re.compile(r"\bstatus-cancelled\b"))
+    expect(reply.locator(".badge")).to_have_text("Stopped")
+    kept = reply.locator(".bubble").inner_text()
+    assert _letters(kept).startswith(_letters(shown)[:40]), (shown, kept)
+    assert len(_letters(kept)) >= 15, kept
+    print(f"the reply ended {took:.1f} s after Stop")
+    chat["stopped_reply"] = kept
+
+
+def test_3_regenerate_writes_a_second_version_and_the_first_stays(page, chat):
+    _needs(chat, "path", "stopped_reply")
+    page.goto(chat["path"])
+    expect(_last_reply(page).locator(".badge")).to_have_text("Stopped")
+    _last_reply(page).get_by_role("button", name="Regenerate").click()
+
+    # The old reply goes away and a new one streams in its place.
+    first = _wait_for_streamed_text(page)
+    _wait_for_streamed_text(page, len(first))
+    expect(page.locator("#messages li.message.assistant")).to_have_count(2)
+    _wait_for_reply_done(page)
+
+    reply = _last_reply(page)
+    expect(reply).to_have_class(re.compile(r"\bstatus-ok\b"))
+    expect(reply.locator(".versions")).to_contain_text("2 / 2")
+    expect(reply.locator(".badge")).to_have_count(0)
+    second_version = reply.locator(".bubble").inner_text()
+    assert second_version.strip()
+
+    reply.get_by_role("button", name=PREVIOUS, exact=True).click()
+    reply = _last_reply(page)
+    expect(reply.locator(".versions")).to_contain_text("1 / 2")
+    expect(reply.locator(".bubble")).to_have_text(chat["stopped_reply"])
+    expect(reply.locator(".badge")).to_have_text("Stopped")
+
+    reply.get_by_role("button", name=NEXT, exact=True).click()
+    reply = _last_reply(page)
+    expect(reply.locator(".versions")).to_contain_text("2 / 2")
+    expect(reply.locator(".bubble")).to_have_text(second_version)
+    chat["second_version"] = second_version
+
+
+def test_4_the_history_survives_a_reload_and_a_new_login(page, chat):
+    _needs(chat, "path", "username", "second_version")
+    page.goto(chat["path"])
+    history = _bubbles(page)
+    assert len(history) == 4, history
+    assert history[0] == FRANCE
+    assert "Paris" in history[1]
+    assert history[2] == DRAGON
+    assert history[3] == " ".join(chat["second_version"].split())
+
+    page.reload()
+    assert _bubbles(page) == history
+    expect(page.locator("#thread-title")).to_have_text(chat["title"])
+
+    page.get_by_role("button", name=f"Log out {chat['username']}").click()
+    expect(page.get_by_role("heading", name="Log in")).to_be_visible()
+    page.goto(chat["path"])  # no longer visible to a visitor
+    expect(page.get_by_role("heading", name="Log in")).to_be_visible()
+    assert "/accounts/login/" in page.url
+
+    page.goto("/accounts/login/")
+    page.locator("#id_username").fill(chat["username"])
+    page.locator("#id_password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_role("heading", name="Your chats")).to_be_visible()
+    link = page.locator(f'.conversation-list a[href="{chat["path"]}"]')
+    expect(link).to_contain_text(chat["title"])
+    # (The count there includes the earlier version of the reply: 4 shown, 5 stored.)
+    expect(link).to_contain_text(re.compile(r"\b[45] messages"))
+    link.click()
+    expect(page.locator("#thread-title")).to_have_text(chat["title"])
+    assert _bubbles(page) == history
+
+
+def test_5_search_finds_the_chat_with_a_highlighted_snippet(page, chat):
+    _needs(chat, "path")
+    page.goto("/")
+    search = page.get_by_role("textbox", name="Search your chats")
+    search.fill("dragon")
+    page.get_by_role("button", name="Search").click()
+    page.wait_for_url(re.compile(r"\?q=dragon$"))
+
+    result = page.locator(".conversation-list li").filter(
+        has=page.locator(f'a[href="{chat["path"]}"]')
+    )
+    expect(result).to_have_count(1)
+    expect(result.locator(".snippet mark").first).to_have_text(re.compile("dragon", re.I))
+    expect(page.locator(".search-form .muted")).to_contain_text("1 chat matches “dragon”")
+    expect(page.get_by_role("link", name="Show all chats")).to_be_visible()
+
+    expect(search).to_have_value("dragon")
+    search.fill("qzxwvtplk")
+    search.press("Enter")
+    expect(page.locator("p.empty")).to_have_text("No chats match “qzxwvtplk”.")
+    expect(page.locator(".conversation-list")).to_have_count(0)
+
+
+# 6-7: chats of their own.
+
+
+def test_6_without_javascript_a_message_is_sent_by_a_form_post(new_browser):
+    with _watched(new_browser(java_script_enabled=False)) as page:
+        _sign_up(page, "erin")
+        page.locator("#new-chat-form textarea[name=content]").fill(FRANCE)
+        # The post waits for the whole reply, then redirects to the thread (the click waits for
+        # that navigation too).
+        with page.expect_navigation(url=re.compile(r"/c/[0-9a-f-]{36}/"), timeout=REPLY_MS):
+            page.get_by_role("button", name="Start chat").click(timeout=REPLY_MS)
+        expect(page.locator("#messages li.message.user .bubble")).to_have_text(FRANCE)
+        reply = _last_reply(page)
+        expect(reply).to_have_class(re.compile(r"\bstatus-ok\b"))
+        expect(reply.locator(".bubble")).to_contain_text("Paris")
+        expect(page.locator("#stop-button")).to_be_hidden()
+
+        # A follow-up from the thread page's own form.
+        page.locator("#send-form textarea[name=content]").fill("Thank you!")
+        with page.expect_navigation(url=re.compile(r"#latest$"), timeout=REPLY_MS):
+            page.locator("#send-form button[type=submit]").click(timeout=REPLY_MS)
+        history = _bubbles(page)
+        assert len(history) == 4, history
+        assert history[2] == "Thank you!"
+        reply = _last_reply(page)
+        expect(reply).to_have_class(re.compile(r"\bstatus-ok\b"))
+        expect(reply.locator(".stats")).to_contain_text("saw 2 earlier messages")
+        assert history[3]
+        assert page.locator("#latest").count() == 1
+
+
+def test_7_html_in_a_message_is_shown_as_text_and_never_runs(new_browser):
+    with _watched(new_browser()) as page:
+        _shows_html_as_text(page)
+
+
+def _shows_html_as_text(page):
+    _sign_up(page, "frank")
+    _start_chat(page, XSS)
+    _wait_for_reply_done(page)
+    expect(_last_reply(page)).to_have_class(re.compile(r"\bstatus-ok\b"))
+
+    question = page.locator("#messages li.message.user .bubble")
+    expect(question).to_have_text(XSS)
+    assert page.locator("#messages img").count() == 0
+    assert page.evaluate("typeof window.__xss") == "undefined"
+
+    # The thread rendered by the server itself (not swapped in by the script), and the list.
+    page.reload()
+    expect(question).to_have_text(XSS)
+    assert page.locator("#messages img, #messages script").count() == 0
+    assert page.evaluate("typeof window.__xss") == "undefined"
+    page.goto("/")
+    expect(page.locator(".conversation-list li")).to_have_count(1)
+    assert page.evaluate("typeof window.__xss") == "undefined"
