@@ -188,6 +188,9 @@ CHATBOT_CONTEXT_TOKENS = env_int("CHATBOT_CONTEXT_TOKENS", 0)
 CHATBOT_SYSTEM_PROMPT = env_str("CHATBOT_SYSTEM_PROMPT", "You are a helpful AI assistant.")
 CHATBOT_MAX_MESSAGE_CHARS = env_int("CHATBOT_MAX_MESSAGE_CHARS", 16000)
 CHATBOT_TORCH_THREADS = env_int("CHATBOT_TORCH_THREADS", 0)
+# Memory for the keys and values of recent conversations' last turns, so a follow-up message
+# recomputes only its new tokens (0 turns the prefix cache off).
+CHATBOT_PREFIX_CACHE_MB = env_int("CHATBOT_PREFIX_CACHE_MB", 256)
 # After the first exchange the model writes the conversation's title (else: the first message).
 CHATBOT_AUTO_TITLE = env_bool("CHATBOT_AUTO_TITLE", True)
 

@@ -99,7 +99,9 @@ class ReplyWriter:
             context = build_context(
                 self.conversation, new_message=self.question, engine=self.engine, params=self.params
             )
-            self._stream = self.engine.stream(context.messages, self.params)
+            self._stream = self.engine.stream(
+                context.messages, self.params, cache_key=str(self.conversation.pk)
+            )
         except ContextOverflow as exc:
             yield self._fail(exc, exc.detail)
             return

@@ -25,6 +25,7 @@ def get_engine():
                     cache_dir=settings.CHATBOT_MODEL_CACHE,
                     context_tokens=settings.CHATBOT_CONTEXT_TOKENS,
                     torch_threads=settings.CHATBOT_TORCH_THREADS,
+                    prefix_cache_bytes=settings.CHATBOT_PREFIX_CACHE_MB * 2**20,
                 )
     return _engine
 

@@ -160,3 +160,23 @@ def test_prepare_model_command_reports_cache_and_load_time(tmp_path):
     assert "Loaded SmolLM2-135M-Instruct" in result.stdout
     assert "Smoke test:" in result.stdout
     assert "Model ready." in result.stdout
+
+
+def test_prefix_cache_gives_the_same_answers_and_skips_the_history(real_engine):
+    plain = Engine(model="", cache_dir=settings.CHATBOT_MODEL_CACHE, prefix_cache_bytes=0)
+    params = GenerationParams(max_new_tokens=24)
+    history = [{"role": "system", "content": "You are a helpful AI assistant."}]
+    for question in [
+        "What is the capital of France?",
+        "And what is the capital of Germany?",
+        "Which of the two cities is larger?",
+    ]:
+        history.append({"role": "user", "content": question})
+        cached = real_engine.stream(history, params, cache_key="memory-test")
+        for _ in cached:
+            pass
+        reference = plain.generate(history, params)
+        assert cached.result.text == reference.text
+        history.append({"role": "assistant", "content": cached.result.text})
+    prompt_tokens = cached.result.prompt_tokens
+    assert cached.reused_tokens > prompt_tokens * 0.7, (cached.reused_tokens, prompt_tokens)

@@ -792,9 +792,9 @@ def record_stream_params(fake_engine, monkeypatch) -> list:
     seen = []
     original = fake_engine.stream
 
-    def stream(messages, params):
+    def stream(messages, params, **options):
         seen.append(params)
-        return original(messages, params)
+        return original(messages, params, **options)
 
     monkeypatch.setattr(fake_engine, "stream", stream)
     return seen

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .loading import LoadedModel, describe_source, load_model
+from .prefix_cache import PrefixCache
 
 # Used only for causal models whose tokenizer ships no chat template.
 PLAIN_TRANSCRIPT_TEMPLATE = (
@@ -70,10 +71,18 @@ class ReplyStream:
     iteration ends (finished, cancelled, or abandoned by the consumer), `result` holds the
     Generation. `cancel()` stops the model within one decoding step."""
 
-    def __init__(self, engine: Engine, messages: list[dict], params: GenerationParams) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        messages: list[dict],
+        params: GenerationParams,
+        cache_key: str | None = None,
+    ) -> None:
         self.engine = engine
         self.messages = messages
         self.params = params
+        self.cache_key = cache_key
+        self.reused_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
         self.cancelled = threading.Event()
         self.result: Generation | None = None
 
@@ -100,13 +109,19 @@ class ReplyStream:
                     if cancelled.is_set():
                         return
                     prompt = torch.tensor([input_ids], dtype=torch.long)
-                    loaded.model.generate(
+                    cache = self._cache_for(input_ids)
+                    output = loaded.model.generate(
                         input_ids=prompt,
                         attention_mask=torch.ones_like(prompt),
                         generation_config=config,
                         streamer=streamer,
                         stopping_criteria=StoppingCriteriaList([StopWhenCancelled()]),
+                        **({"cache": cache} if cache is not None else {}),
                     )
+                    if cache is not None:
+                        # The cache now holds every token but the last one generated.
+                        covered = output[0].tolist()[: cache.get_seq_length()]
+                        engine._prefix_cache.put(self.cache_key, covered, cache)
             except BaseException as exc:
                 streamer.queue.put(("error", exc, time.perf_counter()))
             else:
@@ -140,6 +155,16 @@ class ReplyStream:
             finished = finished or time.perf_counter()
             self.result = self._result(tokens, len(input_ids), config, started, first_at, finished)
 
+    def _cache_for(self, input_ids: list[int]):
+        """A cache holding as much of this prompt as an earlier turn computed (None: no cache)."""
+        engine = self.engine
+        if self.cache_key is None or engine.load().is_seq2seq or engine.prefix_cache_bytes <= 0:
+            return None
+        from transformers import DynamicCache
+
+        cache, self.reused_tokens = engine._prefix_cache.take(self.cache_key, input_ids)
+        return cache if cache is not None else DynamicCache(config=engine.load().model.config)
+
     def _result(self, tokens, prompt_tokens, config, started, first_at, finished) -> Generation:
         stopped = bool(tokens) and tokens[-1] in self.engine._stop_ids()
         if stopped or (not self.cancelled.is_set() and len(tokens) < config.max_new_tokens):
@@ -168,11 +193,14 @@ class Engine:
         cache_dir: Path | str,
         context_tokens: int = 0,
         torch_threads: int = 0,
+        prefix_cache_bytes: int = 256 * 2**20,
     ) -> None:
         self.model_setting = model
         self.cache_dir = Path(cache_dir)
         self.context_tokens = context_tokens
         self.torch_threads = torch_threads
+        self.prefix_cache_bytes = prefix_cache_bytes
+        self._prefix_cache = PrefixCache(prefix_cache_bytes)
         self.model_name = describe_source(model)
         self._loaded: LoadedModel | None = None
         self._load_lock = threading.Lock()
@@ -232,13 +260,19 @@ class Engine:
 
     # Generation
 
-    def stream(self, messages: list[dict], params: GenerationParams) -> ReplyStream:
-        """The assistant's next turn for these messages, as a stream of text pieces."""
-        return ReplyStream(self, messages, params)
+    def stream(
+        self, messages: list[dict], params: GenerationParams, *, cache_key: str | None = None
+    ) -> ReplyStream:
+        """The assistant's next turn for these messages, as a stream of text pieces. With a
+        `cache_key` (a conversation), the keys and values of the turn are kept, and the next turn
+        with the same key recomputes only the tokens that differ from this one's."""
+        return ReplyStream(self, messages, params, cache_key)
 
-    def generate(self, messages: list[dict], params: GenerationParams) -> Generation:
+    def generate(
+        self, messages: list[dict], params: GenerationParams, *, cache_key: str | None = None
+    ) -> Generation:
         """Write the assistant's next turn for these messages."""
-        stream = self.stream(messages, params)
+        stream = self.stream(messages, params, cache_key=cache_key)
         for _ in stream:
             pass
         return stream.result

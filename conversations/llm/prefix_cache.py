@@ -1,0 +1,95 @@
+"""Keys and values of the last turn of each conversation, kept so the next turn does not
+recompute them.
+
+The history is still rebuilt from the database every turn; this cache only skips the part of the
+prompt whose tokens are exactly the ones already computed. An edited or regenerated history
+shares a shorter prefix (or none), so the cache is cut back to where the tokens first differ:
+nothing stale is ever reused.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class CachedPrefix:
+    tokens: list[int]  # the tokens whose keys and values `cache` holds
+    cache: Any  # a transformers DynamicCache
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        for layer in getattr(self.cache, "layers", []):
+            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if tensor is not None and hasattr(tensor, "nbytes"):
+                    total += tensor.nbytes
+        return total
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class PrefixCache:
+    """A least-recently-used store of CachedPrefix by key (a conversation), bounded in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, CachedPrefix] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def take(self, key: str, prompt: list[int]) -> tuple[Any | None, int]:
+        """Remove and return (cache, reused tokens) for a prompt: the entry cut back to the
+        longest prefix it shares with `prompt`, leaving at least the prompt's last token to
+        compute. (None, 0) when nothing can be reused."""
+        with self._lock:
+            entry = self._entries.pop(key, None)
+        if entry is None:
+            self.misses += 1
+            return None, 0
+        reuse = min(common_prefix_length(entry.tokens, prompt), len(prompt) - 1)
+        if reuse <= 0:
+            self.misses += 1
+            return None, 0
+        surplus = entry.cache.get_seq_length() - reuse
+        if surplus > 0:
+            entry.cache.crop(-surplus)
+        self.hits += 1
+        return entry.cache, reuse
+
+    def put(self, key: str, tokens: list[int], cache: Any) -> None:
+        """Keep `cache` (holding `tokens`) for the key's next turn, evicting the least recently
+        used entries beyond the byte budget."""
+        entry = CachedPrefix(tokens=list(tokens), cache=cache)
+        if self.max_bytes <= 0 or entry.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            self._entries.pop(key, None)
+            self._entries[key] = entry
+            total = sum(e.nbytes for e in self._entries.values())
+            while total > self.max_bytes and len(self._entries) > 1:
+                _, evicted = self._entries.popitem(last=False)
+                total -= evicted.nbytes
+
+    def discard(self, key: str) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(e.nbytes for e in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
