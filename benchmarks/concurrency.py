@@ -1,0 +1,109 @@
+"""Concurrency through the real HTTP server: 1, 4 and 8 conversations at once.
+
+gunicorn serves the real model (tests/live_server.py's Server) on a loopback port. Each
+conversation is its own thread and asks for 64 tokens (CHATBOT_MAX_NEW_TOKENS and the
+conversation's max_new_tokens), one message after another, a bounded number of times; all
+conversations of a level start together. Aggregate tokens/s = all completion tokens / wall time
+of the level; latency = one request from sending it to the end of the streamed reply.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from . import common
+from .report import Report, fmt, fmt_ratio
+from .server import BenchServer
+
+KEY = "concurrency"
+LEVELS = (1, 4, 8)
+NEW_TOKENS = 64
+PROMPT = "Write a long story about a lighthouse keeper named {name}."
+NAMES = ["Ada", "Ben", "Clara", "David", "Elena", "Finn", "Greta", "Hugo"]
+
+
+def run(report: Report, quick: bool) -> None:
+    section = report.section(
+        KEY, f"Concurrency over HTTP: conversations at once, {NEW_TOKENS} tokens each"
+    )
+    messages_each = 1 if quick else 2
+    env = {"CHATBOT_MAX_NEW_TOKENS": str(NEW_TOKENS)}
+    levels: dict[int, dict] = {}
+    with BenchServer(env=env) as server:
+        server.prepare()
+        server.start()
+        warm = server.new_conversation(max_new_tokens=NEW_TOKENS)
+        server.ask(warm, "Hello!")  # waits for the model to load
+        for level in LEVELS:
+            levels[level] = _level(server, level, messages_each)
+            result = levels[level]
+            print(
+                f"  {level} at once: {result['aggregate_tokens_per_s']:.1f} tok/s aggregate, "
+                f"p95 latency {result['latency_p95_s']:.1f} s"
+            )
+        memory = server.worker_memory_mb()
+
+    single = levels[LEVELS[0]]["aggregate_tokens_per_s"]
+    for level, result in levels.items():
+        report.row(
+            KEY,
+            f"{level} conversation{'s' if level > 1 else ''} at once",
+            f"{fmt(result['aggregate_tokens_per_s'])} tok/s aggregate",
+            f"latency p50 {fmt(result['latency_p50_s'], 2)} s, p95 "
+            f"{fmt(result['latency_p95_s'], 2)} s; TTFT p95 {fmt(result['ttft_p95_s'], 2)} s; "
+            f"{fmt_ratio(common.ratio(result['aggregate_tokens_per_s'], single))} of single; "
+            f"{result['requests']} request{'s' if result['requests'] != 1 else ''}",
+        )
+    if memory:
+        report.row(KEY, "Worker peak RSS after the run (VmHWM)", f"{fmt(memory['VmHWM'], 0)} MiB")
+    scaling = common.ratio(levels[LEVELS[-1]]["aggregate_tokens_per_s"], single)
+    section.data.update({"levels": levels, "worker_memory_mb": memory, "scaling": scaling})
+    report.target(
+        f"Aggregate tokens/s at {LEVELS[-1]} conversations vs single stream",
+        ">= 3x",
+        fmt_ratio(scaling),
+        None if scaling is None else scaling >= 3.0,
+    )
+
+
+def _level(server: BenchServer, level: int, messages_each: int) -> dict:
+    conversations = [server.new_conversation(max_new_tokens=NEW_TOKENS) for _ in range(level)]
+    barrier = threading.Barrier(level + 1)
+    results: list[dict] = []
+    errors: list[str] = []
+
+    def client(index: int) -> None:
+        barrier.wait()
+        for turn in range(messages_each):
+            name = NAMES[(index + turn) % len(NAMES)]
+            try:
+                results.append(server.ask(conversations[index], PROMPT.format(name=name)))
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+                return
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(level)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed: {errors[0]}")
+    latencies = [r["latency_s"] for r in results]
+    ttfts = [r["ttft_s"] for r in results]
+    tokens = sum(r["completion_tokens"] for r in results)
+    return {
+        "requests": len(results),
+        "wall_s": wall,
+        "completion_tokens": tokens,
+        "aggregate_tokens_per_s": tokens / wall,
+        "latency_p50_s": common.percentile(latencies, 50),
+        "latency_p95_s": common.percentile(latencies, 95),
+        "ttft_p50_s": common.percentile(ttfts, 50),
+        "ttft_p95_s": common.percentile(ttfts, 95),
+        "results": results,
+    }

@@ -1,0 +1,82 @@
+"""Decode speed, single stream: 128 new tokens, greedy, the same prompt, three contenders.
+
+- the engine, through its public interface (Engine.generate), with the product's parameters;
+- the naive baseline: plain `model.generate` in fp32 from the cached safetensors directory,
+  `generate(max_new_tokens=128, min_new_tokens=128, do_sample=False)`;
+- llama.cpp (llama-cpp-python) on the same bundled GGUF, 2 threads, the GGUF's chat template,
+  temperature 0, max_tokens=128.
+
+Each contender runs in its own process (workers.py) and warms up first; then the rounds
+interleave the contenders, so a slow moment of the machine hits all of them alike. Tokens/s =
+tokens actually produced / wall time of the call (prompt processing included; the prompt is ~30
+tokens). The median round counts.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+from . import common, workers
+from .report import Report, fmt, fmt_ratio
+
+KEY = "decode"
+NEW_TOKENS = 128
+WARMUP_TOKENS = 32
+ENGINE = "engine"
+GENERATE = "transformers generate (fp32)"
+LLAMA = "llama.cpp (same GGUF)"
+
+
+def run(report: Report, quick: bool) -> None:
+    section = report.section(KEY, f"Decode: single stream, {NEW_TOKENS} new tokens, greedy")
+    rounds = 2 if quick else 5
+    messages = common.chat(common.LONG_PROMPT)
+    runs: dict[str, list[dict]] = {}
+    with ExitStack() as stack:
+        engine = stack.enter_context(workers.engine_worker())
+        reference = stack.enter_context(workers.reference_worker())
+        contenders = {
+            ENGINE: lambda n: engine.request(op="generate", messages=messages, max_new_tokens=n),
+            GENERATE: lambda n: reference.request(
+                op="generate", messages=messages, max_new_tokens=n, min_new_tokens=n
+            ),
+        }
+        try:
+            llama = stack.enter_context(workers.llama_worker(common.bundled_gguf(), threads=2))
+            section.data["llama_cpp"] = llama.info
+            contenders[LLAMA] = lambda n: llama.request(messages=messages, max_tokens=n)
+        except Exception as exc:  # reported; the other contenders still run
+            section.data["llama_cpp_error"] = f"{type(exc).__name__}: {exc}"
+            print(f"  llama.cpp unavailable: {exc}")
+
+        for contender in contenders.values():
+            contender(WARMUP_TOKENS)
+        runs = {name: [] for name in contenders}
+        for _ in range(rounds):
+            for name, contender in contenders.items():
+                result = contender(NEW_TOKENS)
+                result["tokens_per_s"] = result["tokens"] / result["seconds"]
+                runs[name].append(result)
+                print(f"  {name}: {result['tokens']} tokens, {result['tokens_per_s']:.1f} tok/s")
+
+    speeds = {name: common.median([r["tokens_per_s"] for r in rs]) for name, rs in runs.items()}
+    section.data.update({"rounds": rounds, "runs": runs, "median_tokens_per_s": speeds})
+    for name, rs in runs.items():
+        tokens = sorted({r["tokens"] for r in rs})
+        note = f"tokens per run: {', '.join(map(str, tokens))}"
+        if name != ENGINE:
+            note += f"; engine / this = {fmt_ratio(common.ratio(speeds[ENGINE], speeds[name]))}"
+        decode_only = [r["decode_tokens_per_s"] for r in rs if r.get("decode_tokens_per_s")]
+        if decode_only:
+            note += f"; after the first token {fmt(common.median(decode_only))} tok/s"
+        report.row(KEY, f"{name} tokens/s", fmt(speeds[name]), note)
+
+    versus_llama = common.ratio(speeds[ENGINE], speeds.get(LLAMA))
+    section.data["engine_vs_llama_cpp"] = versus_llama
+    section.data["engine_vs_generate"] = common.ratio(speeds[ENGINE], speeds[GENERATE])
+    report.target(
+        "Single-stream decode vs llama.cpp (same GGUF, same run)",
+        ">= 1.0x",
+        fmt_ratio(versus_llama),
+        None if versus_llama is None else versus_llama >= 1.0,
+    )
