@@ -1048,3 +1048,34 @@ def test_schema_validates_and_lists_the_new_actions(tmp_path):
     messages = paths["/api/conversations/{id}/messages/"]
     assert {"get", "post"} <= set(messages)
     assert any(p["name"] == "include" for p in messages["get"].get("parameters", []))
+
+
+def test_start_message_endpoint_streams_and_names_the_new_conversation(api, owner, fake_engine):
+    response = api.post(
+        "/api/messages/",
+        {"content": "hello there"},
+        format="json",
+        HTTP_ACCEPT="text/event-stream",
+    )
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/event-stream")
+    events = parse_events(b"".join(response.streaming_content))
+    kinds = [kind for kind, _ in events]
+    assert kinds[0] == "user_message" and kinds[-1] == "done"
+    conversation = Conversation.objects.get(owner=owner)
+    assert events[0][1]["conversation"] == str(conversation.pk)
+    assert events[-1][1]["content"] == "Echo: hello there"
+    assert conversation.messages.count() == 2
+
+
+def test_start_message_endpoint_streams_into_an_existing_conversation(api, owner, fake_engine):
+    conversation = make_conversation(owner)
+    response = api.post(
+        "/api/messages/",
+        {"content": "again", "conversation": str(conversation.pk), "stream": True},
+        format="json",
+    )
+    events = parse_events(b"".join(response.streaming_content))
+    assert events[0][1]["conversation"] == str(conversation.pk)
+    assert events[-1][0] == "done"
+    assert conversation.messages.count() == 2

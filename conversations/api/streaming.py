@@ -44,7 +44,9 @@ def reply_response(writer: ReplyWriter, *, user_message=None) -> StreamingHttpRe
         finished = False
         try:
             if user_message is not None:
-                yield format_event("user_message", MessageSerializer(user_message).data)
+                data = MessageSerializer(user_message).data
+                data["conversation"] = str(user_message.conversation_id)
+                yield format_event("user_message", data)
             for event in writer:
                 if event.kind == "delta":
                     yield format_event("delta", {"text": event.data})

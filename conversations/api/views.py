@@ -189,8 +189,12 @@ class StartMessageView(generics.GenericAPIView):
     """Post a message; without a conversation id, a new conversation starts with it."""
 
     serializer_class = StartMessageSerializer
+    renderer_classes = STREAM_RENDERERS
 
-    @extend_schema(responses={201: ExchangeSerializer, **ERROR_RESPONSES})
+    @extend_schema(
+        responses={201: ExchangeSerializer, **ERROR_RESPONSES},
+        description="One call, one first answer. " + STREAM_NOTE,
+    )
     def post(self, request):
         serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -198,7 +202,11 @@ class StartMessageView(generics.GenericAPIView):
         conversation_id = serializer.validated_data.get("conversation")
         if conversation_id:
             conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
-            exchange = services.post_message(conversation=conversation, content=content)
         else:
-            _, exchange = services.start_conversation(owner=request.user, content=content)
+            conversation = services.create_conversation(owner=request.user)
+        writer = services.open_message_stream(conversation=conversation, content=content)
+        if wants_stream(request):
+            return reply_response(writer, user_message=writer.question)
+        exchange = writer.run()
+        load_versions(exchange.user_message, exchange.reply)
         return Response(ExchangeSerializer(exchange).data, status=status.HTTP_201_CREATED)
