@@ -11,6 +11,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from concurrent import futures
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -105,7 +106,7 @@ class ReplyStream:
 
         def run() -> None:
             try:
-                with engine._generate_lock, torch.inference_mode():
+                with torch.inference_mode():
                     if cancelled.is_set():
                         return
                     prompt = torch.tensor([input_ids], dtype=torch.long)
@@ -131,8 +132,7 @@ class ReplyStream:
         first_at = finished = None
         tokens: list[int] = []
         sent = ""
-        worker = threading.Thread(target=run, name="generate", daemon=True)
-        worker.start()
+        job = engine._model_thread.submit(run)
         try:
             while True:
                 kind, payload, at = streamer.queue.get()
@@ -151,7 +151,7 @@ class ReplyStream:
         finally:
             if finished is None:  # the consumer left early, or the model failed
                 cancelled.set()
-            worker.join()
+            futures.wait([job])
             finished = finished or time.perf_counter()
             self.result = self._result(tokens, len(input_ids), config, started, first_at, finished)
 
@@ -184,7 +184,8 @@ class ReplyStream:
 
 
 class Engine:
-    """Loads the configured model on first use and serves generation requests one at a time."""
+    """Loads the configured model on first use and serves generation requests one at a time, on
+    one model thread."""
 
     def __init__(
         self,
@@ -204,7 +205,9 @@ class Engine:
         self.model_name = describe_source(model)
         self._loaded: LoadedModel | None = None
         self._load_lock = threading.Lock()
-        self._generate_lock = threading.Lock()
+        # One thread runs every model call, one at a time. (torch's OpenMP threads also run
+        # measurably slower when model calls hop between Python threads.)
+        self._model_thread = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
     # Loading
 
@@ -290,8 +293,12 @@ class Engine:
         prompt_ids = self._encode(messages)
         reply_ids = loaded.tokenizer(reply, add_special_tokens=False)["input_ids"]
         ids = torch.tensor([prompt_ids + reply_ids], dtype=torch.long)
-        with self._generate_lock, torch.inference_mode():
-            logits = loaded.model(input_ids=ids).logits[0].float()
+
+        def forward():
+            with torch.inference_mode():
+                return loaded.model(input_ids=ids).logits[0].float()
+
+        logits = self._model_thread.submit(forward).result()
         log_probs = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
         targets = torch.tensor(reply_ids, dtype=torch.long)
         return float(log_probs.gather(1, targets.unsqueeze(1)).sum())
