@@ -77,10 +77,10 @@ def build_context(
             counts[kept] = engine.count_tokens(assemble(kept))
         return counts[kept]
 
-    if tokens(0) > budget:
-        raise ContextOverflow(prompt_tokens=tokens(0), budget=budget)
     kept = len(turns)
-    if tokens(kept) > budget:
+    if tokens(kept) > budget:  # the common case, everything fits, takes one count
+        if tokens(0) > budget:
+            raise ContextOverflow(prompt_tokens=tokens(0), budget=budget)
         # Token counts grow with every turn kept: binary search for the most that fit.
         low, high = 0, kept - 1
         while low < high:

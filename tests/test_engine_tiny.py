@@ -224,3 +224,13 @@ def test_seq2seq_blenderbot_path(db, owner, tiny_blenderbot_dir, tmp_path):
     assert exchange.reply.status == Message.Status.OK
     assert exchange.reply.model == tiny_blenderbot_dir.name
     assert exchange.reply.context_turns == 2
+
+
+def test_a_history_that_fits_is_counted_once(db, conversation, tiny_engine, monkeypatch):
+    add_turns(conversation, 2)
+    new = add(conversation, "user", "what is my name")
+    counted = []
+    original = tiny_engine.count_tokens
+    monkeypatch.setattr(tiny_engine, "count_tokens", lambda m: counted.append(m) or original(m))
+    build_context(conversation, new_message=new, engine=tiny_engine, params=PARAMS)
+    assert len(counted) == 1
