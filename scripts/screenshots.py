@@ -10,7 +10,6 @@ requirements-test.txt).
 """
 
 import argparse
-import os
 import re
 import sys
 import tempfile
@@ -21,17 +20,8 @@ sys.path.insert(0, str(ROOT))
 
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
-from tests.live_server import Server  # noqa: E402
+from tests.live_server import CHROMIUM, CHROMIUM_ARGS, Server  # noqa: E402
 
-CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
 SIZES = {"desktop": {"width": 1280, "height": 900}, "mobile": {"width": 390, "height": 844}}
 QUESTIONS = ["What is the capital of France?", "Tell me three facts about Paris."]
 USERNAME, PASSWORD = "dana", "correct-Horse-battery-9"

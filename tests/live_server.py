@@ -14,6 +14,17 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Debian's Chromium, headless, kept off the network (this machine has none to offer).
+CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+
 
 def _free_port() -> int:
     with socket.socket() as sock:

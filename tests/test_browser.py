@@ -15,11 +15,10 @@ import contextlib
 import os
 import re
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.live_server import Server
+from tests.live_server import CHROMIUM, CHROMIUM_ARGS, Server
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -28,15 +27,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 pytestmark = [pytest.mark.model, pytest.mark.browser]
 
-CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
 # The real model writes a few tokens a second on a busy 2-core machine: waits for a whole reply
 # are long, every other wait is short.
 REPLY_MS = 150_000
