@@ -31,8 +31,6 @@ TITLE_PROMPT = (
     "\n\n{message}\n\nAnswer with the title only."
 )
 
-__all__ = ["Exchange", "ReplyEvent", "ReplyWriter"]
-
 
 def fallback_title(content: str) -> str:
     """A title from the first user message: its first line, cut at a word boundary."""

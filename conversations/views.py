@@ -1,3 +1,4 @@
+from django.conf import settings
 from django.contrib import messages as flash
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
@@ -72,6 +73,4 @@ def new_conversation(request):
 
 
 def _default_prompt():
-    from django.conf import settings
-
     return {"system_prompt": settings.CHATBOT_SYSTEM_PROMPT}
