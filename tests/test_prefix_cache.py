@@ -2,37 +2,16 @@
 would without the cache."""
 
 import pytest
+import torch
 
 from conversations.llm.engine import Engine, GenerationParams
 from conversations.llm.prefix_cache import PrefixCache, common_prefix_length
 from tests.tiny_models import build_tiny_causal
 
 
-class FakeTensor:
-    def __init__(self, nbytes):
-        self.nbytes = nbytes
-
-
-class FakeLayer:
-    def __init__(self, length):
-        self.keys = FakeTensor(length * 10)
-        self.values = FakeTensor(length * 10)
-
-
-class FakeKV:
-    """Stands in for a DynamicCache: 20 bytes per token."""
-
-    def __init__(self, length):
-        self.length = length
-        self.layers = [FakeLayer(length)]
-
-    def get_seq_length(self):
-        return self.length
-
-    def crop(self, amount):
-        assert amount < 0, "transformers crops by a negative number of tokens"
-        self.length += amount
-        self.layers = [FakeLayer(self.length)]
+def kv(length):
+    """Stands in for an exported slot row: 20 bytes per token."""
+    return torch.zeros(length, 5, dtype=torch.float32)
 
 
 def test_common_prefix_length():
@@ -41,21 +20,22 @@ def test_common_prefix_length():
     assert common_prefix_length([], [1]) == 0
 
 
-def test_take_cuts_back_to_the_shared_prefix_and_leaves_the_last_prompt_token():
+def test_take_reuses_the_shared_prefix_and_leaves_the_last_prompt_token():
     cache = PrefixCache(max_bytes=10_000)
-    cache.put("a", [1, 2, 3, 4, 5], FakeKV(5))
-    kv, reused = cache.take("a", [1, 2, 3, 9, 9])
-    assert reused == 3 and kv.get_seq_length() == 3
+    stored = kv(5)
+    cache.put("a", [1, 2, 3, 4, 5], stored)
+    taken, reused = cache.take("a", [1, 2, 3, 9, 9])
+    assert reused == 3 and taken is stored
     assert len(cache) == 0, "an entry in use is out of the cache"
 
-    cache.put("a", [1, 2, 3], FakeKV(3))
-    kv, reused = cache.take("a", [1, 2, 3])  # the same prompt again (regenerate)
-    assert reused == 2 and kv.get_seq_length() == 2, "the last token is always computed"
+    cache.put("a", [1, 2, 3], kv(3))
+    _, reused = cache.take("a", [1, 2, 3])  # the same prompt again (regenerate)
+    assert reused == 2, "the last token is always computed"
 
 
 def test_nothing_shared_or_unknown_key_is_a_miss():
     cache = PrefixCache(max_bytes=10_000)
-    cache.put("a", [1, 2, 3], FakeKV(3))
+    cache.put("a", [1, 2, 3], kv(3))
     assert cache.take("a", [7, 8, 9]) == (None, 0)
     assert cache.take("b", [1, 2, 3]) == (None, 0)
     assert (cache.hits, cache.misses) == (0, 2)
@@ -63,12 +43,12 @@ def test_nothing_shared_or_unknown_key_is_a_miss():
 
 def test_least_recently_used_entries_leave_first_within_the_byte_budget():
     cache = PrefixCache(max_bytes=250)  # 20 bytes a token
-    cache.put("a", list(range(5)), FakeKV(5))  # 100 bytes
-    cache.put("b", list(range(5)), FakeKV(5))
-    cache.put("c", list(range(5)), FakeKV(5))  # 300 > 250: "a" goes
+    cache.put("a", list(range(5)), kv(5))  # 100 bytes
+    cache.put("b", list(range(5)), kv(5))
+    cache.put("c", list(range(5)), kv(5))  # 300 > 250: "a" goes
     assert cache.take("a", list(range(6))) == (None, 0)
     assert cache.nbytes == 200
-    cache.put("huge", list(range(50)), FakeKV(50))  # larger than the budget: not kept
+    cache.put("huge", list(range(50)), kv(50))  # larger than the budget: not kept
     assert cache.take("huge", list(range(51))) == (None, 0)
 
 

@@ -14,9 +14,15 @@ from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .loading import LoadedModel, describe_source, load_model
 from .prefix_cache import PrefixCache
+
+from .scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from .scheduler import ReplyRequest
 
 # Used only for causal models whose tokenizer ships no chat template.
 PLAIN_TRANSCRIPT_TEMPLATE = (
@@ -83,59 +89,51 @@ class ReplyStream:
         self.messages = messages
         self.params = params
         self.cache_key = cache_key
-        self.reused_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
+        self._request: ReplyRequest | None = None
         self.cancelled = threading.Event()
         self.result: Generation | None = None
 
     def cancel(self) -> None:
         self.cancelled.set()
 
+    @property
+    def reused_tokens(self) -> int:
+        """Prompt tokens whose keys and values came from the prefix cache."""
+        return self._request.reused_tokens if self._request is not None else 0
+
     def __iter__(self) -> Iterator[str]:
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        from .scheduler import ReplyRequest
 
         engine, cancelled = self.engine, self.cancelled
         loaded = engine.load()
         input_ids = engine._encode(self.messages)
         config = engine._generation_config(self.params)
-        streamer = _TokenQueue()
-
-        class StopWhenCancelled(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool)
-
-        def run() -> None:
-            try:
-                with torch.inference_mode():
-                    if cancelled.is_set():
-                        return
-                    prompt = torch.tensor([input_ids], dtype=torch.long)
-                    cache = self._cache_for(input_ids)
-                    output = loaded.model.generate(
-                        input_ids=prompt,
-                        attention_mask=torch.ones_like(prompt),
-                        generation_config=config,
-                        streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([StopWhenCancelled()]),
-                        **({"cache": cache} if cache is not None else {}),
-                    )
-                    if cache is not None:
-                        # The cache now holds every token but the last one generated.
-                        covered = output[0].tolist()[: cache.get_seq_length()]
-                        engine._prefix_cache.put(self.cache_key, covered, cache)
-            except BaseException as exc:
-                streamer.queue.put(("error", exc, time.perf_counter()))
-            else:
-                streamer.queue.put(("end", None, time.perf_counter()))
+        if engine._decoder is not None:
+            self._request = ReplyRequest(
+                prompt=input_ids,
+                max_new_tokens=config.max_new_tokens,
+                stop_ids=frozenset(engine._stop_ids()),
+                processors=engine._processors(self.params),
+                sample=self.params.temperature > 0,
+                cache_key=self.cache_key,
+                cancelled=cancelled,
+            )
+            events = self._request.events
+            engine._scheduler.submit(self._request)
+            wait = self._request.done.wait
+        else:
+            streamer = _TokenQueue()
+            events = streamer.queue
+            job = engine._scheduler.call(lambda: self._generate(input_ids, config, streamer))
+            wait = lambda: futures.wait([job])  # noqa: E731
 
         started = time.perf_counter()
         first_at = finished = None
         tokens: list[int] = []
         sent = ""
-        job = engine._model_thread.submit(run)
         try:
             while True:
-                kind, payload, at = streamer.queue.get()
+                kind, payload, at = events.get()
                 if kind == "error":
                     raise payload
                 if kind == "end":
@@ -151,19 +149,37 @@ class ReplyStream:
         finally:
             if finished is None:  # the consumer left early, or the model failed
                 cancelled.set()
-            futures.wait([job])
+            wait()
             finished = finished or time.perf_counter()
             self.result = self._result(tokens, len(input_ids), config, started, first_at, finished)
 
-    def _cache_for(self, input_ids: list[int]):
-        """A cache holding as much of this prompt as an earlier turn computed (None: no cache)."""
-        engine = self.engine
-        if self.cache_key is None or engine.load().is_seq2seq or engine.prefix_cache_bytes <= 0:
-            return None
-        from transformers import DynamicCache
+    def _generate(self, input_ids: list[int], config, streamer: _TokenQueue) -> None:
+        """`generate`, for models the decoder does not run (on the model thread)."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
 
-        cache, self.reused_tokens = engine._prefix_cache.take(self.cache_key, input_ids)
-        return cache if cache is not None else DynamicCache(config=engine.load().model.config)
+        cancelled = self.cancelled
+
+        class StopWhenCancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool)
+
+        try:
+            with torch.inference_mode():
+                if cancelled.is_set():
+                    return
+                prompt = torch.tensor([input_ids], dtype=torch.long)
+                self.engine.load().model.generate(
+                    input_ids=prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    generation_config=config,
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([StopWhenCancelled()]),
+                )
+        except BaseException as exc:
+            streamer.queue.put(("error", exc, time.perf_counter()))
+        else:
+            streamer.queue.put(("end", None, time.perf_counter()))
 
     def _result(self, tokens, prompt_tokens, config, started, first_at, finished) -> Generation:
         stopped = bool(tokens) and tokens[-1] in self.engine._stop_ids()
@@ -195,36 +211,53 @@ class Engine:
         context_tokens: int = 0,
         torch_threads: int = 0,
         prefix_cache_bytes: int = 256 * 2**20,
+        weights: str = "int8",
+        max_batch: int = 8,
     ) -> None:
         self.model_setting = model
         self.cache_dir = Path(cache_dir)
         self.context_tokens = context_tokens
         self.torch_threads = torch_threads
         self.prefix_cache_bytes = prefix_cache_bytes
+        self.weights = weights
+        self.max_batch = max_batch
         self._prefix_cache = PrefixCache(prefix_cache_bytes)
         self.model_name = describe_source(model)
         self._loaded: LoadedModel | None = None
         self._load_lock = threading.Lock()
-        # One thread runs every model call, one at a time. (torch's OpenMP threads also run
-        # measurably slower when model calls hop between Python threads.)
-        self._model_thread = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        # The decoder is set by load() (None for models it does not run: they go through
+        # `generate`). The scheduler's one thread runs every torch call, loading included:
+        # decoding measured 40% slower when torch had run on another thread of the process.
+        self._decoder = None
+        self._scheduler = Scheduler(None, self._prefix_cache, max(1, max_batch))
 
     # Loading
 
     def load(self) -> LoadedModel:
-        """Load the model once; concurrent callers wait for the same load."""
+        """Load the model once; concurrent callers wait for the same load. The model thread
+        does the loading: every torch call of the process stays on that one thread."""
         if self._loaded is None:
             with self._load_lock:
                 if self._loaded is None:
-                    import torch
-
-                    if self.torch_threads > 0:
-                        torch.set_num_threads(self.torch_threads)
-                    loaded = load_model(self.model_setting, self.cache_dir)
-                    if not loaded.is_seq2seq and not loaded.tokenizer.chat_template:
-                        loaded.tokenizer.chat_template = PLAIN_TRANSCRIPT_TEMPLATE
-                    self._loaded = loaded
+                    self._scheduler.call(self._load_on_model_thread).result()
         return self._loaded
+
+    def _load_on_model_thread(self) -> None:
+        import torch
+
+        from . import decoder
+
+        if self.torch_threads > 0:
+            torch.set_num_threads(self.torch_threads)
+        loaded = load_model(self.model_setting, self.cache_dir)
+        if not loaded.is_seq2seq and not loaded.tokenizer.chat_template:
+            loaded.tokenizer.chat_template = PLAIN_TRANSCRIPT_TEMPLATE
+        if not loaded.is_seq2seq and decoder.supports(loaded.model):
+            self._decoder = decoder.LlamaDecoder(
+                loaded.model, fmt=self.weights, limit=self._window(loaded)
+            )
+            self._scheduler.decoder = self._decoder
+        self._loaded = loaded
 
     @property
     def is_loaded(self) -> bool:
@@ -234,7 +267,9 @@ class Engine:
 
     def context_window(self) -> int:
         """How many tokens the model reads: the model's own limit unless the setting lowers it."""
-        loaded = self.load()
+        return self._window(self.load())
+
+    def _window(self, loaded: LoadedModel) -> int:
         config = loaded.model.config
         own = getattr(config, "max_position_embeddings", None) or 2048
         if self.context_tokens > 0:
@@ -296,12 +331,12 @@ class Engine:
 
         def forward():
             with torch.inference_mode():
-                return loaded.model(input_ids=ids).logits[0].float()
+                logits = loaded.model(input_ids=ids).logits[0].float()
+                log_probs = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
+                targets = torch.tensor(reply_ids, dtype=torch.long)
+                return float(log_probs.gather(1, targets.unsqueeze(1)).sum())
 
-        logits = self._model_thread.submit(forward).result()
-        log_probs = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
-        targets = torch.tensor(reply_ids, dtype=torch.long)
-        return float(log_probs.gather(1, targets.unsqueeze(1)).sum())
+        return self._scheduler.call(forward).result()
 
     # Internals
 
@@ -325,6 +360,24 @@ class Engine:
             elif source:
                 ids.update(source)
         return ids
+
+    def _processors(self, params: GenerationParams):
+        """transformers' logits processors for these parameters, as `generate` chains them."""
+        from transformers import (
+            LogitsProcessorList,
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        chain = LogitsProcessorList()
+        if params.repetition_penalty != 1.0:
+            chain.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+        if params.temperature > 0:
+            chain.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_p < 1.0:
+                chain.append(TopPLogitsWarper(params.top_p))
+        return chain
 
     def _generation_config(self, params: GenerationParams):
         import copy

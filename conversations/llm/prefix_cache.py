@@ -3,8 +3,8 @@ recompute them.
 
 The history is still rebuilt from the database every turn; this cache only skips the part of the
 prompt whose tokens are exactly the ones already computed. An edited or regenerated history
-shares a shorter prefix (or none), so the cache is cut back to where the tokens first differ:
-nothing stale is ever reused.
+shares a shorter prefix (or none), so only the part before the tokens first differ is reused:
+nothing stale ever is.
 """
 
 from __future__ import annotations
@@ -17,17 +17,12 @@ from typing import Any
 
 @dataclass
 class CachedPrefix:
-    tokens: list[int]  # the tokens whose keys and values `cache` holds
-    cache: Any  # a transformers DynamicCache
+    tokens: list[int]  # the tokens whose keys and values `cache` holds, in order
+    cache: Any  # a tensor (decoder.SlotCache.export): position i holds tokens[i]
 
     @property
     def nbytes(self) -> int:
-        total = 0
-        for layer in getattr(self.cache, "layers", []):
-            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if tensor is not None and hasattr(tensor, "nbytes"):
-                    total += tensor.nbytes
-        return total
+        return self.cache.nbytes
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -50,9 +45,9 @@ class PrefixCache:
         self.misses = 0
 
     def take(self, key: str, prompt: list[int]) -> tuple[Any | None, int]:
-        """Remove and return (cache, reused tokens) for a prompt: the entry cut back to the
-        longest prefix it shares with `prompt`, leaving at least the prompt's last token to
-        compute. (None, 0) when nothing can be reused."""
+        """Remove and return (cache, reused tokens) for a prompt: the entry, of which the first
+        `reused` positions hold the longest prefix it shares with `prompt` (leaving at least the
+        prompt's last token to compute). (None, 0) when nothing can be reused."""
         with self._lock:
             entry = self._entries.pop(key, None)
         if entry is None:
@@ -62,9 +57,6 @@ class PrefixCache:
         if reuse <= 0:
             self.misses += 1
             return None, 0
-        surplus = entry.cache.get_seq_length() - reuse
-        if surplus > 0:
-            entry.cache.crop(-surplus)
         self.hits += 1
         return entry.cache, reuse
 

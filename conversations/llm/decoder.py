@@ -1,0 +1,256 @@
+"""A lean decoder for Llama-architecture models (SmolLM2 is one): the forward pass of a loaded
+transformers model, rewritten for serving many conversations on a CPU.
+
+What it does differently from `model.generate`:
+- Weights are read as few bytes as the chosen format allows: "int8" keeps each linear layer as
+  int8 with one scale per output channel and multiplies with torch's weight-only int8 kernel
+  (`aten._weight_int8pack_mm`, bf16 activations); "bf16" and "fp32" keep plain weights. The
+  residual stream and the norms stay in fp32 in every format.
+- The keys and values live in preallocated slot tensors, one row per conversation being
+  answered, so a decode step appends in place instead of concatenating.
+- One decode step runs every row at once: the weights are read once for all of them.
+- The query, key and value projections are one matrix, and so are the gate and up projections.
+
+Rotary position embeddings come from the model's own module, so its rope scaling applies.
+Models that do not fit this shape (biases, other activations, sliding windows, encoder-decoder)
+are served by `generate` instead; `supports()` says which.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+WEIGHT_FORMATS = ("int8", "bf16", "fp32")
+# The slot tensors grow in steps of this many positions.
+CAPACITY_STEP = 256
+
+
+def supports(model: Any) -> bool:
+    """Whether this decoder can run `model` (a transformers causal LM)."""
+    config = model.config
+    return (
+        getattr(config, "model_type", None) == "llama"
+        and getattr(config, "hidden_act", None) == "silu"
+        and not getattr(config, "attention_bias", False)
+        and not getattr(config, "mlp_bias", False)
+        and hasattr(getattr(model, "model", None), "rotary_emb")
+    )
+
+
+class _Linear:
+    """y = x @ W.T in the chosen weight format."""
+
+    def __init__(self, weight: torch.Tensor, fmt: str) -> None:
+        weight = weight.detach().float()
+        self.int8 = fmt == "int8"
+        if self.int8:
+            scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
+            self.weight = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+            self.scale = scale.to(torch.bfloat16)
+        else:
+            self.weight = weight.to(torch.bfloat16 if fmt == "bf16" else torch.float32)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8:
+            shape = x.shape
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scale)
+            return y.reshape(*shape[:-1], -1)
+        return F.linear(x, self.weight)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes + (self.scale.nbytes if self.int8 else 0)
+
+
+class _Layer:
+    def __init__(self, layer: Any, fmt: str) -> None:
+        attention, mlp = layer.self_attn, layer.mlp
+        self.input_norm = layer.input_layernorm.weight.detach().float()
+        self.post_attention_norm = layer.post_attention_layernorm.weight.detach().float()
+        self.qkv = _Linear(
+            torch.cat(
+                [attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]
+            ),
+            fmt,
+        )
+        self.out = _Linear(attention.o_proj.weight, fmt)
+        self.gate_up = _Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), fmt)
+        self.down = _Linear(mlp.down_proj.weight, fmt)
+
+
+class SlotCache:
+    """Keys and values of the conversations being answered: per layer, one tensor of shape
+    (rows, key-value heads, positions, head size). Row i belongs to one conversation. Both
+    sizes grow (by copying) as conversations join or get longer."""
+
+    def __init__(self, layers: int, heads: int, head_dim: int, dtype, limit: int):
+        self.layers, self.heads, self.head_dim = layers, heads, head_dim
+        self.dtype, self.limit = dtype, limit
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.rows = self.positions = 0
+
+    def reserve(self, rows: int, positions: int) -> None:
+        if rows <= self.rows and positions <= self.positions:
+            return
+        rows = max(rows, self.rows)
+        if positions > self.positions:
+            wanted = -(-positions // CAPACITY_STEP) * CAPACITY_STEP
+            positions = min(max(wanted, 2 * self.positions), max(self.limit, positions))
+        else:
+            positions = self.positions
+        shape = (rows, self.heads, positions, self.head_dim)
+        keys = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.layers)]
+        values = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.layers)]
+        # (Nothing to copy on the first call.)
+        for old, new in zip(self.keys + self.values, keys + values, strict=False):
+            new[: self.rows, :, : self.positions] = old
+        self.keys, self.values, self.rows, self.positions = keys, values, rows, positions
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.keys + self.values)
+
+    def shrink(self, keep_bytes: int = 64 * 2**20) -> None:
+        """Free the tensors if they hold more than `keep_bytes` (called when no conversation is
+        being answered: a burst of long conversations does not keep its memory)."""
+        if self.nbytes > keep_bytes:
+            self.keys, self.values, self.rows, self.positions = [], [], 0, 0
+
+    def move(self, source: int, target: int, length: int) -> None:
+        for tensor in self.keys + self.values:
+            tensor[target, :, :length] = tensor[source, :, :length]
+
+    def export(self, row: int, length: int) -> torch.Tensor:
+        """A copy of one row's first `length` positions: (layers, 2, heads, length, head size)."""
+        return torch.stack(
+            [
+                torch.stack([k[row, :, :length], v[row, :, :length]])
+                for k, v in zip(self.keys, self.values, strict=True)
+            ]
+        )
+
+    def load(self, row: int, stored: torch.Tensor, length: int) -> None:
+        """Put the first `length` positions of an exported tensor into a row."""
+        for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+            k[row, :, :length] = stored[layer, 0, :, :length]
+            v[row, :, :length] = stored[layer, 1, :, :length]
+
+
+class LlamaDecoder:
+    """The forward pass over slot rows: `prefill` feeds one row a run of prompt tokens,
+    `decode` feeds rows 0..n-1 one token each. Both return next-token logits (fp32)."""
+
+    def __init__(self, model: Any, *, fmt: str = "int8", limit: int = 2048):
+        if fmt not in WEIGHT_FORMATS:
+            raise ValueError(f"weight format must be one of {', '.join(WEIGHT_FORMATS)}")
+        config = model.config
+        self.fmt = fmt
+        self.dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+        self.hidden = config.hidden_size
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or self.hidden // self.heads
+        self.eps = config.rms_norm_eps
+        self.intermediate = config.intermediate_size
+        self.rotary = model.model.rotary_emb
+        self.layers = [_Layer(layer, fmt) for layer in model.model.layers]
+        self.embed = model.model.embed_tokens.weight.detach().float()
+        self.final_norm = model.model.norm.weight.detach().float()
+        self.head = _Linear(model.lm_head.weight, fmt)
+        self.cache = SlotCache(len(self.layers), self.kv_heads, self.head_dim, self.dtype, limit)
+
+    @property
+    def weight_bytes(self) -> int:
+        linears = [self.head] + [
+            linear
+            for layer in self.layers
+            for linear in (layer.qkv, layer.out, layer.gate_up, layer.down)
+        ]
+        return sum(linear.nbytes for linear in linears) + self.embed.nbytes
+
+    # The two kinds of call
+
+    def prefill(self, row: int, tokens: list[int], start: int) -> torch.Tensor:
+        """Feed `tokens` to slot `row`, whose first `start` positions already hold the
+        conversation's earlier tokens. Returns the logits after the last token: (vocab,)."""
+        count = len(tokens)
+        end = start + count
+        self.cache.reserve(row + 1, end)
+        positions = torch.arange(start, end).unsqueeze(0)
+        if start == 0 or count == 1:
+            mask = None
+        else:
+            mask = torch.arange(end).unsqueeze(0) <= positions.transpose(0, 1)
+
+        def attend(index, q, k, v):
+            keys, values = self.cache.keys[index], self.cache.values[index]
+            keys[row, :, start:end] = k[0]
+            values[row, :, start:end] = v[0]
+            return F.scaled_dot_product_attention(
+                q,
+                keys[row : row + 1, :, :end],
+                values[row : row + 1, :, :end],
+                attn_mask=mask,
+                is_causal=start == 0 and count > 1,
+                enable_gqa=True,
+            )
+
+        ids = torch.tensor([tokens], dtype=torch.long)
+        return self._forward(ids, positions, attend)[0, -1]
+
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """Feed token i at position i to slot row i, for every i at once. Returns (n, vocab)."""
+        n = len(tokens)
+        where = torch.tensor(positions, dtype=torch.long)
+        length = int(where.max()) + 1
+        self.cache.reserve(n, length)
+        rows = torch.arange(n)
+        # Row i sees its own positions only: 0..positions[i].
+        mask = (torch.arange(length).unsqueeze(0) <= where.unsqueeze(1))[:, None, None, :]
+
+        def attend(index, q, k, v):
+            keys, values = self.cache.keys[index], self.cache.values[index]
+            keys[rows, :, where] = k[:, :, 0]
+            values[rows, :, where] = v[:, :, 0]
+            return F.scaled_dot_product_attention(
+                q, keys[:n, :, :length], values[:n, :, :length], attn_mask=mask, enable_gqa=True
+            )
+
+        ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(1)
+        return self._forward(ids, where.unsqueeze(1), attend)[:, -1]
+
+    # The layers
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        batch, count = ids.shape
+        hidden, heads, kv_heads, head_dim = self.hidden, self.heads, self.kv_heads, self.head_dim
+        x = F.embedding(ids, self.embed)  # fp32 residual stream
+        cos, sin = self.rotary(x, positions)  # (batch, count, head_dim)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        kv_width = kv_heads * head_dim
+        for index, layer in enumerate(self.layers):
+            h = F.rms_norm(x, (hidden,), layer.input_norm, self.eps).to(self.dtype)
+            q, k, v = layer.qkv(h).split([heads * head_dim, kv_width, kv_width], dim=-1)
+            q = q.view(batch, count, heads, head_dim).transpose(1, 2)
+            k = k.view(batch, count, kv_heads, head_dim).transpose(1, 2)
+            v = v.view(batch, count, kv_heads, head_dim).transpose(1, 2)
+            q = _rotate(q, cos, sin).to(self.dtype)
+            k = _rotate(k, cos, sin).to(self.dtype)
+            attended = attend(index, q, k, v)
+            x = x + layer.out(attended.transpose(1, 2).reshape(batch, count, heads * head_dim))
+            h = F.rms_norm(x, (hidden,), layer.post_attention_norm, self.eps).to(self.dtype)
+            gate, up = layer.gate_up(h).split([self.intermediate, self.intermediate], dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
+        last = F.rms_norm(x[:, -1:], (hidden,), self.final_norm, self.eps).to(self.dtype)
+        return self.head(last).float()
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

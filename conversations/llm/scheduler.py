@@ -1,0 +1,235 @@
+"""The model thread: the one thread that runs the model, for every conversation at once.
+
+Replies being written share decode steps: each step feeds every active reply one token in one
+batched forward pass (see decoder.py), so eight conversations cost little more than one. A new
+reply joins between steps: its prompt is fed in chunks, one chunk between two decode steps, so a
+long prompt does not stall the replies already streaming. A reply leaves when it ends, runs out
+of budget or is cancelled; cancelling takes effect before the next step.
+
+Other model work (scoring, or `generate` for models the decoder does not run) is handed to the
+same thread as plain calls, run between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .prefix_cache import PrefixCache
+
+if TYPE_CHECKING:
+    import torch
+
+    from .decoder import LlamaDecoder
+
+logger = logging.getLogger(__name__)
+
+PREFILL_CHUNK = 256
+
+
+@dataclass(eq=False)
+class ReplyRequest:
+    """One reply to write. The scheduler puts ("tokens", [id], time), then ("end", None, time)
+    or ("error", exception, time) on `events`, and sets `done` once it has let go of it."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    stop_ids: frozenset[int]
+    # transformers' logits processors (repetition penalty, temperature, top-p), as generate
+    # would apply them; `sample` picks from the processed distribution instead of the top token.
+    processors: Callable | None = None
+    sample: bool = False
+    cache_key: str | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    events: queue.Queue = field(default_factory=queue.Queue)
+    done: threading.Event = field(default_factory=threading.Event)
+    reused_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    # The scheduler's state
+    row: int = -1
+    filled: int = 0  # positions of the row that hold keys and values
+    pending: int | None = None  # the last token chosen, fed at the next step
+    generated: list[int] = field(default_factory=list)
+    prefill: object = None  # the generator feeding the prompt, until it has
+    finished: bool = False
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.generated
+
+
+class Scheduler:
+    def __init__(self, decoder: LlamaDecoder | None, prefix_cache: PrefixCache, max_batch: int):
+        # The decoder may come later (the engine loads the model on this thread, then sets it).
+        self.decoder = decoder
+        self.prefix_cache = prefix_cache
+        self.max_batch = max_batch
+        self._inbox: deque = deque()
+        self._wakeup = threading.Condition()
+        self._waiting: deque[ReplyRequest] = deque()
+        self._rows: list[ReplyRequest] = []
+        self.steps = 0  # decode steps run (read by tests)
+        self.widest = 0  # the most rows one step has fed
+        self._thread = threading.Thread(target=self._run, name="model", daemon=True)
+        self._thread.start()
+
+    # Called from any thread
+
+    def call(self, function: Callable):
+        """Run `function()` on the model thread; returns a Future of its result."""
+        future: futures.Future = futures.Future()
+        self._post(("call", function, future))
+        return future
+
+    def submit(self, request: ReplyRequest) -> None:
+        self._post(("reply", request, None))
+
+    def _post(self, item) -> None:
+        with self._wakeup:
+            self._inbox.append(item)
+            self._wakeup.notify()
+
+    # The model thread
+
+    def _run(self) -> None:
+        import torch  # here, so that importing this module (and the engine) imports no torch
+
+        with torch.inference_mode():
+            while True:
+                self._collect(block=not self._rows and not self._waiting)
+                if self.decoder is None:
+                    continue  # only calls come
+                try:
+                    self._admit()
+                    self._prefill_one_chunk()
+                    self._decode_step()
+                except Exception as exc:  # noqa: BLE001 - every reply in flight hears of it
+                    logger.exception("The model failed; the replies in flight end with an error")
+                    for request in list(self._rows):
+                        self._finish(request, error=exc)
+                self._retire()
+
+    def _collect(self, *, block: bool) -> None:
+        with self._wakeup:
+            while block and not self._inbox:
+                self._wakeup.wait()
+            items = list(self._inbox)
+            self._inbox.clear()
+        for kind, payload, future in items:
+            if kind == "reply":
+                self._waiting.append(payload)
+            elif future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(payload())
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    future.set_exception(exc)
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._rows) < self.max_batch:
+            request = self._waiting.popleft()
+            if request.cancelled.is_set():
+                self._finish(request)
+                continue
+            request.row = len(self._rows)
+            self._rows.append(request)
+            request.prefill = self._feed_prompt(request)
+
+    def _feed_prompt(self, request: ReplyRequest):
+        """Feed the prompt, one chunk per call of next(); the last chunk chooses the first token."""
+        decoder, prompt = self.decoder, request.prompt
+        decoder.cache.reserve(len(self._rows), len(prompt) + request.max_new_tokens)
+        if request.cache_key is not None:
+            stored, reuse = self.prefix_cache.take(request.cache_key, prompt)
+            if stored is not None:
+                decoder.cache.load(request.row, stored, reuse)
+                request.filled = request.reused_tokens = reuse
+        while request.filled < len(prompt):
+            chunk = prompt[request.filled : request.filled + PREFILL_CHUNK]
+            logits = decoder.prefill(request.row, chunk, request.filled)
+            request.filled += len(chunk)
+            if request.filled < len(prompt):
+                yield
+        self._choose(request, logits)
+
+    def _prefill_one_chunk(self) -> None:
+        for request in self._rows:
+            if request.prefill is not None and not request.finished:
+                if request.cancelled.is_set():
+                    self._finish(request)
+                    return
+                try:
+                    next(request.prefill)
+                except StopIteration:
+                    request.prefill = None
+                return
+
+    def _decode_step(self) -> None:
+        for request in self._rows:
+            if request.cancelled.is_set() and not request.finished:
+                self._finish(request)
+        decoding = [r for r in self._rows if r.pending is not None and not r.finished]
+        if not decoding:
+            return
+        # Rows 0..n-1 go through the step together. A row still reading its prompt is fed a
+        # placeholder at its next free position, which its next chunk overwrites.
+        tokens = [r.pending if r.pending is not None else 0 for r in self._rows]
+        positions = [r.filled for r in self._rows]
+        logits = self.decoder.decode(tokens, positions)
+        self.steps += 1
+        self.widest = max(self.widest, len(self._rows))
+        for request, row_logits in zip(self._rows, logits, strict=True):
+            if request in decoding:
+                request.filled += 1
+                self._choose(request, row_logits)
+
+    def _choose(self, request: ReplyRequest, logits: torch.Tensor) -> None:
+        token = _next_token(request, logits)
+        request.generated.append(token)
+        request.pending = token
+        request.events.put(("tokens", [token], time.perf_counter()))
+        if token in request.stop_ids or len(request.generated) >= request.max_new_tokens:
+            self._finish(request)
+
+    def _finish(self, request: ReplyRequest, error: BaseException | None = None) -> None:
+        if request.finished:
+            return
+        request.finished = True
+        if error is None and request.row >= 0 and request.cache_key is not None:
+            # Keep what the row computed for the conversation's next turn.
+            stored = self.decoder.cache.export(request.row, request.filled)
+            self.prefix_cache.put(request.cache_key, request.tokens[: request.filled], stored)
+        kind, payload = ("error", error) if error is not None else ("end", None)
+        request.events.put((kind, payload, time.perf_counter()))
+        if request.row < 0:
+            request.done.set()
+
+    def _retire(self) -> None:
+        """Let go of finished rows, moving the last row into each freed one."""
+        for request in [r for r in self._rows if r.finished]:
+            last = self._rows[-1]
+            if last is not request:
+                self.decoder.cache.move(last.row, request.row, last.filled)
+                last.row = request.row
+                self._rows[request.row] = last
+            self._rows.pop()
+            request.row = -1
+            request.done.set()
+        if not self._rows and not self._waiting:
+            self.decoder.cache.shrink()
+
+
+def _next_token(request: ReplyRequest, logits: torch.Tensor) -> int:
+    import torch
+
+    scores = logits.float().unsqueeze(0)
+    if request.processors is not None:
+        scores = request.processors(torch.tensor([request.tokens], dtype=torch.long), scores)
+    if request.sample:
+        return int(torch.multinomial(scores.softmax(dim=-1), 1))
+    return int(scores.argmax(dim=-1))
