@@ -56,7 +56,8 @@ class _Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8:
             shape = x.shape
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scale)
+            flat = x.reshape(-1, shape[-1])
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale)
             return y.reshape(*shape[:-1], -1)
         return F.linear(x, self.weight)
 
@@ -71,9 +72,7 @@ class _Layer:
         self.input_norm = layer.input_layernorm.weight.detach().float()
         self.post_attention_norm = layer.post_attention_layernorm.weight.detach().float()
         self.qkv = _Linear(
-            torch.cat(
-                [attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]
-            ),
+            torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]),
             fmt,
         )
         self.out = _Linear(attention.o_proj.weight, fmt)

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 from .loading import LoadedModel, describe_source, load_model
 from .prefix_cache import PrefixCache
-
 from .scheduler import Scheduler
 
 if TYPE_CHECKING:

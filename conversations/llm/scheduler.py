@@ -109,7 +109,7 @@ class Scheduler:
                     self._admit()
                     self._prefill_one_chunk()
                     self._decode_step()
-                except Exception as exc:  # noqa: BLE001 - every reply in flight hears of it
+                except Exception as exc:  # every reply in flight hears of it
                     logger.exception("The model failed; the replies in flight end with an error")
                     for request in list(self._rows):
                         self._finish(request, error=exc)
@@ -127,7 +127,7 @@ class Scheduler:
             elif future.set_running_or_notify_cancel():
                 try:
                     future.set_result(payload())
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                except BaseException as exc:  # handed to the caller
                     future.set_exception(exc)
 
     def _admit(self) -> None:
