@@ -210,7 +210,7 @@ class Engine:
         context_tokens: int = 0,
         torch_threads: int = 0,
         prefix_cache_bytes: int = 256 * 2**20,
-        weights: str = "int8",
+        weights: str = "int4",
         max_batch: int = 8,
     ) -> None:
         self.model_setting = model
@@ -255,6 +255,9 @@ class Engine:
             self._decoder = decoder.LlamaDecoder(
                 loaded.model, fmt=self.weights, limit=self._window(loaded)
             )
+            if self.weights != "fp32":
+                # The decoder holds the weights in its own format; fp32 shares the model's.
+                self._decoder.release_layer_weights(loaded.model)
             self._scheduler.decoder = self._decoder
         self._loaded = loaded
 
@@ -330,7 +333,11 @@ class Engine:
 
         def forward():
             with torch.inference_mode():
-                logits = loaded.model(input_ids=ids).logits[0].float()
+                if self._decoder is not None:  # the weights replies are written with
+                    row = self._scheduler.spare_row
+                    logits = self._decoder.prefill(row, ids[0].tolist(), 0, every=True)
+                else:
+                    logits = loaded.model(input_ids=ids).logits[0].float()
                 log_probs = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
                 targets = torch.tensor(reply_ids, dtype=torch.long)
                 return float(log_probs.gather(1, targets.unsqueeze(1)).sum())

@@ -95,6 +95,11 @@ class Scheduler:
             self._inbox.append(item)
             self._wakeup.notify()
 
+    @property
+    def spare_row(self) -> int:
+        """A slot row no reply holds (for a call on the model thread to use meanwhile)."""
+        return len(self._rows)
+
     # The model thread
 
     def _run(self) -> None:

@@ -1,0 +1,183 @@
+"""The lean decoder and the scheduler on the model thread: the same answers as transformers'
+`generate`, several conversations per decode step, and cancellation or a failure touching only
+the replies it should."""
+
+import threading
+
+import pytest
+import torch
+from django.conf import settings
+
+from conversations.llm.decoder import LlamaDecoder
+from conversations.llm.engine import Engine, GenerationParams
+from conversations.llm.scheduler import PREFILL_CHUNK
+from tests.tiny_models import WORDS, build_tiny_causal
+
+GREEDY = GenerationParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.1)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_causal(tmp_path_factory.mktemp("tiny-decoder"), context_window=1024)
+
+
+def chat(text):
+    return [{"role": "system", "content": "be good"}, {"role": "user", "content": text}]
+
+
+def long_text(words):
+    return " ".join(WORDS[i % len(WORDS)] for i in range(words))
+
+
+def generate_reference(model_dir, messages, params):
+    """transformers' own greedy `generate` in fp32, with the engine's stop tokens and budget."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompt = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+    )["input_ids"]
+    with torch.inference_mode():
+        output = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=params.max_new_tokens,
+            do_sample=False,
+            repetition_penalty=params.repetition_penalty,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(output[0, prompt.shape[1] :], skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize(
+    "text", ["hello", "what is the capital of france", long_text(2 * PREFILL_CHUNK + 40)]
+)
+def test_fp32_decoder_answers_exactly_as_generate(tiny_dir, tmp_path, text):
+    engine = Engine(model=str(tiny_dir), cache_dir=tmp_path, weights="fp32")
+    result = engine.generate(chat(text), GREEDY)
+    assert engine._decoder is not None, "the tiny Llama runs on the lean decoder"
+    assert result.prompt_tokens > (2 * PREFILL_CHUNK if len(text) > 100 else 0)
+    assert result.text == generate_reference(tiny_dir, chat(text), GREEDY)
+
+
+def test_a_batched_step_computes_what_single_steps_compute(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    decoder = LlamaDecoder(model, fmt="fp32", limit=1024)
+    prompts = [[2, 5, 6, 7], [2, 8, 9, 10, 11, 12, 13], [2, 14]]
+    with torch.inference_mode():
+        for row, prompt in enumerate(prompts):
+            decoder.prefill(row, prompt, 0)
+        together = decoder.decode([20, 21, 22], [len(p) for p in prompts])
+        alone = []
+        for row, (prompt, token) in enumerate(zip(prompts, [20, 21, 22], strict=True)):
+            decoder.prefill(row, prompt, 0)
+            alone.append(decoder.prefill(row, [token], len(prompt)))
+    torch.testing.assert_close(together, torch.stack(alone), rtol=1e-4, atol=1e-4)
+
+
+def test_concurrent_replies_share_decode_steps_and_answer_as_alone(tiny_dir, tmp_path):
+    engine = Engine(model=str(tiny_dir), cache_dir=tmp_path, weights="fp32")
+    texts = ["hello", "how are you", "tell me about paris", "what is the capital of germany"]
+    alone = [engine.generate(chat(text), GREEDY).text for text in texts]
+    steps_before = engine._scheduler.steps
+    start = threading.Barrier(len(texts))
+    together = [None] * len(texts)
+
+    def ask(i):
+        start.wait()
+        together[i] = engine.generate(chat(texts[i]), GREEDY).text
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(texts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert together == alone
+    assert engine._scheduler.widest >= 2, "replies were written in shared decode steps"
+    assert engine._scheduler.steps > steps_before
+
+
+def test_sampling_with_a_tiny_top_p_keeps_only_the_top_token(tiny_dir, tmp_path):
+    engine = Engine(model=str(tiny_dir), cache_dir=tmp_path, weights="fp32")
+    greedy = engine.generate(chat("hello"), GREEDY).text
+    narrow = GenerationParams(max_new_tokens=24, temperature=0.7, top_p=1e-6)
+    assert engine.generate(chat("hello"), narrow).text == greedy
+    wide = GenerationParams(max_new_tokens=24, temperature=1.5, top_p=1.0)
+    assert engine.generate(chat("hello"), wide).completion_tokens > 0
+
+
+def test_a_failing_step_ends_the_replies_in_flight_and_the_next_reply_works(
+    tiny_dir, tmp_path, monkeypatch
+):
+    engine = Engine(model=str(tiny_dir), cache_dir=tmp_path)
+    engine.load()
+    real_decode = engine._decoder.decode
+    failures = iter([RuntimeError("out of memory in a decode step")])
+
+    def decode_failing_once(*args):
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return real_decode(*args)
+
+    monkeypatch.setattr(engine._decoder, "decode", decode_failing_once)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.generate(chat("hello"), GREEDY)
+    assert engine.generate(chat("hello"), GREEDY).completion_tokens > 0
+
+
+# The bundled model
+
+
+@pytest.fixture(scope="module")
+def bundled_int4():
+    engine = Engine(model="", cache_dir=settings.CHATBOT_MODEL_CACHE, weights="int4")
+    engine.load()
+    return engine
+
+
+def test_cancelling_one_reply_leaves_the_others_writing(bundled_int4):
+    params = GenerationParams(max_new_tokens=48)
+    streams = [
+        bundled_int4.stream(chat(f"Write a long story about a {animal}."), params)
+        for animal in ("cat", "dog", "fox")
+    ]
+    results = [None] * len(streams)
+
+    def read(i):
+        for n, _ in enumerate(streams[i]):
+            if i == 0 and n == 0:
+                streams[i].cancel()
+        results[i] = streams[i].result
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(len(streams))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    cancelled, *others = results
+    assert cancelled.finish_reason == "cancelled" and cancelled.completion_tokens <= 3
+    for other in others:
+        assert other.finish_reason == "length" and other.completion_tokens == 48
+        assert len(other.text.split()) > 20
+
+
+def test_int4_weights_keep_perplexity_within_3_percent_of_fp32(bundled_int4):
+    fp32 = Engine(model="", cache_dir=settings.CHATBOT_MODEL_CACHE, weights="fp32")
+    question = chat("Tell me about lighthouses.")
+    text = (
+        "Lighthouses are towers with a bright light at the top, built on coasts and islands to "
+        "warn ships of danger and to guide them safely into port. For centuries a keeper lived "
+        "beside the tower, trimming the wick, cleaning the lenses and winding the clockwork that "
+        "turned the lamp through the night. Each lighthouse has its own pattern of flashes, so "
+        "that sailors can tell one from another in the dark. Today most of them are automatic."
+    )
+    tokens = len(bundled_int4.load().tokenizer(text, add_special_tokens=False)["input_ids"])
+    ppl_int4 = torch.exp(torch.tensor(-bundled_int4.score_reply(question, text) / tokens))
+    ppl_fp32 = torch.exp(torch.tensor(-fp32.score_reply(question, text) / tokens))
+    assert bundled_int4._decoder.weight_bytes < fp32._decoder.weight_bytes / 3
+    assert float(ppl_int4 / ppl_fp32) <= 1.03, (float(ppl_int4), float(ppl_fp32))
