@@ -5,8 +5,9 @@
   repetition penalty, the same stop tokens, the same budget). Counted as matching when the texts
   are equal.
 - Perplexity of a fixed text, read as the assistant's reply to a fixed question: through the
-  engine's own scoring (Engine.score_reply) and through a plain fp32 forward pass. The ratio shows
-  what an optimisation (e.g. quantisation) costs; the target allows 3%.
+  engine's own scoring (Engine.score_reply, on the weights replies are decoded with) and through
+  a plain fp32 forward pass. The ratio shows what an optimisation (e.g. quantisation) costs; the
+  target allows 3%.
 """
 
 from __future__ import annotations
@@ -57,8 +58,7 @@ def run(report: Report, quick: bool) -> None:
             )
             answers.append({"prompt": prompt, "engine": ours["text"], "reference": theirs["text"]})
         params = ours["params"]
-        # Scoring last: score_reply runs the model in the caller's thread, and in this worker
-        # that would slow down the engine's later generations (see workers.py).
+        # Scoring last, so that the answers above are timed and computed as on the server.
         messages = common.chat(SCORED_QUESTION)
         engine_logprob = engine.request(op="score", messages=messages, text=SCORED_TEXT)["logprob"]
         scored = reference.request(op="score", messages=messages, text=SCORED_TEXT)

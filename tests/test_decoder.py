@@ -179,5 +179,5 @@ def test_int4_weights_keep_perplexity_within_3_percent_of_fp32(bundled_int4):
     tokens = len(bundled_int4.load().tokenizer(text, add_special_tokens=False)["input_ids"])
     ppl_int4 = torch.exp(torch.tensor(-bundled_int4.score_reply(question, text) / tokens))
     ppl_fp32 = torch.exp(torch.tensor(-fp32.score_reply(question, text) / tokens))
-    assert bundled_int4._decoder.weight_bytes < fp32._decoder.weight_bytes / 3
+    assert bundled_int4._decoder.decode_weight_bytes < fp32._decoder.decode_weight_bytes / 3
     assert float(ppl_int4 / ppl_fp32) <= 1.03, (float(ppl_int4), float(ppl_fp32))

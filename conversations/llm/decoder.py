@@ -26,6 +26,9 @@ import torch.nn.functional as F
 
 WEIGHT_FORMATS = ("int4", "int8", "bf16", "fp32")
 INT4_GROUP = 32
+# From this many rows of input (prompt tokens, or replies in one step) on, a quantized matrix
+# multiplies with its bf16 copy instead.
+DENSE_ROWS = 16
 # The slot tensors grow in steps of this many positions.
 CAPACITY_STEP = 256
 
@@ -49,10 +52,15 @@ class _Linear:
     input, each with its own scale and minimum, packed for torch's CPU kernel (the layout
     torchao's int4 weight-only quantization uses). A matrix whose input size is not a multiple of
     the group is kept as int8.
+
+    Those kernels read the weights once per row of input: right for decoding (a few rows), slow
+    for a prompt (hundreds of rows, where a bf16 matrix product is 3x faster). With
+    `dense_copy`, a quantized matrix also keeps a bf16 copy for runs of DENSE_ROWS rows or more.
     """
 
-    def __init__(self, weight: torch.Tensor, fmt: str) -> None:
+    def __init__(self, weight: torch.Tensor, fmt: str, *, dense_copy: bool = False) -> None:
         weight = weight.detach().float()
+        self.dense = weight.to(torch.bfloat16) if dense_copy and fmt in ("int4", "int8") else None
         if fmt == "int4" and weight.shape[1] % INT4_GROUP:
             fmt = "int8"
         self.fmt = fmt
@@ -76,11 +84,13 @@ class _Linear:
             self.weight = weight.to(torch.bfloat16 if fmt == "bf16" else torch.float32)
             self.scale = None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, *, dense: bool = True) -> torch.Tensor:
         if self.scale is None:
             return F.linear(x, self.weight)
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
+        if dense and self.dense is not None and flat.shape[0] >= DENSE_ROWS:
+            return F.linear(x, self.dense)
         if self.fmt == "int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 flat, self.weight, INT4_GROUP, self.scale
@@ -88,10 +98,6 @@ class _Linear:
         else:
             y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale)
         return y.reshape(*shape[:-1], -1)
-
-    @property
-    def nbytes(self) -> int:
-        return self.weight.nbytes + (self.scale.nbytes if self.scale is not None else 0)
 
 
 class _Layer:
@@ -102,10 +108,13 @@ class _Layer:
         self.qkv = _Linear(
             torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]),
             fmt,
+            dense_copy=True,
         )
-        self.out = _Linear(attention.o_proj.weight, fmt)
-        self.gate_up = _Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), fmt)
-        self.down = _Linear(mlp.down_proj.weight, fmt)
+        self.out = _Linear(attention.o_proj.weight, fmt, dense_copy=True)
+        self.gate_up = _Linear(
+            torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), fmt, dense_copy=True
+        )
+        self.down = _Linear(mlp.down_proj.weight, fmt, dense_copy=True)
 
 
 class SlotCache:
@@ -153,12 +162,11 @@ class SlotCache:
 
     def export(self, row: int, length: int) -> torch.Tensor:
         """A copy of one row's first `length` positions: (layers, 2, length, heads, head size)."""
-        return torch.stack(
-            [
-                torch.stack([k[row, :length], v[row, :length]])
-                for k, v in zip(self.keys, self.values, strict=True)
-            ]
-        )
+        stored = torch.empty(self.layers, 2, length, self.heads, self.head_dim, dtype=self.dtype)
+        for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+            stored[layer, 0].copy_(k[row, :length])
+            stored[layer, 1].copy_(v[row, :length])
+        return stored
 
     def load(self, row: int, stored: torch.Tensor, length: int) -> None:
         """Put the first `length` positions of an exported tensor into a row."""
@@ -204,20 +212,23 @@ class LlamaDecoder:
                         child.weight.data = torch.empty(0, dtype=child.weight.dtype)
 
     @property
-    def weight_bytes(self) -> int:
+    def decode_weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads (the matrices, as the decode kernels read
+        them: without the bf16 copies that prompts use)."""
         linears = [self.head] + [
             linear
             for layer in self.layers
             for linear in (layer.qkv, layer.out, layer.gate_up, layer.down)
         ]
-        return sum(linear.nbytes for linear in linears) + self.embed.nbytes
+        return sum(linear.weight.nbytes for linear in linears)
 
     # The two kinds of call
 
     def prefill(self, row: int, tokens: list[int], start: int, *, every: bool = False):
         """Feed `tokens` to slot `row`, whose first `start` positions already hold the
         conversation's earlier tokens. Returns the logits after the last token: (vocab,), or
-        with `every`, after each token: (len(tokens), vocab)."""
+        with `every`, after each token: (len(tokens), vocab), computed with the weights that
+        decode replies (no bf16 copies), so that they measure what replies are written with."""
         count = len(tokens)
         end = start + count
         self.cache.reserve(row + 1, end)
@@ -241,7 +252,7 @@ class LlamaDecoder:
             )
 
         ids = torch.tensor([tokens], dtype=torch.long)
-        logits = self._forward(ids, positions, attend, every=every)[0]
+        logits = self._forward(ids, positions, attend, every=every, dense=not every)[0]
         return logits if every else logits[-1]
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
@@ -274,25 +285,27 @@ class LlamaDecoder:
 
     # The layers
 
-    def _forward(self, ids, positions, attend, *, every: bool = False) -> torch.Tensor:
+    def _forward(self, ids, positions, attend, *, every=False, dense=True) -> torch.Tensor:
         batch, count = ids.shape
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         x = F.embedding(ids, self.embed)  # fp32 residual stream
         cos, sin = self._rope(positions)  # (batch, count, 1, head size)
         rotated_width = (heads + kv_heads) * head_dim
         for index, layer in enumerate(self.layers):
-            qkv = layer.qkv(self._norm(x, layer.input_norm))
+            qkv = layer.qkv(self._norm(x, layer.input_norm), dense=dense)
             # Queries and keys turn together: (batch, count, heads + key-value heads, head size).
             qk = _rotate(qkv[..., :rotated_width].view(batch, count, -1, head_dim), cos, sin)
             q = qk[:, :, :heads].to(self.dtype).transpose(1, 2)
             k = qk[:, :, heads:].to(self.dtype)
             v = qkv[..., rotated_width:].view(batch, count, kv_heads, head_dim)
             attended = attend(index, q, k, v)  # (batch, heads, count, head size)
-            x = x + layer.out(attended.transpose(1, 2).reshape(batch, count, heads * head_dim))
-            gate, up = layer.gate_up(self._norm(x, layer.post_attention_norm)).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            attended = attended.transpose(1, 2).reshape(batch, count, heads * head_dim)
+            x = x + layer.out(attended, dense=dense)
+            h = self._norm(x, layer.post_attention_norm)
+            gate, up = layer.gate_up(h, dense=dense).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up, dense=dense)
         read = x if every else x[:, -1:]
-        return self.head(self._norm(read, self.final_norm)).float()
+        return self.head(self._norm(read, self.final_norm), dense=dense).float()
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMS norm in fp32 (as the model's own), handed on in the activation type."""

@@ -1,5 +1,10 @@
 """The one owner of the model in a process: it loads lazily, counts tokens, generates and scores.
 
+Llama-architecture models (the bundled SmolLM2 among them) run on the lean decoder
+(decoder.py), whose replies share batched decode steps (scheduler.py); other models, seq2seq
+ones included, run through transformers' `generate`, one reply at a time. Either way every torch
+call happens on the scheduler's one model thread.
+
 Messages come in as chat messages, [{"role": "system" | "user" | "assistant", "content": ...}].
 Causal chat models format them with their own chat template; seq2seq dialogue models
 (Blenderbot) read the turns joined into one text, the way they were trained.
@@ -199,8 +204,8 @@ class ReplyStream:
 
 
 class Engine:
-    """Loads the configured model on first use and serves generation requests one at a time, on
-    one model thread."""
+    """Loads the configured model on first use and serves generation requests on one model
+    thread, several replies per decode step when the decoder runs the model."""
 
     def __init__(
         self,
@@ -370,13 +375,12 @@ class Engine:
     def _processors(self, params: GenerationParams):
         """transformers' logits processors for these parameters, as `generate` chains them."""
         from transformers import (
-            LogitsProcessorList,
             RepetitionPenaltyLogitsProcessor,
             TemperatureLogitsWarper,
             TopPLogitsWarper,
         )
 
-        chain = LogitsProcessorList()
+        chain = []
         if params.repetition_penalty != 1.0:
             chain.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
         if params.temperature > 0:

@@ -42,9 +42,10 @@ class ReplyRequest:
     prompt: list[int]
     max_new_tokens: int
     stop_ids: frozenset[int]
-    # transformers' logits processors (repetition penalty, temperature, top-p), as generate
-    # would apply them; `sample` picks from the processed distribution instead of the top token.
-    processors: Callable | None = None
+    # transformers' logits processors (repetition penalty, temperature, top-p), in the order
+    # generate applies them; `sample` picks from the processed distribution instead of the top
+    # token.
+    processors: list[Callable] = field(default_factory=list)
     sample: bool = False
     cache_key: str | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -56,6 +57,7 @@ class ReplyRequest:
     filled: int = 0  # positions of the row that hold keys and values
     pending: int | None = None  # the last token chosen, fed at the next step
     generated: list[int] = field(default_factory=list)
+    history: torch.Tensor | None = None  # prompt + generated, as (1, capacity) token ids
     prefill: object = None  # the generator feeding the prompt, until it has
     finished: bool = False
 
@@ -195,6 +197,8 @@ class Scheduler:
 
     def _choose(self, request: ReplyRequest, logits: torch.Tensor) -> None:
         token = _next_token(request, logits)
+        if request.history is not None:
+            request.history[0, len(request.prompt) + len(request.generated)] = token
         request.generated.append(token)
         request.pending = token
         request.events.put(("tokens", [token], time.perf_counter()))
@@ -232,9 +236,16 @@ class Scheduler:
 def _next_token(request: ReplyRequest, logits: torch.Tensor) -> int:
     import torch
 
-    scores = logits.float().unsqueeze(0)
-    if request.processors is not None:
-        scores = request.processors(torch.tensor([request.tokens], dtype=torch.long), scores)
+    scores = logits.unsqueeze(0)
+    if request.processors:
+        if request.history is None:
+            request.history = torch.zeros(1, len(request.prompt) + request.max_new_tokens).long()
+            request.history[0, : len(request.prompt)] = torch.tensor(request.prompt)
+        length = len(request.prompt) + len(request.generated)
+        seen = request.history[:, :length]
+        # Called one by one: LogitsProcessorList inspects each one's signature at every call.
+        for processor in request.processors:
+            scores = processor(seen, scores)
     if request.sample:
         return int(torch.multinomial(scores.softmax(dim=-1), 1))
     return int(scores.argmax(dim=-1))
