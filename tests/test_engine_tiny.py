@@ -234,3 +234,17 @@ def test_a_history_that_fits_is_counted_once(db, conversation, tiny_engine, monk
     monkeypatch.setattr(tiny_engine, "count_tokens", lambda m: counted.append(m) or original(m))
     build_context(conversation, new_message=new, engine=tiny_engine, params=PARAMS)
     assert len(counted) == 1
+
+
+def test_a_counted_prompt_is_not_tokenized_again_to_generate(tiny_engine, monkeypatch):
+    messages = [{"role": "user", "content": "hello how are you"}]
+    tiny_engine._encoded.clear()  # the engine is shared by this module's tests
+    calls = []
+    tokenize = tiny_engine._tokenize
+    monkeypatch.setattr(tiny_engine, "_tokenize", lambda m: calls.append(m) or tokenize(m))
+    counted = tiny_engine.count_tokens(messages)
+    result = tiny_engine.generate(messages, GenerationParams(max_new_tokens=3))
+    assert result.prompt_tokens == counted
+    assert len(calls) == 1
+    other = [{"role": "user", "content": "hello"}]
+    assert tiny_engine.count_tokens(other) < counted and len(calls) == 2
