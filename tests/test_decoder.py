@@ -79,6 +79,22 @@ def test_a_batched_step_computes_what_single_steps_compute(tiny_dir):
     torch.testing.assert_close(together, torch.stack(alone), rtol=1e-4, atol=1e-4)
 
 
+def test_prompts_fed_together_compute_what_they_compute_alone(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    decoder = LlamaDecoder(model, fmt="fp32", limit=1024)
+    history = [2, 5, 6, 7, 8]
+    runs = [(0, [2, 9, 10], 0), (1, [11, 12, 13, 14, 15, 16], len(history)), (2, [17], 0)]
+    with torch.inference_mode():
+        decoder.prefill(1, history, 0)  # row 1 continues a conversation
+        together = decoder.prefill_many(runs)
+        keys_together = decoder.cache.keys[0][:3, :12].clone()
+        alone = [decoder.prefill(row, tokens, start) for row, tokens, start in runs]
+    torch.testing.assert_close(together, torch.stack(alone), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(keys_together, decoder.cache.keys[0][:3, :12])
+
+
 def test_concurrent_replies_share_decode_steps_and_answer_as_alone(tiny_dir, tmp_path):
     engine = Engine(model=str(tiny_dir), cache_dir=tmp_path, weights="fp32")
     texts = ["hello", "how are you", "tell me about paris", "what is the capital of germany"]

@@ -229,31 +229,52 @@ class LlamaDecoder:
         conversation's earlier tokens. Returns the logits after the last token: (vocab,), or
         with `every`, after each token: (len(tokens), vocab), computed with the weights that
         decode replies (no bf16 copies), so that they measure what replies are written with."""
-        count = len(tokens)
-        end = start + count
-        self.cache.reserve(row + 1, end)
-        positions = torch.arange(start, end).unsqueeze(0)
-        if start == 0 or count == 1:
-            mask = None
-        else:
-            mask = torch.arange(end).unsqueeze(0) <= positions.transpose(0, 1)
+        if every:
+            return self._prefill([(row, tokens, start)], every=True)[0]
+        return self.prefill_many([(row, tokens, start)])[0]
+
+    def prefill_many(self, runs: list[tuple[int, list[int], int]]) -> torch.Tensor:
+        """Feed several rows a run of tokens each, (row, tokens, start) as in `prefill`, in one
+        pass: the matrix products take all runs at once. Returns the logits after each run's
+        last token: (len(runs), vocab)."""
+        return self._prefill(runs)
+
+    def _prefill(self, runs, *, every: bool = False) -> torch.Tensor:
+        longest = max(len(tokens) for _, tokens, _ in runs)
+        self.cache.reserve(max(row for row, _, _ in runs) + 1, max(s + len(t) for _, t, s in runs))
+        # Shorter runs are padded at the end; their padding is computed and thrown away.
+        ids = torch.zeros(len(runs), longest, dtype=torch.long)
+        positions = torch.zeros(len(runs), longest, dtype=torch.long)
+        for i, (_, tokens, start) in enumerate(runs):
+            ids[i, : len(tokens)] = torch.tensor(tokens)
+            positions[i] = torch.arange(start, start + longest)
 
         def attend(index, q, k, v):
             keys, values = self.cache.keys[index], self.cache.values[index]
-            keys[row, start:end] = k[0]
-            values[row, start:end] = v[0]
-            return F.scaled_dot_product_attention(
-                q,
-                keys[row : row + 1, :end].transpose(1, 2),
-                values[row : row + 1, :end].transpose(1, 2),
-                attn_mask=mask,
-                is_causal=start == 0 and count > 1,
-                enable_gqa=True,
-            )
+            attended = q.new_zeros(q.shape)
+            for i, (row, tokens, start) in enumerate(runs):
+                count, end = len(tokens), start + len(tokens)
+                keys[row, start:end] = k[i, :count]
+                values[row, start:end] = v[i, :count]
+                # Token j of the run sees the row's earlier positions and the run up to j.
+                mask = None
+                if start > 0 and count > 1:
+                    mask = torch.arange(end).unsqueeze(0) <= positions[i, :count].unsqueeze(1)
+                attended[i, :, :count] = F.scaled_dot_product_attention(
+                    q[i : i + 1, :, :count],
+                    keys[row : row + 1, :end].transpose(1, 2),
+                    values[row : row + 1, :end].transpose(1, 2),
+                    attn_mask=mask,
+                    is_causal=start == 0 and count > 1,
+                    enable_gqa=True,
+                )[0]
+            return attended
 
-        ids = torch.tensor([tokens], dtype=torch.long)
-        logits = self._forward(ids, positions, attend, every=every, dense=not every)[0]
-        return logits if every else logits[-1]
+        last = torch.tensor([len(tokens) - 1 for _, tokens, _ in runs])
+        logits = self._forward(
+            ids, positions, attend, read=None if every else last, dense=not every
+        )
+        return logits if every else logits[:, 0]
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """Feed token i at position i to slot row i, for every i at once. Returns (n, vocab)."""
@@ -281,11 +302,13 @@ class LlamaDecoder:
             )
 
         ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(1)
-        return self._forward(ids, where.unsqueeze(1), attend)[:, -1]
+        return self._forward(ids, where.unsqueeze(1), attend, read=torch.zeros(n).long())[:, 0]
 
     # The layers
 
-    def _forward(self, ids, positions, attend, *, every=False, dense=True) -> torch.Tensor:
+    def _forward(self, ids, positions, attend, *, read=None, dense=True) -> torch.Tensor:
+        """Logits (batch, 1, vocab) after the token at index read[i] of each row, or with
+        read=None, (batch, count, vocab) after every token."""
         batch, count = ids.shape
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         x = F.embedding(ids, self.embed)  # fp32 residual stream
@@ -304,8 +327,9 @@ class LlamaDecoder:
             h = self._norm(x, layer.post_attention_norm)
             gate, up = layer.gate_up(h, dense=dense).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up, dense=dense)
-        read = x if every else x[:, -1:]
-        return self.head(self._norm(read, self.final_norm), dense=dense).float()
+        if read is not None:
+            x = x[torch.arange(batch), read].unsqueeze(1)
+        return self.head(self._norm(x, self.final_norm), dense=dense).float()
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMS norm in fp32 (as the model's own), handed on in the activation type."""

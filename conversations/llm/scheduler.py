@@ -2,9 +2,10 @@
 
 Replies being written share decode steps: each step feeds every active reply one token in one
 batched forward pass (see decoder.py), so eight conversations cost little more than one. A new
-reply joins between steps: its prompt is fed in chunks, one chunk between two decode steps, so a
-long prompt does not stall the replies already streaming. A reply leaves when it ends, runs out
-of budget or is cancelled; cancelling takes effect before the next step.
+reply joins between steps: its prompt is fed in chunks between two decode steps, together with
+the chunks of other replies joining, so a long prompt does not stall the replies already
+streaming. A reply leaves when it ends, runs out of budget or is cancelled; cancelling takes
+effect before the next step.
 
 Other model work (scoring, or `generate` for models the decoder does not run) is handed to the
 same thread as plain calls, run between steps.
@@ -31,7 +32,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# A prompt is fed in chunks of at most PREFILL_CHUNK tokens, and one pass between two decode
+# steps feeds at most PREFILL_TOKENS of prompts in all: a long prompt does not stall the replies
+# being written for long.
 PREFILL_CHUNK = 256
+PREFILL_TOKENS = 512
 
 
 @dataclass(eq=False)
@@ -58,7 +63,7 @@ class ReplyRequest:
     pending: int | None = None  # the last token chosen, fed at the next step
     generated: list[int] = field(default_factory=list)
     history: torch.Tensor | None = None  # prompt + generated, as (1, capacity) token ids
-    prefill: object = None  # the generator feeding the prompt, until it has
+    reading: bool = False  # the prompt is being fed
     finished: bool = False
 
     @property
@@ -114,7 +119,7 @@ class Scheduler:
                     continue  # only calls come
                 try:
                     self._admit()
-                    self._prefill_one_chunk()
+                    self._prefill_step()
                     self._decode_step()
                 except Exception as exc:  # every reply in flight hears of it
                     logger.exception("The model failed; the replies in flight end with an error")
@@ -138,6 +143,7 @@ class Scheduler:
                     future.set_exception(exc)
 
     def _admit(self) -> None:
+        decoder = self.decoder
         while self._waiting and len(self._rows) < self.max_batch:
             request = self._waiting.popleft()
             if request.cancelled.is_set():
@@ -145,36 +151,37 @@ class Scheduler:
                 continue
             request.row = len(self._rows)
             self._rows.append(request)
-            request.prefill = self._feed_prompt(request)
+            request.reading = True
+            decoder.cache.reserve(len(self._rows), len(request.prompt) + request.max_new_tokens)
+            if request.cache_key is not None:
+                stored, reuse = self.prefix_cache.take(request.cache_key, request.prompt)
+                if stored is not None:
+                    decoder.cache.load(request.row, stored, reuse)
+                    request.filled = request.reused_tokens = reuse
 
-    def _feed_prompt(self, request: ReplyRequest):
-        """Feed the prompt, one chunk per call of next(); the last chunk chooses the first token."""
-        decoder, prompt = self.decoder, request.prompt
-        decoder.cache.reserve(len(self._rows), len(prompt) + request.max_new_tokens)
-        if request.cache_key is not None:
-            stored, reuse = self.prefix_cache.take(request.cache_key, prompt)
-            if stored is not None:
-                decoder.cache.load(request.row, stored, reuse)
-                request.filled = request.reused_tokens = reuse
-        while request.filled < len(prompt):
-            chunk = prompt[request.filled : request.filled + PREFILL_CHUNK]
-            logits = decoder.prefill(request.row, chunk, request.filled)
-            request.filled += len(chunk)
-            if request.filled < len(prompt):
-                yield
-        self._choose(request, logits)
-
-    def _prefill_one_chunk(self) -> None:
+    def _prefill_step(self) -> None:
+        """Feed each reply still reading its prompt its next chunk, all in one pass (at most
+        PREFILL_TOKENS in all); a reply whose prompt is read chooses its first token."""
+        runs, readers = [], []
+        budget = PREFILL_TOKENS
         for request in self._rows:
-            if request.prefill is not None and not request.finished:
-                if request.cancelled.is_set():
-                    self._finish(request)
-                    return
-                try:
-                    next(request.prefill)
-                except StopIteration:
-                    request.prefill = None
-                return
+            if not request.reading or request.finished or budget <= 0:
+                continue
+            if request.cancelled.is_set():
+                self._finish(request)
+                continue
+            chunk = request.prompt[request.filled : request.filled + min(PREFILL_CHUNK, budget)]
+            runs.append((request.row, chunk, request.filled))
+            readers.append(request)
+            budget -= len(chunk)
+        if not runs:
+            return
+        logits = self.decoder.prefill_many(runs)
+        for request, (_, chunk, _), row_logits in zip(readers, runs, logits, strict=True):
+            request.filled += len(chunk)
+            if request.filled == len(request.prompt):
+                request.reading = False
+                self._choose(request, row_logits)
 
     def _decode_step(self) -> None:
         for request in self._rows:
