@@ -120,8 +120,8 @@ class ReplyStream:
                 prompt=input_ids,
                 max_new_tokens=config.max_new_tokens,
                 stop_ids=frozenset(engine._stop_ids()),
-                processors=engine._processors(self.params),
-                sample=self.params.temperature > 0,
+                repetition_penalty=self.params.repetition_penalty,
+                samplers=engine._samplers(self.params),
                 cache_key=self.cache_key,
                 cancelled=cancelled,
             )
@@ -393,22 +393,17 @@ class Engine:
                 ids.update(source)
         return ids
 
-    def _processors(self, params: GenerationParams):
-        """transformers' logits processors for these parameters, as `generate` chains them."""
-        from transformers import (
-            RepetitionPenaltyLogitsProcessor,
-            TemperatureLogitsWarper,
-            TopPLogitsWarper,
-        )
+    def _samplers(self, params: GenerationParams) -> list:
+        """transformers' warpers for sampling with these parameters ([] for greedy), in the
+        order `generate` chains them."""
+        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
-        chain = []
-        if params.repetition_penalty != 1.0:
-            chain.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
-        if params.temperature > 0:
-            chain.append(TemperatureLogitsWarper(params.temperature))
-            if params.top_p < 1.0:
-                chain.append(TopPLogitsWarper(params.top_p))
-        return chain
+        if params.temperature <= 0:
+            return []
+        samplers = [TemperatureLogitsWarper(params.temperature)]
+        if params.top_p < 1.0:
+            samplers.append(TopPLogitsWarper(params.top_p))
+        return samplers
 
     def _generation_config(self, params: GenerationParams):
         import copy

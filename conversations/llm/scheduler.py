@@ -47,11 +47,11 @@ class ReplyRequest:
     prompt: list[int]
     max_new_tokens: int
     stop_ids: frozenset[int]
-    # transformers' logits processors (repetition penalty, temperature, top-p), in the order
-    # generate applies them; `sample` picks from the processed distribution instead of the top
-    # token.
-    processors: list[Callable] = field(default_factory=list)
-    sample: bool = False
+    # The repetition penalty applies to every token of prompt and reply, as in `generate`. With
+    # `samplers` (transformers' temperature and top-p warpers, in generate's order) the token is
+    # drawn from the resulting distribution; without, it is the most likely one.
+    repetition_penalty: float = 1.0
+    samplers: list[Callable] = field(default_factory=list)
     cache_key: str | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     events: queue.Queue = field(default_factory=queue.Queue)
@@ -62,7 +62,7 @@ class ReplyRequest:
     filled: int = 0  # positions of the row that hold keys and values
     pending: int | None = None  # the last token chosen, fed at the next step
     generated: list[int] = field(default_factory=list)
-    history: torch.Tensor | None = None  # prompt + generated, as (1, capacity) token ids
+    history: torch.Tensor | None = None  # prompt + generated token ids (see _seen)
     reading: bool = False  # the prompt is being fed
     finished: bool = False
 
@@ -177,11 +177,14 @@ class Scheduler:
         if not runs:
             return
         logits = self.decoder.prefill_many(runs)
-        for request, (_, chunk, _), row_logits in zip(readers, runs, logits, strict=True):
+        done = []
+        for i, (request, (_, chunk, _)) in enumerate(zip(readers, runs, strict=True)):
             request.filled += len(chunk)
             if request.filled == len(request.prompt):
                 request.reading = False
-                self._choose(request, row_logits)
+                done.append(i)
+        if done:
+            self._choose([readers[i] for i in done], logits[done])
 
     def _decode_step(self) -> None:
         for request in self._rows:
@@ -197,20 +200,19 @@ class Scheduler:
         logits = self.decoder.decode(tokens, positions)
         self.steps += 1
         self.widest = max(self.widest, len(self._rows))
-        for request, row_logits in zip(self._rows, logits, strict=True):
-            if request in decoding:
-                request.filled += 1
-                self._choose(request, row_logits)
+        for request in decoding:
+            request.filled += 1
+        self._choose(decoding, logits[[request.row for request in decoding]])
 
-    def _choose(self, request: ReplyRequest, logits: torch.Tensor) -> None:
-        token = _next_token(request, logits)
-        if request.history is not None:
-            request.history[0, len(request.prompt) + len(request.generated)] = token
-        request.generated.append(token)
-        request.pending = token
-        request.events.put(("tokens", [token], time.perf_counter()))
-        if token in request.stop_ids or len(request.generated) >= request.max_new_tokens:
-            self._finish(request)
+    def _choose(self, requests: list[ReplyRequest], logits: torch.Tensor) -> None:
+        """Pick each request's next token from its row of `logits` and hand it over."""
+        for request, token in zip(requests, _next_tokens(requests, logits), strict=True):
+            request.history[len(request.prompt) + len(request.generated)] = token
+            request.generated.append(token)
+            request.pending = token
+            request.events.put(("tokens", [token], time.perf_counter()))
+            if token in request.stop_ids or len(request.generated) >= request.max_new_tokens:
+                self._finish(request)
 
     def _finish(self, request: ReplyRequest, error: BaseException | None = None) -> None:
         if request.finished:
@@ -240,19 +242,40 @@ class Scheduler:
             self.decoder.cache.shrink()
 
 
-def _next_token(request: ReplyRequest, logits: torch.Tensor) -> int:
+def _next_tokens(requests: list[ReplyRequest], logits: torch.Tensor) -> list[int]:
+    """The next token of each request, from its row of logits (rows x vocab).
+
+    The repetition penalty is transformers' (RepetitionPenaltyLogitsProcessor: a seen token's
+    score is divided by the penalty, or multiplied when negative), computed for all rows at once,
+    each with its own penalty; sampling rows then go through their warpers one by one."""
     import torch
 
-    scores = logits.unsqueeze(0)
-    if request.processors:
-        if request.history is None:
-            request.history = torch.zeros(1, len(request.prompt) + request.max_new_tokens).long()
-            request.history[0, : len(request.prompt)] = torch.tensor(request.prompt)
-        length = len(request.prompt) + len(request.generated)
-        seen = request.history[:, :length]
-        # Called one by one: LogitsProcessorList inspects each one's signature at every call.
-        for processor in request.processors:
-            scores = processor(seen, scores)
-    if request.sample:
-        return int(torch.multinomial(scores.softmax(dim=-1), 1))
-    return int(scores.argmax(dim=-1))
+    length = max(len(r.prompt) + len(r.generated) for r in requests)
+    seen = torch.stack([_seen(request, length) for request in requests])
+    penalties = torch.tensor([[r.repetition_penalty] for r in requests], dtype=logits.dtype)
+    if (penalties != 1.0).any():
+        scores = logits.gather(1, seen)
+        scores = torch.where(scores < 0, scores * penalties, scores / penalties)
+        logits = logits.scatter(1, seen, scores)
+    tokens = logits.argmax(dim=-1).tolist()
+    for i, request in enumerate(requests):
+        if request.samplers:
+            scores = logits[i : i + 1]
+            for sampler in request.samplers:
+                scores = sampler(seen[i : i + 1], scores)
+            tokens[i] = int(torch.multinomial(scores.softmax(dim=-1), 1))
+    return tokens
+
+
+def _seen(request: ReplyRequest, length: int) -> torch.Tensor:
+    """The request's tokens so far, padded to `length` with its first token (a repeat changes
+    nothing for the penalty). Kept in a tensor that grows, so each step writes one token."""
+    import torch
+
+    if request.history is None or request.history.numel() < length:
+        capacity = max(length, len(request.prompt) + request.max_new_tokens)
+        history = torch.full((capacity,), request.prompt[0], dtype=torch.long)
+        known = request.prompt + request.generated
+        history[: len(known)] = torch.tensor(known, dtype=torch.long)
+        request.history = history
+    return request.history[:length]
