@@ -92,11 +92,11 @@ class _Linear:
         if dense and self.dense is not None and flat.shape[0] >= DENSE_ROWS:
             return F.linear(x, self.dense)
         if self.fmt == "int4":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu.default(
                 flat, self.weight, INT4_GROUP, self.scale
             )
         else:
-            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale)
+            y = torch.ops.aten._weight_int8pack_mm.default(flat, self.weight, self.scale)
         return y.reshape(*shape[:-1], -1)
 
 
@@ -193,6 +193,8 @@ class LlamaDecoder:
         self.intermediate = config.intermediate_size
         self.rotary = model.model.rotary_emb
         self._cos = self._sin = torch.empty(0)
+        half = self.head_dim // 2
+        self._half_turn = torch.cat([torch.arange(half, self.head_dim), torch.arange(half)])
         self.layers = [_Layer(layer, fmt) for layer in model.model.layers]
         self.embed = model.model.embed_tokens.weight.detach().float()
         self.final_norm = model.model.norm.weight.detach().float()
@@ -312,14 +314,16 @@ class LlamaDecoder:
         batch, count = ids.shape
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         x = F.embedding(ids, self.embed)  # fp32 residual stream
+        # Rotary embedding: x * cos + rotate_half(x) * sin, where rotate_half(x) is x with its
+        # halves swapped (x[..., _half_turn]) and the first one negated (folded into sin).
         cos, sin = self._rope(positions)  # (batch, count, 1, head size)
         rotated_width = (heads + kv_heads) * head_dim
         for index, layer in enumerate(self.layers):
             qkv = layer.qkv(self._norm(x, layer.input_norm), dense=dense)
             # Queries and keys turn together: (batch, count, heads + key-value heads, head size).
-            qk = _rotate(qkv[..., :rotated_width].view(batch, count, -1, head_dim), cos, sin)
-            q = qk[:, :, :heads].to(self.dtype).transpose(1, 2)
-            k = qk[:, :, heads:].to(self.dtype)
+            qk = qkv[..., :rotated_width].view(batch, count, -1, head_dim).float()
+            qk = (qk * cos + qk[..., self._half_turn] * sin).to(self.dtype)
+            q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:]
             v = qkv[..., rotated_width:].view(batch, count, kv_heads, head_dim)
             attended = attend(index, q, k, v)  # (batch, heads, count, head size)
             attended = attended.transpose(1, 2).reshape(batch, count, heads * head_dim)
@@ -342,12 +346,7 @@ class LlamaDecoder:
         if needed > self._cos.shape[0]:
             everywhere = torch.arange(max(needed, 2 * self._cos.shape[0])).unsqueeze(0)
             cos, sin = self.rotary(self.embed[:1], everywhere)
+            half = self.head_dim // 2
             self._cos, self._sin = cos[0].float(), sin[0].float()
+            self._sin[:, :half] *= -1
         return self._cos[positions].unsqueeze(2), self._sin[positions].unsqueeze(2)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x = x.float()
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
