@@ -179,7 +179,10 @@ class LlamaDecoder:
     """The forward pass over slot rows: `prefill` feeds one row a run of prompt tokens,
     `decode` feeds rows 0..n-1 one token each. Both return next-token logits (fp32)."""
 
-    def __init__(self, model: Any, *, fmt: str = "int4", limit: int = 2048):
+    def __init__(self, model: Any, *, fmt: str = "int4", limit: int = 2048, release=False):
+        """With `release`, each layer's own linear weights are dropped from `model` once the
+        decoder holds them in its format (the model can no longer run its forward pass): the
+        memory peaks at one layer's worth of copies, and hundreds of MB are given back."""
         if fmt not in WEIGHT_FORMATS:
             raise ValueError(f"weight format must be one of {', '.join(WEIGHT_FORMATS)}")
         config = model.config
@@ -195,23 +198,17 @@ class LlamaDecoder:
         self._cos = self._sin = torch.empty(0)
         half = self.head_dim // 2
         self._half_turn = torch.cat([torch.arange(half, self.head_dim), torch.arange(half)])
-        self.layers = [_Layer(layer, fmt) for layer in model.model.layers]
+        self.layers = []
+        for layer in model.model.layers:
+            self.layers.append(_Layer(layer, fmt))
+            if release:
+                _release_linear_weights(layer)
         self.embed = model.model.embed_tokens.weight.detach().float()
         self.final_norm = model.model.norm.weight.detach().float()
         # The output head reads every token's hidden state into 49k scores: int4 there costs
         # measurably more perplexity than in the layers (3.9% against 0.3%), so it stays int8.
         self.head = _Linear(model.lm_head.weight, "int8" if fmt == "int4" else fmt)
         self.cache = SlotCache(len(self.layers), self.kv_heads, self.head_dim, self.dtype, limit)
-
-    @staticmethod
-    def release_layer_weights(model: Any) -> None:
-        """Drop the loaded model's own copies of the layers' linear weights (the decoder keeps
-        its own): some hundreds of MB. The model must not run its forward pass afterwards."""
-        for layer in model.model.layers:
-            for module in (layer.self_attn, layer.mlp):
-                for child in module.children():
-                    if isinstance(child, torch.nn.Linear):
-                        child.weight.data = torch.empty(0, dtype=child.weight.dtype)
 
     @property
     def decode_weight_bytes(self) -> int:
@@ -350,3 +347,10 @@ class LlamaDecoder:
             self._cos, self._sin = cos[0].float(), sin[0].float()
             self._sin[:, :half] *= -1
         return self._cos[positions].unsqueeze(2), self._sin[positions].unsqueeze(2)
+
+
+def _release_linear_weights(layer: Any) -> None:
+    for module in (layer.self_attn, layer.mlp):
+        for child in module.children():
+            if isinstance(child, torch.nn.Linear):
+                child.weight.data = torch.empty(0, dtype=child.weight.dtype)

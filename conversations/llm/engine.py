@@ -263,12 +263,14 @@ class Engine:
             loaded.tokenizer.chat_template = PLAIN_TRANSCRIPT_TEMPLATE
         if not loaded.is_seq2seq and decoder.supports(loaded.model):
             self._decoder = decoder.LlamaDecoder(
-                loaded.model, fmt=self.weights, limit=self._window(loaded)
+                loaded.model,
+                fmt=self.weights,
+                limit=self._window(loaded),
+                # fp32 shares the model's own tensors; other formats hold copies.
+                release=self.weights != "fp32",
             )
-            if self.weights != "fp32":
-                # The decoder holds the weights in its own format; fp32 shares the model's.
-                self._decoder.release_layer_weights(loaded.model)
             self._scheduler.decoder = self._decoder
+            _return_freed_memory()
         self._loaded = loaded
 
     @property
@@ -423,3 +425,16 @@ class Engine:
         if config.pad_token_id is None:
             config.pad_token_id = loaded.tokenizer.pad_token_id or min(self._stop_ids())
         return config
+
+
+def _return_freed_memory() -> None:
+    """Hand the memory freed while loading back to the system (glibc keeps it otherwise: some
+    hundreds of MB after converting the weights). Elsewhere, nothing to do."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
