@@ -317,7 +317,8 @@ class Engine:
     ) -> ReplyStream:
         """The assistant's next turn for these messages, as a stream of text pieces. With a
         `cache_key` (a conversation), the keys and values of the turn are kept, and the next turn
-        with the same key recomputes only the tokens that differ from this one's."""
+        with the same key recomputes only the tokens that differ from this one's (on the lean
+        decoder; models served by `generate` recompute everything)."""
         return ReplyStream(self, messages, params, cache_key)
 
     def generate(
