@@ -9,3 +9,6 @@ urlpatterns = [
     path("accounts/", include(auth_urlpatterns)),
     path("", include("conversations.urls")),
 ]
+
+# A wrong URL under /api/ (an unknown path, or an id that is not a UUID) answers in JSON.
+handler404 = "conversations.api.errors.page_not_found"

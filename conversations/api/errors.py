@@ -1,6 +1,10 @@
 """Every API error is JSON with a human-readable `detail`."""
 
-from rest_framework import exceptions
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http import JsonResponse
+from django.views import defaults
+from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
@@ -8,6 +12,14 @@ from ..errors import ChatError
 
 
 def exception_handler(exc, context):
+    if isinstance(exc, RequestDataTooBig):
+        request = context["request"]
+        size = request.META.get("CONTENT_LENGTH") or "more than"
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        return Response(
+            {"detail": f"The request body is {size} bytes; the limit is {limit} bytes."},
+            status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+        )
     if isinstance(exc, ChatError):
         from .serializers import ExchangeSerializer
 
@@ -31,3 +43,10 @@ def _summarize(detail, field: str = "") -> str:
         return " ".join(_summarize(item, field) for item in detail)
     prefix = f"{field}: " if field and field != "non_field_errors" else ""
     return f"{prefix}{detail}"
+
+
+def page_not_found(request, exception):
+    """Django's 404 for pages; JSON with a `detail`, like every other API error, under /api/."""
+    if request.path.startswith("/api/"):
+        return JsonResponse({"detail": "Not found."}, status=status.HTTP_404_NOT_FOUND)
+    return defaults.page_not_found(request, exception)

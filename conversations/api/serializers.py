@@ -103,7 +103,15 @@ class ConversationSerializer(serializers.ModelSerializer):
         return super().update(instance, validated_data)
 
 
+# (Braces doubled: DRF formats these messages.)
+NOT_AN_OBJECT = 'The request body must be a JSON object, such as {{"content": "Hello"}}'
+
+
 class PostMessageSerializer(serializers.Serializer):
+    default_error_messages = {
+        "invalid": NOT_AN_OBJECT + " (got a JSON {datatype}).",
+    }
+
     content = MessageContentField()
     stream = serializers.BooleanField(
         required=False, default=False, help_text="Answer as Server-Sent Events."

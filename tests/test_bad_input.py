@@ -1,0 +1,118 @@
+"""Bad requests to the API: each gets the right status and a JSON `detail` a person can read,
+and changes nothing (no message, no conversation, no call to the model)."""
+
+import json
+import uuid
+
+import pytest
+
+from conversations.models import Conversation, Message
+from tests.test_api import assert_detail, make_conversation, messages_url
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(params=["thread", "start"])
+def post_url(request, owner):
+    """Both ways to post a message: into a conversation, and /api/messages/."""
+    if request.param == "thread":
+        return messages_url(make_conversation(owner, "Chat"))
+    return "/api/messages/"
+
+
+@pytest.fixture
+def unchanged(fake_engine):
+    """Asserts, after the test's request, that nothing was stored and the model was not asked."""
+    before = (Message.objects.count(), Conversation.objects.count())
+    yield
+    assert (Message.objects.count(), Conversation.objects.count()) == before
+    assert fake_engine.calls == []
+
+
+BODIES = [
+    pytest.param(b'{"content": "hi"', "application/json", 400, "JSON", id="invalid-json"),
+    pytest.param(b'["hi"]', "application/json", 400, "object", id="json-array"),
+    pytest.param(b'"hi"', "application/json", 400, "object", id="json-string"),
+    pytest.param(b"42", "application/json", 400, "object", id="json-number"),
+    pytest.param(b"null", "application/json", 400, "no data", id="json-null"),
+    pytest.param(b"", "application/json", 400, "content", id="empty-body"),
+    pytest.param(b"content=hi", "text/plain", 415, "text/plain", id="text-plain"),
+    pytest.param(b"<content>hi</content>", "application/xml", 415, "xml", id="xml"),
+]
+
+
+@pytest.mark.parametrize(("body", "content_type", "status", "said"), BODIES)
+def test_malformed_bodies_are_refused(api, post_url, unchanged, body, content_type, status, said):
+    response = api.generic("POST", post_url, body, content_type=content_type)
+
+    assert said.lower() in assert_detail(response, status).lower()
+
+
+def test_an_oversized_body_is_413_naming_the_limit(api, post_url, unchanged, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 100_000
+    body = json.dumps({"content": "x" * 150_000}).encode()
+
+    response = api.generic("POST", post_url, body, content_type="application/json")
+
+    detail = assert_detail(response, 413)
+    assert "100000" in detail.replace(",", "")
+
+
+UNKNOWN = str(uuid.uuid4())
+MALFORMED = "not-a-uuid"
+
+
+@pytest.mark.parametrize("conversation", [UNKNOWN, MALFORMED, "1", "%00"])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("get", "/api/conversations/{}/"),
+        ("patch", "/api/conversations/{}/"),
+        ("delete", "/api/conversations/{}/"),
+        ("get", "/api/conversations/{}/messages/"),
+        ("post", "/api/conversations/{}/messages/"),
+        ("post", "/api/conversations/{}/stop/"),
+        ("post", "/api/conversations/{}/regenerate/"),
+        ("get", "/api/conversations/{}/export/"),
+    ],
+)
+def test_unknown_or_malformed_conversation_ids_are_404(api, unchanged, method, path, conversation):
+    response = getattr(api, method)(path.format(conversation), {"content": "hi"}, format="json")
+
+    detail = assert_detail(response, 404).lower()
+    assert "not found" in detail or "no conversation" in detail
+
+
+@pytest.fixture
+def conversation(owner):
+    return make_conversation(owner, "Chat")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("put", "/api/messages/"),
+        ("get", "/api/messages/"),
+        ("delete", "/api/conversations/{}/messages/"),
+        ("put", "/api/conversations/{}/messages/"),
+        ("get", "/api/conversations/{}/stop/"),
+        ("get", "/api/conversations/{}/regenerate/"),
+        ("post", "/api/conversations/{}/"),
+    ],
+)
+def test_wrong_methods_are_405(api, conversation, unchanged, method, path):
+    response = getattr(api, method)(path.format(conversation.pk), {"content": "hi"}, format="json")
+
+    assert method.upper() in assert_detail(response, 405)
+    assert "Allow" in response.headers
+
+
+def test_an_unknown_api_path_is_a_json_404(api, unchanged):
+    assert "not found" in assert_detail(api.get("/api/no-such-thing/"), 404).lower()
+
+
+def test_an_unknown_page_is_still_an_html_404(client):
+    response = client.get("/no-such-page/")
+
+    assert response.status_code == 404
+    assert response["Content-Type"].startswith("text/html")
