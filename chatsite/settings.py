@@ -62,9 +62,31 @@ def _local_secret_key() -> str:
 
 
 DEBUG = env_bool("DJANGO_DEBUG", False)
-SECRET_KEY = env_str("DJANGO_SECRET_KEY") or _local_secret_key()
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost")
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS")
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "[::1]", "::1"}
+SECRET_KEY = env_str("DJANGO_SECRET_KEY")
+if not SECRET_KEY:
+    if not DEBUG and set(ALLOWED_HOSTS) - LOCAL_HOSTS:
+        # Served to other machines: the key must be the operator's, not one left in var/.
+        raise ImproperlyConfigured(
+            "DJANGO_SECRET_KEY is not set. A server reachable as "
+            f"{', '.join(sorted(set(ALLOWED_HOSTS) - LOCAL_HOSTS))} needs its own secret key: "
+            'set DJANGO_SECRET_KEY (for example to the output of python -c "import secrets; '
+            'print(secrets.token_urlsafe(50))").'
+        )
+    SECRET_KEY = _local_secret_key()
+
+# HTTPS, for a server behind TLS. All off by default: the local run is plain HTTP on loopback.
+SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", False)
+SECURE_HSTS_SECONDS = env_int("DJANGO_SECURE_HSTS_SECONDS", 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("DJANGO_SECURE_HSTS_PRELOAD", False)
+SESSION_COOKIE_SECURE = env_bool("DJANGO_SESSION_COOKIE_SECURE", False)
+CSRF_COOKIE_SECURE = env_bool("DJANGO_CSRF_COOKIE_SECURE", False)
+if env_bool("DJANGO_BEHIND_PROXY", False):
+    # A reverse proxy terminates TLS and says so in this header.
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 INSTALLED_APPS = [
     "django.contrib.admin",

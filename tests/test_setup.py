@@ -89,6 +89,68 @@ def test_environment_overrides_the_defaults(tmp_path):
     assert not (tmp_path / "secret_key").exists()
 
 
+PRODUCTION = {
+    "DJANGO_SECRET_KEY": "a-production-key-" + "x" * 50,
+    "DJANGO_ALLOWED_HOSTS": "chat.example.test",
+    "DJANGO_SECURE_SSL_REDIRECT": "true",
+    "DJANGO_SECURE_HSTS_SECONDS": "31536000",
+    "DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS": "true",
+    "DJANGO_SECURE_HSTS_PRELOAD": "true",
+    "DJANGO_SESSION_COOKIE_SECURE": "true",
+    "DJANGO_CSRF_COOKIE_SECURE": "true",
+}
+CHECK_DEPLOY = """
+import sys, django
+from django.core.management import call_command
+django.setup()
+call_command("check", deploy=True, fail_level="WARNING")
+"""
+
+
+def test_a_production_environment_passes_the_deployment_check(tmp_path):
+    result = run_python(CHECK_DEPLOY, {"CHATBOT_VAR_DIR": str(tmp_path), **PRODUCTION})
+    assert result.returncode == 0, result.stderr
+    assert "no issues" in result.stdout + result.stderr
+
+
+def test_the_local_defaults_are_flagged_by_the_deployment_check(tmp_path):
+    result = run_python(CHECK_DEPLOY, {"CHATBOT_VAR_DIR": str(tmp_path)})
+    assert result.returncode != 0
+    for warning in ("W004", "W008", "W012", "W016"):  # HSTS, SSL redirect, cookies
+        assert warning in result.stderr
+
+
+def test_a_server_for_other_hosts_refuses_to_start_without_a_secret_key(tmp_path):
+    env = {**PRODUCTION, "CHATBOT_VAR_DIR": str(tmp_path), "DJANGO_SECRET_KEY": ""}
+    result = run_python(SHOW_SETTINGS, env)
+    assert result.returncode != 0
+    assert "DJANGO_SECRET_KEY is not set" in result.stderr
+    assert "chat.example.test" in result.stderr
+    assert not (tmp_path / "secret_key").exists()
+
+
+def test_security_headers_and_cookies_follow_the_settings(client, settings, django_user_model):
+    settings.SECURE_HSTS_SECONDS = 3600
+    settings.SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    settings.SESSION_COOKIE_SECURE = True
+    settings.CSRF_COOKIE_SECURE = True
+    settings.SECURE_SSL_REDIRECT = True
+    django_user_model.objects.create_user("ada", password="Sturdy-Passw0rd-42")
+
+    assert client.get("/accounts/login/").status_code == 301, "plain HTTP is redirected"
+    page = client.get("/accounts/login/", secure=True)
+    assert page["Strict-Transport-Security"] == "max-age=3600; includeSubDomains"
+    assert page.cookies["csrftoken"]["secure"]
+    token = page.cookies["csrftoken"].value
+    login = client.post(
+        "/accounts/login/",
+        {"username": "ada", "password": "Sturdy-Passw0rd-42", "csrfmiddlewaretoken": token},
+        secure=True,
+    )
+    assert login.status_code == 302
+    assert login.cookies["sessionid"]["secure"]
+
+
 def test_migrate_and_the_web_layer_never_import_torch(tmp_path):
     code = """
 import sys, django
