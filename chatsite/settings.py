@@ -217,6 +217,10 @@ CHATBOT_MODEL_CACHE = Path(env_str("CHATBOT_MODEL_CACHE") or VAR_DIR / "models")
 CHATBOT_CONTEXT_TOKENS = env_int("CHATBOT_CONTEXT_TOKENS", 0)
 CHATBOT_SYSTEM_PROMPT = env_str("CHATBOT_SYSTEM_PROMPT", "You are a helpful AI assistant.")
 CHATBOT_MAX_MESSAGE_CHARS = env_int("CHATBOT_MAX_MESSAGE_CHARS", 16000)
+# Rate limits (0: none): messages a user may post (send, regenerate, edit) per minute, and
+# attempts to sign in, sign up or get an API token per client address per minute.
+CHATBOT_MESSAGES_PER_MINUTE = env_int("CHATBOT_MESSAGES_PER_MINUTE", 30)
+CHATBOT_LOGINS_PER_MINUTE = env_int("CHATBOT_LOGINS_PER_MINUTE", 10)
 CHATBOT_TORCH_THREADS = env_int("CHATBOT_TORCH_THREADS", 0)
 # Memory for the keys and values of recent conversations' last turns, so a follow-up message
 # recomputes only its new tokens (0 turns the prefix cache off).

@@ -1,6 +1,7 @@
 from django.conf import settings
 from django.contrib import messages as flash
 from django.contrib.auth import login
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
 from django.core.paginator import Paginator
@@ -12,6 +13,7 @@ from .errors import ChatError
 from .forms import NewConversationForm
 from .models import Conversation
 from .search import search_conversations
+from .throttles import LoginRateThrottle, MessageRateThrottle, refuse_page
 
 CONVERSATIONS_PER_PAGE = 30
 
@@ -20,6 +22,8 @@ CONVERSATIONS_PER_PAGE = 30
 def signup(request):
     if request.user.is_authenticated:
         return redirect("conversations:list")
+    if refused := refuse_page(request, LoginRateThrottle):
+        return refused
     form = UserCreationForm(request.POST if request.method == "POST" else None)
     if request.method == "POST" and form.is_valid():
         user = form.save()
@@ -51,6 +55,8 @@ def conversation_list(request):
 @login_required
 @require_POST
 def new_conversation(request):
+    if refused := refuse_page(request, MessageRateThrottle):
+        return refused
     form = NewConversationForm(request.POST)
     if not form.is_valid():
         conversations = (
@@ -74,3 +80,12 @@ def new_conversation(request):
 
 def _default_prompt():
     return {"system_prompt": settings.CHATBOT_SYSTEM_PROMPT}
+
+
+class LoginView(auth_views.LoginView):
+    """Django's login page, with sign-in attempts limited per client address."""
+
+    redirect_authenticated_user = True
+
+    def post(self, request, *args, **kwargs):
+        return refuse_page(request, LoginRateThrottle) or super().post(request, *args, **kwargs)

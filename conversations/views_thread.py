@@ -13,6 +13,7 @@ from . import services
 from .errors import ChatError
 from .forms import ConversationSettingsForm, MessageForm
 from .models import Conversation, Message
+from .throttles import MessageRateThrottle, refuse_page
 
 
 def _own_conversation(request, conversation_id) -> Conversation:
@@ -27,6 +28,8 @@ def _back_to_thread(conversation):
 @require_http_methods(["GET", "POST"])
 def thread(request, conversation_id):
     conversation = _own_conversation(request, conversation_id)
+    if refused := refuse_page(request, MessageRateThrottle):
+        return refused
     form = MessageForm(request.POST if request.method == "POST" else None)
     if request.method == "POST" and form.is_valid():
         content = form.cleaned_data["content"]
@@ -54,6 +57,8 @@ def thread(request, conversation_id):
 @require_POST
 def regenerate(request, conversation_id):
     conversation = _own_conversation(request, conversation_id)
+    if refused := refuse_page(request, MessageRateThrottle):
+        return refused
     _run_reply(request, lambda: services.regenerate(conversation=conversation))
     return _back_to_thread(conversation)
 
@@ -62,6 +67,8 @@ def regenerate(request, conversation_id):
 @require_POST
 def edit(request, conversation_id):
     conversation = _own_conversation(request, conversation_id)
+    if refused := refuse_page(request, MessageRateThrottle):
+        return refused
     form = MessageForm(request.POST)
     if not form.is_valid():
         flash.error(request, " ".join(form.errors["content"]))

@@ -14,6 +14,14 @@ def _fast_passwords(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
+@pytest.fixture(autouse=True)
+def _fresh_rate_limits():
+    """Rate limits count in the cache: each test starts with none used."""
+    from django.core.cache import cache
+
+    cache.clear()
+
+
 @pytest.fixture
 def fake_engine(settings):
     """Replace the process's engine with FakeEngine for the test. Titles stay the first

@@ -1,16 +1,15 @@
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
-from rest_framework.authtoken.views import obtain_auth_token
 from rest_framework.routers import DefaultRouter
 
 from .transfer import ConversationExportView, ConversationImportView
-from .views import ConversationViewSet, StartMessageView
+from .views import ConversationViewSet, StartMessageView, TokenView
 
 router = DefaultRouter()
 router.register("conversations", ConversationViewSet, basename="conversation")
 
 urlpatterns = [
-    path("token/", obtain_auth_token, name="api-token"),
+    path("token/", TokenView.as_view(), name="api-token"),
     path("messages/", StartMessageView.as_view(), name="api-messages"),
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),

@@ -1,6 +1,7 @@
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import generics, renderers, status, viewsets
+from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotAcceptable
 from rest_framework.response import Response
@@ -8,6 +9,7 @@ from rest_framework.response import Response
 from .. import services
 from ..models import Conversation
 from ..search import search_conversations
+from ..throttles import LoginRateThrottle, MessageRateThrottle
 from .serializers import (
     ActivateSerializer,
     ConversationSerializer,
@@ -111,7 +113,12 @@ class ConversationViewSet(viewsets.ModelViewSet):
         description="Store a message and answer it with the model. The model sees the "
         "conversation's earlier turns, rebuilt from the database. " + STREAM_NOTE,
     )
-    @action(detail=True, methods=["get", "post"], renderer_classes=STREAM_RENDERERS)
+    @action(
+        detail=True,
+        methods=["get", "post"],
+        renderer_classes=STREAM_RENDERERS,
+        throttle_classes=[MessageRateThrottle],
+    )
     def messages(self, request, pk=None):
         conversation = self.get_object()
         if request.method == "GET":
@@ -135,7 +142,12 @@ class ConversationViewSet(viewsets.ModelViewSet):
         description="Write a new version of the last reply; earlier versions are kept. "
         + STREAM_NOTE,
     )
-    @action(detail=True, methods=["post"], renderer_classes=STREAM_RENDERERS)
+    @action(
+        detail=True,
+        methods=["post"],
+        renderer_classes=STREAM_RENDERERS,
+        throttle_classes=[MessageRateThrottle],
+    )
     def regenerate(self, request, pk=None):
         writer = services.regenerate(conversation=self.get_object())
         return self._answer(request, writer, with_user_message=False)
@@ -146,7 +158,12 @@ class ConversationViewSet(viewsets.ModelViewSet):
         description="Replace the last user message with a new version and answer it; the "
         "earlier version and its replies are kept. " + STREAM_NOTE,
     )
-    @action(detail=True, methods=["post"], renderer_classes=STREAM_RENDERERS)
+    @action(
+        detail=True,
+        methods=["post"],
+        renderer_classes=STREAM_RENDERERS,
+        throttle_classes=[MessageRateThrottle],
+    )
     def edit(self, request, pk=None):
         conversation = self.get_object()
         serializer = PostMessageSerializer(data=request.data)
@@ -190,6 +207,7 @@ class StartMessageView(generics.GenericAPIView):
 
     serializer_class = StartMessageSerializer
     renderer_classes = STREAM_RENDERERS
+    throttle_classes = [MessageRateThrottle]
 
     @extend_schema(
         responses={201: ExchangeSerializer, **ERROR_RESPONSES},
@@ -210,3 +228,10 @@ class StartMessageView(generics.GenericAPIView):
         exchange = writer.run()
         load_versions(exchange.user_message, exchange.reply)
         return Response(ExchangeSerializer(exchange).data, status=status.HTTP_201_CREATED)
+
+
+class TokenView(ObtainAuthToken):
+    """Exchange a username and password for the API token; attempts are limited per client
+    address (CHATBOT_LOGINS_PER_MINUTE)."""
+
+    throttle_classes = [LoginRateThrottle]
