@@ -188,10 +188,17 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "conversations.api.pagination.PageNumberPagination",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "conversations.api.errors.exception_handler",
+    # The API reads JSON (the import also takes a file upload, the token form fields).
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "TEST_REQUEST_DEFAULT_FORMAT": "json",
     "PAGE_SIZE": 50,
 }
 
 SPECTACULAR_SETTINGS = {
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "conversations.api.schema.add_error_responses",
+    ],
     "TITLE": "Chat API",
     "DESCRIPTION": "Conversations with a local language model; every turn is stored.",
     "VERSION": "1.0.0",

@@ -16,21 +16,23 @@ READING = ("GET", "HEAD", "OPTIONS")
 
 
 class _PerMinute(SimpleRateThrottle):
+    """A limit per minute from a setting; reading (GET, HEAD, OPTIONS) is never limited."""
+
     setting = ""
 
     def get_rate(self):
         per_minute = getattr(settings, self.setting)
         return f"{per_minute}/min" if per_minute > 0 else None
 
+    def allow_request(self, request, view):
+        return request.method in READING or super().allow_request(request, view)
+
 
 class MessageRateThrottle(_PerMinute):
-    """Messages posted (sent, regenerated, edited) per user; reading is never limited."""
+    """Messages posted (sent, regenerated, edited) per user."""
 
     scope = "messages"
     setting = "CHATBOT_MESSAGES_PER_MINUTE"
-
-    def allow_request(self, request, view):
-        return request.method in READING or super().allow_request(request, view)
 
     def get_cache_key(self, request, view):
         if not request.user.is_authenticated:
@@ -43,9 +45,6 @@ class LoginRateThrottle(_PerMinute):
 
     scope = "login"
     setting = "CHATBOT_LOGINS_PER_MINUTE"
-
-    def allow_request(self, request, view):
-        return request.method in READING or super().allow_request(request, view)
 
     def get_cache_key(self, request, view):
         return self.cache_format % {"scope": self.scope, "ident": self.get_ident(request)}

@@ -1,24 +1,29 @@
 from django.conf import settings
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from ..models import REPLY_FIELDS, Conversation, Message
 from ..validators import validate_message_content
 
 
+@extend_schema_field(
+    {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": settings.CHATBOT_MAX_MESSAGE_CHARS,
+        # Something besides whitespace, and no NUL character.
+        "pattern": "^[^\\u0000]*\\S[^\\u0000]*$",
+        "description": "The message; whitespace around it is kept.",
+    }
+)
 class MessageContentField(serializers.CharField):
     """A chat message's text: a string as sent, whitespace kept, checked by one validator."""
 
+    default_error_messages = {"blank": "Message content must not be empty."}
+
     def __init__(self, **kwargs):
         kwargs.setdefault("trim_whitespace", False)
-        kwargs.setdefault("allow_blank", True)  # so emptiness gets the validator's message
         super().__init__(validators=[validate_message_content], **kwargs)
-
-    def run_validation(self, data=serializers.empty):
-        value = super().run_validation(data)
-        if value == "":
-            # CharField returns "" early, skipping validators, when blanks are allowed.
-            self.run_validators(value)
-        return value
 
     def to_internal_value(self, data):
         if not isinstance(data, str):

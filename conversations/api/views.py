@@ -1,5 +1,5 @@
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, renderers, status, viewsets
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.decorators import action
@@ -29,6 +29,20 @@ STREAM_RENDERERS = [
     renderers.BrowsableAPIRenderer,
     EventStreamRenderer,
 ]
+# One Server-Sent Event: its name and its JSON data.
+SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string", "enum": ["user_message", "delta", "done", "error", "title"]},
+        "data": {"type": "string", "description": "A JSON document."},
+    },
+    "required": ["event", "data"],
+}
+STREAM_RESPONSE = {
+    (200, EVENT_STREAM): OpenApiResponse(
+        response=SSE_EVENT, description="The answer as Server-Sent Events (see above)."
+    )
+}
 STREAM_NOTE = (
     'With `Accept: text/event-stream` or `"stream": true`, the answer is a stream of '
     "Server-Sent Events: `user_message`, `delta` ({text}) as the model writes, then `done` "
@@ -49,6 +63,16 @@ class ConversationViewSet(viewsets.ModelViewSet):
 
     serializer_class = ConversationSerializer
     http_method_names = ["get", "post", "patch", "delete", "head", "options"]
+
+    def handle_exception(self, exc):
+        # A request that streams nothing (any GET) hears of its errors in JSON, even if it asked
+        # for an event stream.
+        request = self.request
+        renderer = getattr(request, "accepted_renderer", None)
+        if request.method == "GET" and renderer is not None and renderer.media_type == EVENT_STREAM:
+            request.accepted_renderer = renderers.JSONRenderer()
+            request.accepted_media_type = request.accepted_renderer.media_type
+        return super().handle_exception(exc)
 
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):  # schema generation has no user
@@ -109,7 +133,7 @@ class ConversationViewSet(viewsets.ModelViewSet):
     @extend_schema(
         methods=["POST"],
         request=PostMessageSerializer,
-        responses={201: ExchangeSerializer, **ERROR_RESPONSES},
+        responses={201: ExchangeSerializer, **STREAM_RESPONSE, **ERROR_RESPONSES},
         description="Store a message and answer it with the model. The model sees the "
         "conversation's earlier turns, rebuilt from the database. " + STREAM_NOTE,
     )
@@ -138,7 +162,7 @@ class ConversationViewSet(viewsets.ModelViewSet):
 
     @extend_schema(
         request=StreamOptionSerializer,
-        responses={201: ExchangeSerializer, **ERROR_RESPONSES, 409: None},
+        responses={201: ExchangeSerializer, **STREAM_RESPONSE, **ERROR_RESPONSES, 409: None},
         description="Write a new version of the last reply; earlier versions are kept. "
         + STREAM_NOTE,
     )
@@ -154,7 +178,7 @@ class ConversationViewSet(viewsets.ModelViewSet):
 
     @extend_schema(
         request=PostMessageSerializer,
-        responses={201: ExchangeSerializer, **ERROR_RESPONSES, 409: None},
+        responses={201: ExchangeSerializer, **STREAM_RESPONSE, **ERROR_RESPONSES, 409: None},
         description="Replace the last user message with a new version and answer it; the "
         "earlier version and its replies are kept. " + STREAM_NOTE,
     )
@@ -210,7 +234,7 @@ class StartMessageView(generics.GenericAPIView):
     throttle_classes = [MessageRateThrottle]
 
     @extend_schema(
-        responses={201: ExchangeSerializer, **ERROR_RESPONSES},
+        responses={201: ExchangeSerializer, **STREAM_RESPONSE, **ERROR_RESPONSES},
         description="One call, one first answer. " + STREAM_NOTE,
     )
     def post(self, request):
