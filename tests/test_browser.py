@@ -405,3 +405,44 @@ def _shows_html_as_text(page):
     page.goto("/")
     expect(page.locator(".conversation-list li")).to_have_count(1)
     assert page.evaluate("typeof window.__xss") == "undefined"
+
+
+# Markup in a reply: the model's text goes through Markdown, so the tricks differ from a user's.
+MODEL_XSS = (
+    '<script>window.__xss=3</script> <img src=x onerror="window.__xss=4"> '
+    "[click me](javascript:window.__xss=5) ![picture](javascript:window.__xss=6) "
+    '<a href="javascript:window.__xss=7">raw link</a> <svg onload="window.__xss=8"></svg> '
+    "[data](data:text/html;base64,PHNjcmlwdD53aW5kb3cuX194c3M9OTwvc2NyaXB0Pg==) "
+    '<iframe src="javascript:window.__xss=10"></iframe> '
+    "[ok](https://example.test/page) **bold**"
+)
+
+
+def test_8_markup_in_a_reply_is_shown_inert(new_browser, server):
+    with _watched(new_browser()) as page:
+        _sign_up(page, "grace")
+        # A stored reply with every trick in it, as if the model had written it.
+        server.manage(
+            "shell",
+            "-c",
+            "from django.contrib.auth import get_user_model; "
+            "from conversations import services; from conversations.models import Message; "
+            "user = get_user_model().objects.get(username='grace'); "
+            "chat = services.create_conversation(owner=user, title='Tricks'); "
+            "question = Message.objects.create(conversation=chat, role='user', content='Hi'); "
+            f"Message.objects.create(conversation=chat, role='assistant', content={MODEL_XSS!r}, "
+            "reply_to=question)",
+        )
+        page.goto("/")
+        page.get_by_role("link", name=re.compile("Tricks")).click()
+        reply = page.locator("#messages li.message.assistant .bubble")
+        expect(reply).to_contain_text("click me")
+        expect(reply.locator("strong")).to_have_text("bold")
+        assert reply.locator("script, img, svg, iframe").count() == 0
+        hrefs = [link.get_attribute("href") or "" for link in reply.locator("a").all()]
+        assert "https://example.test/page" in hrefs
+        assert not [h for h in hrefs if h.lower().startswith(("javascript:", "data:"))], hrefs
+        for name in ("click me", "raw link", "data"):  # whatever is left of them, clicked
+            for element in reply.get_by_text(name, exact=True).all():
+                element.click(no_wait_after=True)
+        assert page.evaluate("typeof window.__xss") == "undefined"

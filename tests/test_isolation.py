@@ -173,3 +173,26 @@ def test_search_finds_only_ones_own_conversations(api, other_api, client, owner,
         page = client.get(listing)
         assert page.status_code == 200
         assert SECRET not in page.content.decode()
+
+
+def test_page_forms_need_their_csrf_token(owner, fake_engine, chat):
+    from django.test import Client
+
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(owner)
+    before = (snapshot(chat), Conversation.objects.count())
+    for path, data in [
+        ("/new/", {"content": "Forged"}),
+        (f"/c/{chat.pk}/", {"content": "Forged"}),
+        (f"/c/{chat.pk}/delete/", {}),
+        (f"/c/{chat.pk}/settings/", {"title": "Forged", "temperature": "0", "max_new_tokens": "8"}),
+    ]:
+        assert browser.post(path, data).status_code == 403, path
+    assert (snapshot(chat), Conversation.objects.count()) == before
+    assert fake_engine.calls == []
+
+    browser.get("/")  # the page sets the token cookie; its forms carry it
+    token = browser.cookies["csrftoken"].value
+    sent = browser.post(f"/c/{chat.pk}/", {"content": "Real", "csrfmiddlewaretoken": token})
+    assert sent.status_code == 302
+    assert chat.messages.filter(content="Real").exists()
