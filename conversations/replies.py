@@ -1,6 +1,7 @@
 """Writing one reply into the database while the model streams it.
 
-The reply row appears with the first token (status "streaming"), its text is saved every
+The reply row is reserved with the question (status "streaming", no text yet), so a second
+message to the same conversation sees it busy; its text is saved at the first token and every
 FLUSH_SECONDS while the model writes, and it ends as ok, cancelled or error, with the statistics
 of the run. Nothing about a running reply lives only in memory: a stop request from any process
 flips the row to "cancelled", and the writer notices at its next save.
@@ -57,6 +58,23 @@ def cancel_running(conversation_id) -> bool:
     return bool(streams)
 
 
+def reserve_reply(question: Message, *, engine, params) -> Message:
+    """The row of the reply to `question`, before any text: status streaming, so the
+    conversation counts as busy from the moment the question is saved (call it in the same
+    transaction). Regenerating: the earlier replies stay, as inactive versions."""
+    question.replies.filter(is_active=True).update(is_active=False)
+    return Message.objects.create(
+        conversation_id=question.conversation_id,
+        role=Message.Role.ASSISTANT,
+        content="",
+        status=Message.Status.STREAMING,
+        reply_to=question,
+        version_group=question.pk,
+        model=engine.model_name,
+        generation_params=params.as_dict(),
+    )
+
+
 @dataclass
 class ReplyWriter:
     """Answers `question` (a saved user message) in `conversation`. Iterate for ReplyEvents;
@@ -64,11 +82,11 @@ class ReplyWriter:
 
     conversation: Conversation
     question: Message
+    reply: Message  # reserved with the question (reserve_reply), status streaming, no text yet
     engine: Any
     params: Any
     # Called after a finished reply; may return one more event (the conversation's new title).
     after_done: Callable[[ReplyWriter], ReplyEvent | None] | None = None
-    reply: Message | None = None
     error: ChatError | None = None
     _stream: Any = field(default=None, repr=False)
     _events: Any = field(default=None, repr=False)
@@ -111,14 +129,11 @@ class ReplyWriter:
 
         with _running_lock:
             _running.setdefault(self.conversation.pk, set()).add(self._stream)
-        text, last_flush = "", 0.0
+        text, last_flush = "", 0.0  # (so the first piece of text is saved at once)
         try:
             for delta in self._stream:
                 text += delta
-                if self.reply is None:
-                    self._start_row(text)
-                    last_flush = time.monotonic()
-                elif time.monotonic() - last_flush >= FLUSH_SECONDS:
+                if time.monotonic() - last_flush >= FLUSH_SECONDS:
                     self._flush(text)
                     last_flush = time.monotonic()
                 yield ReplyEvent("delta", delta)
@@ -137,21 +152,6 @@ class ReplyWriter:
 
     # Rows
 
-    def _start_row(self, text: str) -> None:
-        with transaction.atomic():
-            # Regenerating: the earlier replies to this question stay, as inactive versions.
-            self.question.replies.filter(is_active=True).update(is_active=False)
-            self.reply = Message.objects.create(
-                conversation=self.conversation,
-                role=Message.Role.ASSISTANT,
-                content=text,
-                status=Message.Status.STREAMING,
-                reply_to=self.question,
-                version_group=self.question.pk,
-                model=self.engine.model_name,
-                generation_params=self.params.as_dict(),
-            )
-
     def _flush(self, text: str) -> None:
         saved = Message.objects.filter(pk=self.reply.pk, status=Message.Status.STREAMING).update(
             content=text
@@ -161,8 +161,6 @@ class ReplyWriter:
 
     def _finish(self, context_turns: int) -> Message:
         result = self._stream.result
-        if self.reply is None:  # no text at all: an empty reply, or cancelled before it began
-            self._start_row("")
         still_streaming = Message.objects.filter(
             pk=self.reply.pk, status=Message.Status.STREAMING
         ).exists()
@@ -182,8 +180,6 @@ class ReplyWriter:
 
     def _fail(self, error: ChatError, reason: str) -> ReplyEvent:
         fields = {"status": Message.Status.ERROR, "error": reason}
-        if self.reply is None:
-            self._start_row("")
         self._save(fields)
         error.exchange = Exchange(self.question, self.reply)
         self.error = error
@@ -192,9 +188,8 @@ class ReplyWriter:
     def _fail_unexpected(self, exc: Exception, text: str) -> ReplyEvent:
         logger.exception("Generation failed in conversation %s", self.conversation.pk)
         reason = f"{type(exc).__name__}: {exc}"
-        if self.reply is not None:
-            Message.objects.filter(pk=self.reply.pk).update(content=text)
-            self.reply.content = text  # the error event and the 503 body show the saved text
+        Message.objects.filter(pk=self.reply.pk).update(content=text)
+        self.reply.content = text  # the error event and the 503 body show the saved text
         error = GenerationFailed(f"The model could not answer: {reason}. Your message was saved.")
         return self._fail(error, reason)
 

@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from .errors import Conflict
 from .models import Conversation, Message
-from .replies import Exchange, ReplyEvent, ReplyWriter, cancel_running
+from .replies import Exchange, ReplyEvent, ReplyWriter, cancel_running, reserve_reply
 from .runtime import default_generation_params, get_engine
 
 logger = logging.getLogger(__name__)
@@ -74,9 +74,10 @@ def post_message(*, conversation: Conversation, content: str) -> Exchange:
 
 def open_message_stream(*, conversation: Conversation, content: str) -> ReplyWriter:
     """Store the user's message now; the returned writer answers it as it is iterated."""
-    _ensure_idle(conversation)
-    question = _save_user_message(conversation, content)
-    return _writer(conversation, question)
+    with transaction.atomic():
+        _ensure_idle(conversation)
+        question = _save_user_message(conversation, content)
+        return _writer(conversation, question)
 
 
 def start_conversation(
@@ -93,24 +94,25 @@ def start_conversation(
 
 def regenerate(*, conversation: Conversation) -> ReplyWriter:
     """A new version of the last reply. The earlier versions are kept, inactive."""
-    _ensure_idle(conversation)
-    question = _last_question(conversation)
-    if question is None:
-        raise Conflict("There is no message to answer again yet.")
-    return _writer(conversation, question)
+    with transaction.atomic():
+        _ensure_idle(conversation)
+        question = _last_question(conversation)
+        if question is None:
+            raise Conflict("There is no message to answer again yet.")
+        return _writer(conversation, question)
 
 
 def edit_last_message(*, conversation: Conversation, content: str) -> ReplyWriter:
     """Replace the last user message with a new version and answer it. The earlier version and
     its replies are kept, inactive, and can be switched back to."""
-    _ensure_idle(conversation)
-    previous = _last_question(conversation)
-    if previous is None:
-        raise Conflict("There is no message to edit yet.")
     with transaction.atomic():
+        _ensure_idle(conversation)
+        previous = _last_question(conversation)
+        if previous is None:
+            raise Conflict("There is no message to edit yet.")
         Message.objects.filter(version_group=previous.version_group).update(is_active=False)
         question = _save_user_message(conversation, content, version_group=previous.version_group)
-    return _writer(conversation, question)
+        return _writer(conversation, question)
 
 
 def activate_version(*, conversation: Conversation, message: Message) -> Message:
@@ -156,6 +158,11 @@ def mark_interrupted_replies() -> int:
 
 
 def _ensure_idle(conversation: Conversation) -> None:
+    """Refuse a new reply while one is being written. Called first in the transaction that
+    saves the question and reserves its reply: the conversation's row is locked (PostgreSQL;
+    SQLite's write transactions are serialized anyway), so of two messages sent at the same
+    time the second sees the first one's reply and gets 409."""
+    list(Conversation.objects.select_for_update().filter(pk=conversation.pk).values_list("pk"))
     if conversation.messages.filter(status=Message.Status.STREAMING).exists():
         raise Conflict(
             "A reply is still being written in this conversation. Wait for it or stop it."
@@ -191,11 +198,15 @@ def _last_question(conversation: Conversation) -> Message | None:
 
 
 def _writer(conversation: Conversation, question: Message) -> ReplyWriter:
+    """The writer of the reply to `question`, whose row it reserves (inside the caller's
+    transaction)."""
+    engine, params = get_engine(), generation_params(conversation)
     return ReplyWriter(
         conversation=conversation,
         question=question,
-        engine=get_engine(),
-        params=generation_params(conversation),
+        reply=reserve_reply(question, engine=engine, params=params),
+        engine=engine,
+        params=params,
         after_done=_write_title,
     )
 

@@ -176,16 +176,19 @@ def test_json_answer_is_not_a_stream(api, owner, fake_engine):
     assert response.json()["reply"]["content"] == "Echo: Hi"
 
 
-# --- 2. the row exists from the first token ------------------------------------------------------
+# --- 2. the row is reserved with the question, and has text from the first token -----------------
 
 
-def test_reply_row_exists_from_the_first_token(api, owner, fake_engine):
+def test_reply_row_is_reserved_with_the_question_and_has_text_from_the_first_token(
+    api, owner, fake_engine
+):
     conversation = make_conversation(owner)
     fake_engine.replies = [SCRIPTED]
 
     reader = EventReader(stream_post(api, url(conversation), {"content": "Count"}))
     assert reader.next()[0] == "user_message"
-    assert conversation.messages.filter(role="assistant").count() == 0
+    reserved = conversation.messages.get(role="assistant")
+    assert (reserved.status, reserved.content) == (Message.Status.STREAMING, "")
 
     kind, data = reader.next()
     assert (kind, data) == ("delta", {"text": "one"})
