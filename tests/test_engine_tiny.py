@@ -248,3 +248,23 @@ def test_a_counted_prompt_is_not_tokenized_again_to_generate(tiny_engine, monkey
     assert len(calls) == 1
     other = [{"role": "user", "content": "hello"}]
     assert tiny_engine.count_tokens(other) < counted and len(calls) == 2
+
+
+@pytest.mark.parametrize("model", ["causal", "seq2seq"])
+def test_a_reply_cancelled_before_it_begins_ends_at_once(
+    tiny_causal_dir, tiny_blenderbot_dir, tmp_path, model
+):
+    """Both paths, the decoder's and generate's: the reader hears the end, nothing hangs."""
+    import threading
+
+    directory = tiny_causal_dir if model == "causal" else tiny_blenderbot_dir
+    engine = Engine(model=str(directory), cache_dir=tmp_path)
+    engine.load()
+    stream = engine.stream([{"role": "user", "content": "hello"}], GenerationParams())
+    stream.cancel()
+    reader = threading.Thread(target=lambda: list(stream), daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    assert not reader.is_alive(), "the stream never ended"
+    assert stream.result.finish_reason == "cancelled"
+    assert stream.result.completion_tokens == 0

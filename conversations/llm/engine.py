@@ -114,11 +114,11 @@ class ReplyStream:
         engine, cancelled = self.engine, self.cancelled
         loaded = engine.load()
         input_ids = engine._encode(self.messages)
-        config = engine._generation_config(self.params)
+        budget = engine.reply_budget(self.params)
         if engine._decoder is not None:
             self._request = ReplyRequest(
                 prompt=input_ids,
-                max_new_tokens=config.max_new_tokens,
+                max_new_tokens=budget,
                 stop_ids=frozenset(engine._stop_ids()),
                 repetition_penalty=self.params.repetition_penalty,
                 samplers=engine._samplers(self.params),
@@ -131,6 +131,7 @@ class ReplyStream:
         else:
             streamer = _TokenQueue()
             events = streamer.queue
+            config = engine._generation_config(self.params)
             job = engine._scheduler.call(lambda: self._generate(input_ids, config, streamer))
             wait = lambda: futures.wait([job])  # noqa: E731
 
@@ -158,7 +159,7 @@ class ReplyStream:
                 cancelled.set()
             wait()
             finished = finished or time.perf_counter()
-            self.result = self._result(tokens, len(input_ids), config, started, first_at, finished)
+            self.result = self._result(tokens, len(input_ids), budget, started, first_at, finished)
 
     def _generate(self, input_ids: list[int], config, streamer: _TokenQueue) -> None:
         """`generate`, for models the decoder does not run (on the model thread)."""
@@ -172,25 +173,25 @@ class ReplyStream:
                 return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool)
 
         try:
-            with torch.inference_mode():
-                if cancelled.is_set():
-                    return
-                prompt = torch.tensor([input_ids], dtype=torch.long)
-                self.engine.load().model.generate(
-                    input_ids=prompt,
-                    attention_mask=torch.ones_like(prompt),
-                    generation_config=config,
-                    streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([StopWhenCancelled()]),
-                )
+            # Cancelled before it began: nothing to generate, but the reader still hears "end".
+            if not cancelled.is_set():
+                with torch.inference_mode():
+                    prompt = torch.tensor([input_ids], dtype=torch.long)
+                    self.engine.load().model.generate(
+                        input_ids=prompt,
+                        attention_mask=torch.ones_like(prompt),
+                        generation_config=config,
+                        streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([StopWhenCancelled()]),
+                    )
         except BaseException as exc:
             streamer.queue.put(("error", exc, time.perf_counter()))
         else:
             streamer.queue.put(("end", None, time.perf_counter()))
 
-    def _result(self, tokens, prompt_tokens, config, started, first_at, finished) -> Generation:
+    def _result(self, tokens, prompt_tokens, budget, started, first_at, finished) -> Generation:
         stopped = bool(tokens) and tokens[-1] in self.engine._stop_ids()
-        if stopped or (not self.cancelled.is_set() and len(tokens) < config.max_new_tokens):
+        if stopped or (not self.cancelled.is_set() and len(tokens) < budget):
             reason = "stop"
         elif self.cancelled.is_set():
             reason = "cancelled"
@@ -342,15 +343,14 @@ class Engine:
             raise NotImplementedError("Scoring is implemented for causal models.")
         prompt_ids = self._encode(messages)
         reply_ids = loaded.tokenizer(reply, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([prompt_ids + reply_ids], dtype=torch.long)
+        ids = prompt_ids + reply_ids
 
         def forward():
             with torch.inference_mode():
                 if self._decoder is not None:  # the weights replies are written with
-                    row = self._scheduler.spare_row
-                    logits = self._decoder.prefill(row, ids[0].tolist(), 0, every=True)
+                    logits = self._decoder.prefill(self._scheduler.spare_row, ids, 0, every=True)
                 else:
-                    logits = loaded.model(input_ids=ids).logits[0].float()
+                    logits = loaded.model(input_ids=torch.tensor([ids])).logits[0].float()
                 log_probs = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
                 targets = torch.tensor(reply_ids, dtype=torch.long)
                 return float(log_probs.gather(1, targets.unsqueeze(1)).sum())
