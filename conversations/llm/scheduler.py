@@ -63,7 +63,6 @@ class ReplyRequest:
     pending: int | None = None  # the last token chosen, fed at the next step
     generated: list[int] = field(default_factory=list)
     history: torch.Tensor | None = None  # prompt + generated token ids (see _seen)
-    reading: bool = False  # the prompt is being fed
     finished: bool = False
 
     @property
@@ -119,6 +118,7 @@ class Scheduler:
                     continue  # only calls come
                 try:
                     self._admit()
+                    self._drop_cancelled()
                     self._prefill_step()
                     self._decode_step()
                 except Exception as exc:  # every reply in flight hears of it
@@ -151,7 +151,6 @@ class Scheduler:
                 continue
             request.row = len(self._rows)
             self._rows.append(request)
-            request.reading = True
             decoder.cache.reserve(len(self._rows), len(request.prompt) + request.max_new_tokens)
             if request.cache_key is not None:
                 stored, reuse = self.prefix_cache.take(request.cache_key, request.prompt)
@@ -159,16 +158,20 @@ class Scheduler:
                     decoder.cache.load(request.row, stored, reuse)
                     request.filled = request.reused_tokens = reuse
 
+    def _drop_cancelled(self) -> None:
+        """Cancelling takes effect here, before the next pass."""
+        for request in self._rows:
+            if request.cancelled.is_set():
+                self._finish(request)
+
     def _prefill_step(self) -> None:
-        """Feed each reply still reading its prompt its next chunk, all in one pass (at most
-        PREFILL_TOKENS in all); a reply whose prompt is read chooses its first token."""
+        """Feed each reply still reading its prompt (it has no token chosen yet) its next chunk,
+        all in one pass (at most PREFILL_TOKENS in all); a reply whose prompt is read chooses
+        its first token."""
         runs, readers = [], []
         budget = PREFILL_TOKENS
         for request in self._rows:
-            if not request.reading or request.finished or budget <= 0:
-                continue
-            if request.cancelled.is_set():
-                self._finish(request)
+            if request.pending is not None or request.finished or budget <= 0:
                 continue
             chunk = request.prompt[request.filled : request.filled + min(PREFILL_CHUNK, budget)]
             runs.append((request.row, chunk, request.filled))
@@ -181,15 +184,11 @@ class Scheduler:
         for i, (request, (_, chunk, _)) in enumerate(zip(readers, runs, strict=True)):
             request.filled += len(chunk)
             if request.filled == len(request.prompt):
-                request.reading = False
                 done.append(i)
         if done:
             self._choose([readers[i] for i in done], logits[done])
 
     def _decode_step(self) -> None:
-        for request in self._rows:
-            if request.cancelled.is_set() and not request.finished:
-                self._finish(request)
         decoding = [r for r in self._rows if r.pending is not None and not r.finished]
         if not decoding:
             return
