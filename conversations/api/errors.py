@@ -13,11 +13,11 @@ from ..errors import ChatError
 
 def exception_handler(exc, context):
     if isinstance(exc, RequestDataTooBig):
-        request = context["request"]
-        size = request.META.get("CONTENT_LENGTH") or "more than"
+        size = context["request"].META.get("CONTENT_LENGTH")
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        said = f"is {size} bytes" if size else "is larger than that"
         return Response(
-            {"detail": f"The request body is {size} bytes; the limit is {limit} bytes."},
+            {"detail": f"The request body {said}; the limit is {limit} bytes."},
             status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
         )
     if isinstance(exc, ChatError):
