@@ -95,6 +95,28 @@ def test_prompts_fed_together_compute_what_they_compute_alone(tiny_dir):
     torch.testing.assert_close(keys_together, decoder.cache.keys[0][:3, :12])
 
 
+@pytest.mark.parametrize("fmt", ["int4", "fp32"])
+def test_scripted_layers_compute_what_they_compute_as_python(tiny_dir, fmt):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    decoder = LlamaDecoder(model, fmt=fmt, limit=1024)
+    assert isinstance(decoder._stack, torch.jit.ScriptModule)
+
+    def run():
+        decoder.cache.shrink(keep_bytes=0)
+        with torch.inference_mode():
+            read = decoder.prefill_many([(0, [2, 5, 6, 7], 0), (1, list(range(3, 40)), 0)])
+            step = decoder.decode([8, 9], [4, 37])
+            more = decoder.prefill(0, [10, 11, 12], 5)
+        return read, step, more
+
+    scripted = run()
+    decoder._stack = decoder._layer_stack()
+    for a, b in zip(scripted, run(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_concurrent_replies_share_decode_steps_and_answer_as_alone(tiny_dir, tmp_path):
     engine = Engine(model=str(tiny_dir), cache_dir=tmp_path, weights="fp32")
     texts = ["hello", "how are you", "tell me about paris", "what is the capital of germany"]

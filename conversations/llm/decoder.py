@@ -24,11 +24,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import layers
+
 WEIGHT_FORMATS = ("int4", "int8", "bf16", "fp32")
 INT4_GROUP = 32
-# From this many rows of input (prompt tokens, or replies in one step) on, a quantized matrix
-# multiplies with its bf16 copy instead.
-DENSE_ROWS = 16
 # The slot tensors grow in steps of this many positions.
 CAPACITY_STEP = 256
 
@@ -84,20 +83,16 @@ class _Linear:
             self.weight = weight.to(torch.bfloat16 if fmt == "bf16" else torch.float32)
             self.scale = None
 
+    @property
+    def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+        """(weight, scale, bf16 copy, format), as layers.multiply takes them (an empty tensor
+        for a part the format does not have)."""
+        none = torch.empty(0)
+        scale = none if self.scale is None else self.scale
+        return self.weight, scale, none if self.dense is None else self.dense, self.fmt
+
     def __call__(self, x: torch.Tensor, *, dense: bool = True) -> torch.Tensor:
-        if self.scale is None:
-            return F.linear(x, self.weight)
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        if dense and self.dense is not None and flat.shape[0] >= DENSE_ROWS:
-            return F.linear(x, self.dense)
-        if self.fmt == "int4":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu.default(
-                flat, self.weight, INT4_GROUP, self.scale
-            )
-        else:
-            y = torch.ops.aten._weight_int8pack_mm.default(flat, self.weight, self.scale)
-        return y.reshape(*shape[:-1], -1)
+        return layers.multiply(x, *self.parts, layers.DENSE_ROWS if dense else 0)
 
 
 class _Layer:
@@ -196,8 +191,6 @@ class LlamaDecoder:
         self.intermediate = config.intermediate_size
         self.rotary = model.model.rotary_emb
         self._cos = self._sin = torch.empty(0)
-        half = self.head_dim // 2
-        self._half_turn = torch.cat([torch.arange(half, self.head_dim), torch.arange(half)])
         self.layers = []
         for layer in model.model.layers:
             self.layers.append(_Layer(layer, fmt))
@@ -209,6 +202,27 @@ class LlamaDecoder:
         # measurably more perplexity than in the layers (3.9% against 0.3%), so it stays int8.
         self.head = _Linear(model.lm_head.weight, "int8" if fmt == "int4" else fmt)
         self.cache = SlotCache(len(self.layers), self.kv_heads, self.head_dim, self.dtype, limit)
+        self._stack = layers.script(self._layer_stack())
+
+    def _layer_stack(self) -> layers.Layers:
+        """The layers as a module (plain Python until scripted)."""
+        return layers.Layers(
+            [
+                linear.parts
+                for layer in self.layers
+                for linear in (layer.qkv, layer.out, layer.gate_up, layer.down)
+            ],
+            [
+                norm
+                for layer in self.layers
+                for norm in (layer.input_norm, layer.post_attention_norm)
+            ],
+            heads=self.heads,
+            kv_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            eps=self.eps,
+            dtype=self.dtype,
+        )
 
     @property
     def decode_weight_bytes(self) -> int:
@@ -244,34 +258,27 @@ class LlamaDecoder:
         # Shorter runs are padded at the end; their padding is computed and thrown away.
         ids = torch.zeros(len(runs), longest, dtype=torch.long)
         positions = torch.zeros(len(runs), longest, dtype=torch.long)
+        masks = []
         for i, (_, tokens, start) in enumerate(runs):
             ids[i, : len(tokens)] = torch.tensor(tokens)
             positions[i] = torch.arange(start, start + longest)
-
-        def attend(index, q, k, v):
-            keys, values = self.cache.keys[index], self.cache.values[index]
-            attended = q.new_zeros(q.shape)
-            for i, (row, tokens, start) in enumerate(runs):
-                count, end = len(tokens), start + len(tokens)
-                keys[row, start:end] = k[i, :count]
-                values[row, start:end] = v[i, :count]
-                # Token j of the run sees the row's earlier positions and the run up to j.
-                mask = None
-                if start > 0 and count > 1:
-                    mask = torch.arange(end).unsqueeze(0) <= positions[i, :count].unsqueeze(1)
-                attended[i, :, :count] = F.scaled_dot_product_attention(
-                    q[i : i + 1, :, :count],
-                    keys[row : row + 1, :end].transpose(1, 2),
-                    values[row : row + 1, :end].transpose(1, 2),
-                    attn_mask=mask,
-                    is_causal=start == 0 and count > 1,
-                    enable_gqa=True,
-                )[0]
-            return attended
-
+            # Token j of the run sees the row's earlier positions and the run up to j.
+            end = start + len(tokens)
+            masks.append(
+                torch.arange(end).unsqueeze(0) <= positions[i, : len(tokens)].unsqueeze(1)
+                if start > 0 and len(tokens) > 1
+                else None
+            )
+        attention = {
+            "slots": None,
+            "length": 0,
+            "mask": None,
+            "runs": [(row, start, len(tokens)) for row, tokens, start in runs],
+            "masks": masks,
+        }
         last = torch.tensor([len(tokens) - 1 for _, tokens, _ in runs])
         logits = self._forward(
-            ids, positions, attend, read=None if every else last, dense=not every
+            ids, positions, attention, read=None if every else last, dense=not every
         )
         return logits if every else logits[:, 0]
 
@@ -281,60 +288,35 @@ class LlamaDecoder:
         where = torch.tensor(positions, dtype=torch.long)
         length = max(positions) + 1
         self.cache.reserve(n, length)
-        # Where each row's new key and value go in a layer's (rows * positions) flat view.
-        slots = torch.arange(n) * self.cache.positions + where
         # Row i sees its own positions only: 0..positions[i].
         mask = None
         if min(positions) != length - 1:
             mask = (torch.arange(length).unsqueeze(0) <= where.unsqueeze(1))[:, None, None, :]
-
-        def attend(index, q, k, v):
-            keys, values = self.cache.keys[index], self.cache.values[index]
-            keys.view(-1, *keys.shape[2:]).index_copy_(0, slots, k[:, 0])
-            values.view(-1, *values.shape[2:]).index_copy_(0, slots, v[:, 0])
-            return F.scaled_dot_product_attention(
-                q,
-                keys[:n, :length].transpose(1, 2),
-                values[:n, :length].transpose(1, 2),
-                attn_mask=mask,
-                enable_gqa=True,
-            )
-
+        attention = {
+            # Where each row's new key and value go in a layer's (rows * positions) flat view.
+            "slots": torch.arange(n) * self.cache.positions + where,
+            "length": length,
+            "mask": mask,
+            "runs": [],
+            "masks": [],
+        }
         ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(1)
-        return self._forward(ids, where.unsqueeze(1), attend, read=torch.zeros(n).long())[:, 0]
+        return self._forward(ids, where.unsqueeze(1), attention, read=torch.zeros(n).long())[:, 0]
 
     # The layers
 
-    def _forward(self, ids, positions, attend, *, read=None, dense=True) -> torch.Tensor:
+    def _forward(self, ids, positions, attention, *, read=None, dense=True) -> torch.Tensor:
         """Logits (batch, 1, vocab) after the token at index read[i] of each row, or with
-        read=None, (batch, count, vocab) after every token."""
-        batch, count = ids.shape
-        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        read=None, (batch, count, vocab) after every token. `attention` says how the layers
+        attend: see layers.Layers.forward."""
         x = F.embedding(ids, self.embed)  # fp32 residual stream
-        # Rotary embedding: x * cos + rotate_half(x) * sin, where rotate_half(x) is x with its
-        # halves swapped (x[..., _half_turn]) and the first one negated (folded into sin).
         cos, sin = self._rope(positions)  # (batch, count, 1, head size)
-        rotated_width = (heads + kv_heads) * head_dim
-        for index, layer in enumerate(self.layers):
-            qkv = layer.qkv(self._norm(x, layer.input_norm), dense=dense)
-            # Queries and keys turn together: (batch, count, heads + key-value heads, head size).
-            qk = qkv[..., :rotated_width].view(batch, count, -1, head_dim).float()
-            qk = (qk * cos + qk[..., self._half_turn] * sin).to(self.dtype)
-            q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:]
-            v = qkv[..., rotated_width:].view(batch, count, kv_heads, head_dim)
-            attended = attend(index, q, k, v)  # (batch, heads, count, head size)
-            attended = attended.transpose(1, 2).reshape(batch, count, heads * head_dim)
-            x = x + layer.out(attended, dense=dense)
-            h = self._norm(x, layer.post_attention_norm)
-            gate, up = layer.gate_up(h, dense=dense).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up, dense=dense)
+        x = self._stack(x, cos, sin, self.cache.keys, self.cache.values, dense, **attention)
         if read is not None:
-            x = x[torch.arange(batch), read].unsqueeze(1)
-        return self.head(self._norm(x, self.final_norm), dense=dense).float()
-
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """RMS norm in fp32 (as the model's own), handed on in the activation type."""
-        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight).to(self.dtype)
+            x = x[torch.arange(x.shape[0]), read].unsqueeze(1)
+        return self.head(
+            layers.rms_norm(x, self.final_norm, self.eps, self.dtype), dense=dense
+        ).float()
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotary embedding's cos and sin at these positions, from a table computed once
