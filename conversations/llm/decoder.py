@@ -208,20 +208,20 @@ class LlamaDecoder:
         """The layers as a module (plain Python until scripted)."""
         return layers.Layers(
             [
-                linear.parts
+                layers.Layer(
+                    *(
+                        layers.Linear(*linear.parts)
+                        for linear in (layer.qkv, layer.out, layer.gate_up, layer.down)
+                    ),
+                    (layer.input_norm, layer.post_attention_norm),
+                    heads=self.heads,
+                    kv_heads=self.kv_heads,
+                    head_dim=self.head_dim,
+                    eps=self.eps,
+                    dtype=self.dtype,
+                )
                 for layer in self.layers
-                for linear in (layer.qkv, layer.out, layer.gate_up, layer.down)
-            ],
-            [
-                norm
-                for layer in self.layers
-                for norm in (layer.input_norm, layer.post_attention_norm)
-            ],
-            heads=self.heads,
-            kv_heads=self.kv_heads,
-            head_dim=self.head_dim,
-            eps=self.eps,
-            dtype=self.dtype,
+            ]
         )
 
     @property
@@ -326,7 +326,7 @@ class LlamaDecoder:
             everywhere = torch.arange(max(needed, 2 * self._cos.shape[0])).unsqueeze(0)
             cos, sin = self.rotary(self.embed[:1], everywhere)
             half = self.head_dim // 2
-            self._cos, self._sin = cos[0].float(), sin[0].float()
+            self._cos, self._sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
             self._sin[:, :half] *= -1
         return self._cos[positions].unsqueeze(2), self._sin[positions].unsqueeze(2)
 

@@ -13,6 +13,7 @@ scripting ever fails, the same code runs as plain Python: `script` says so in th
 
 import logging
 import warnings
+from typing import Final
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +22,12 @@ logger = logging.getLogger(__name__)
 
 
 def script(target):
-    """`target` (a function or module) compiled by TorchScript, or itself if that fails."""
+    """`target` compiled by TorchScript (a module also frozen: its weights and formats become
+    constants of one graph), or `target` itself if that fails."""
     try:
         with warnings.catch_warnings(action="ignore", category=DeprecationWarning):
+            if isinstance(target, torch.nn.Module):
+                return torch.jit.freeze(torch.jit.script(target.eval()))
             return torch.jit.script(target)
     except Exception:
         logger.warning("TorchScript failed on %s; it runs as Python", target, exc_info=True)
@@ -62,35 +66,85 @@ def multiply(
     return y.view(x.shape[:-1] + [-1])  # noqa: RUF005 (TorchScript has no starred lists)
 
 
-class Layers(torch.nn.Module):
-    """The layer stack: per layer, RMS norm, attention (queries, keys and values in one matrix,
-    rotary embedding, the keys and values written into the slot cache), RMS norm, SwiGLU.
+class Linear(torch.nn.Module):
+    """One matrix in its format; scripted, its format is a constant (the other branches of
+    `multiply` are compiled away)."""
 
-    The residual stream and the norms are fp32; the matrices get their input in `dtype`.
-    `linears` holds four (weight, scale, dense copy, format) per layer: qkv, out, gate_up, down.
-    """
+    fmt: Final[str]
+    dense_rows: Final[int]
 
-    weights: list[torch.Tensor]
-    scales: list[torch.Tensor]
-    dense: list[torch.Tensor]
-    formats: list[str]
-    norms: list[torch.Tensor]
-
-    def __init__(self, linears, norms, *, heads, kv_heads, head_dim, eps, dtype):
+    def __init__(self, weight, scale, dense, fmt):
         super().__init__()
-        self.weights = [weight for weight, _, _, _ in linears]
-        self.scales = [scale for _, scale, _, _ in linears]
-        self.dense = [dense for _, _, dense, _ in linears]
-        self.formats = [fmt for _, _, _, fmt in linears]
-        self.norms = norms  # two per layer: before attention, before the MLP
+        self.weight, self.scale, self.dense, self.fmt = weight, scale, dense, fmt
+        self.dense_rows = DENSE_ROWS
+
+    def forward(self, x: torch.Tensor, use_dense: bool) -> torch.Tensor:
+        rows = self.dense_rows if use_dense else 0
+        return multiply(x, self.weight, self.scale, self.dense, self.fmt, rows)
+
+
+class Layer(torch.nn.Module):
+    """RMS norm, attention (queries, keys and values from one matrix, rotary embedding, keys and
+    values written into the slot cache), RMS norm, SwiGLU. The residual stream and the norms
+    are fp32; the matrices get their input in `dtype`."""
+
+    heads: Final[int]
+    kv_heads: Final[int]
+    head_dim: Final[int]
+    eps: Final[float]
+
+    def __init__(self, qkv, out, gate_up, down, norms, *, heads, kv_heads, head_dim, eps, dtype):
+        super().__init__()
+        self.qkv, self.out, self.gate_up, self.down = qkv, out, gate_up, down
+        self.input_norm, self.post_attention_norm = norms
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.eps = eps
         self.dtype = dtype
-        self.dense_rows = DENSE_ROWS
         half = head_dim // 2
         # rotate_half(x) is x with its halves swapped and the first one negated; the negation
         # is folded into the sin table (decoder._rope), the swap is this gather.
         self.half_turn = torch.cat([torch.arange(half, head_dim), torch.arange(half)])
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        use_dense: bool,
+        slots: torch.Tensor | None,
+        length: int,
+        mask: torch.Tensor | None,
+        runs: list[tuple[int, int, int]],
+        masks: list[torch.Tensor | None],
+    ) -> torch.Tensor:
+        batch, count = x.size(0), x.size(1)
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        rotated = (heads + kv_heads) * head_dim
+        qkv = self.qkv(rms_norm(x, self.input_norm, self.eps, self.dtype), use_dense)
+        # Queries and keys turn together: (batch, count, heads + key-value heads, head size).
+        qk = qkv[:, :, :rotated].reshape(batch, count, -1, head_dim)
+        qk = qk * cos + qk.index_select(-1, self.half_turn) * sin
+        q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:]
+        v = qkv[:, :, rotated:].reshape(batch, count, kv_heads, head_dim)
+        if slots is not None:
+            attended = _attend_decoding(q, k, v, keys, values, slots, length, mask)
+        else:
+            attended = _attend_runs(q, k, v, keys, values, runs, masks)
+        attended = attended.transpose(1, 2).reshape(batch, count, heads * head_dim)
+        x = x + self.out(attended, use_dense)
+        h = rms_norm(x, self.post_attention_norm, self.eps, self.dtype)
+        gate, up = self.gate_up(h, use_dense).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up, use_dense)
+
+
+class Layers(torch.nn.Module):
+    """The layer stack (scripted, its loop is unrolled: one graph for the whole model)."""
+
+    def __init__(self, layers: list[Layer]):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(layers)
 
     def forward(
         self,
@@ -106,7 +160,8 @@ class Layers(torch.nn.Module):
         runs: list[tuple[int, int, int]],
         masks: list[torch.Tensor | None],
     ) -> torch.Tensor:
-        """x: (batch, count, hidden) fp32, cos and sin: (batch, count, 1, head size).
+        """x: (batch, count, hidden) fp32, cos and sin: (batch, count, 1, head size); keys and
+        values: the slot cache's tensors, one per layer.
 
         Two ways to attend. Decoding (`slots` given): row i of the batch is slot row i, its new
         key and value go to flat position slots[i] of a layer's (rows * positions) view, and it
@@ -115,43 +170,11 @@ class Layers(torch.nn.Module):
         start..start+count-1 of that slot row; masks[i] lets each token see the row's earlier
         positions and the run up to itself (None: a causal run from position 0, or one token).
         """
-        batch, count = x.size(0), x.size(1)
-        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
-        rotated = (heads + kv_heads) * head_dim
-        for index in range(len(keys)):
-            first = 4 * index
-            qkv = self._multiply(self._norm(x, self.norms[2 * index]), first, use_dense)
-            # Queries and keys turn together: (batch, count, heads + key-value heads, head size).
-            qk = qkv[:, :, :rotated].reshape(batch, count, -1, head_dim).float()
-            qk = (qk * cos + qk.index_select(-1, self.half_turn) * sin).to(self.dtype)
-            q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:]
-            v = qkv[:, :, rotated:].reshape(batch, count, kv_heads, head_dim)
-            if slots is not None:
-                attended = _attend_decoding(
-                    q, k, v, keys[index], values[index], slots, length, mask
-                )
-            else:
-                attended = _attend_runs(q, k, v, keys[index], values[index], runs, masks)
-            attended = attended.transpose(1, 2).reshape(batch, count, heads * head_dim)
-            x = x + self._multiply(attended, first + 1, use_dense)
-            gate, up = self._multiply(
-                self._norm(x, self.norms[2 * index + 1]), first + 2, use_dense
-            ).chunk(2, dim=-1)
-            x = x + self._multiply(F.silu(gate) * up, first + 3, use_dense)
+        for index, layer in enumerate(self.layers):
+            x = layer(
+                x, cos, sin, keys[index], values[index], use_dense, slots, length, mask, runs, masks
+            )
         return x
-
-    def _multiply(self, x: torch.Tensor, which: int, use_dense: bool) -> torch.Tensor:
-        return multiply(
-            x,
-            self.weights[which],
-            self.scales[which],
-            self.dense[which],
-            self.formats[which],
-            self.dense_rows if use_dense else 0,
-        )
-
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, weight, self.eps, self.dtype)
 
 
 @script
