@@ -280,7 +280,7 @@ class LlamaDecoder:
         logits = self._forward(
             ids, positions, attention, read=None if every else last, dense=not every
         )
-        return logits if every else logits[:, 0]
+        return logits
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """Feed token i at position i to slot row i, for every i at once. Returns (n, vocab)."""
@@ -301,22 +301,22 @@ class LlamaDecoder:
             "masks": [],
         }
         ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(1)
-        return self._forward(ids, where.unsqueeze(1), attention, read=torch.zeros(n).long())[:, 0]
+        return self._forward(ids, where.unsqueeze(1), attention, read=torch.zeros(n).long())
 
     # The layers
 
     def _forward(self, ids, positions, attention, *, read=None, dense=True) -> torch.Tensor:
-        """Logits (batch, 1, vocab) after the token at index read[i] of each row, or with
+        """Logits (batch, vocab) after the token at index read[i] of each row of `ids`, or with
         read=None, (batch, count, vocab) after every token. `attention` says how the layers
         attend: see layers.Layers.forward."""
-        x = F.embedding(ids, self.embed)  # fp32 residual stream
-        cos, sin = self._rope(positions)  # (batch, count, 1, head size)
+        batch, count = ids.shape
+        x = F.embedding(ids.view(-1), self.embed)  # fp32 residual stream, (tokens, hidden)
+        cos, sin = self._rope(positions.view(-1))  # (tokens, 1, head size)
         x = self._stack(x, cos, sin, self.cache.keys, self.cache.values, dense, **attention)
-        if read is not None:
-            x = x[torch.arange(x.shape[0]), read].unsqueeze(1)
-        return self.head(
-            layers.rms_norm(x, self.final_norm, self.eps, self.dtype), dense=dense
-        ).float()
+        if read is not None and count > 1:
+            x = x.view(batch, count, -1)[torch.arange(batch), read]
+        logits = self.head(layers.rms_norm(x, self.final_norm, self.eps, self.dtype), dense=dense)
+        return logits.float() if read is not None else logits.float().view(batch, count, -1)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotary embedding's cos and sin at these positions, from a table computed once
@@ -328,7 +328,7 @@ class LlamaDecoder:
             half = self.head_dim // 2
             self._cos, self._sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
             self._sin[:, :half] *= -1
-        return self._cos[positions].unsqueeze(2), self._sin[positions].unsqueeze(2)
+        return self._cos[positions].unsqueeze(1), self._sin[positions].unsqueeze(1)
 
 
 def _release_linear_weights(layer: Any) -> None:

@@ -49,21 +49,24 @@ def multiply(
     fmt: str,
     dense_rows: int,
 ) -> torch.Tensor:
-    """x @ W.T for a matrix W in format `fmt` (see decoder._Linear), with its scales (int4: one
-    scale and minimum per group of inputs, shaped (groups, outputs, 2); int8: one per output) and
-    its bf16 copy, used from `dense_rows` rows of input on (empty tensors where absent; 0: never).
-    """
+    """x (rows, inputs) @ W.T for a matrix W in format `fmt` (see decoder._Linear), with its
+    scales (int4: one scale and minimum per group of inputs, shaped (groups, outputs, 2); int8:
+    one per output) and its bf16 copy, used from `dense_rows` rows on (empty tensors where
+    absent; 0: never)."""
     if fmt != "int4" and fmt != "int8":
         return F.linear(x, weight)
-    flat = x.reshape(-1, x.size(-1))
-    if dense_rows > 0 and dense.numel() > 0 and flat.size(0) >= dense_rows:
+    if dense_rows > 0 and dense.numel() > 0 and x.size(0) >= dense_rows:
         return F.linear(x, dense)
     if fmt == "int4":
-        group = x.size(-1) // scale.size(0)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, weight, group, scale)
-    else:
-        y = torch.ops.aten._weight_int8pack_mm(flat, weight, scale)
-    return y.view(x.shape[:-1] + [-1])  # noqa: RUF005 (TorchScript has no starred lists)
+        group = x.size(1) // scale.size(0)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, group, scale)
+    return torch.ops.aten._weight_int8pack_mm(x, weight, scale)
+
+
+@script
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """RMS norm in fp32 (as the model's own), handed on in the activation type."""
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight).to(dtype)
 
 
 class Linear(torch.nn.Module):
@@ -119,23 +122,22 @@ class Layer(torch.nn.Module):
         runs: list[tuple[int, int, int]],
         masks: list[torch.Tensor | None],
     ) -> torch.Tensor:
-        batch, count = x.size(0), x.size(1)
+        tokens = x.size(0)
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
-        rotated = (heads + kv_heads) * head_dim
         qkv = self.qkv(rms_norm(x, self.input_norm, self.eps, self.dtype), use_dense)
-        # Queries and keys turn together: (batch, count, heads + key-value heads, head size).
-        qk = qkv[:, :, :rotated].reshape(batch, count, -1, head_dim)
-        qk = qk * cos + qk.index_select(-1, self.half_turn) * sin
-        q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:]
-        v = qkv[:, :, rotated:].reshape(batch, count, kv_heads, head_dim)
+        qk, v = qkv.split([(heads + kv_heads) * head_dim, kv_heads * head_dim], dim=1)
+        # Queries and keys turn together: (tokens, heads + key-value heads, head size).
+        qk = qk.view(tokens, heads + kv_heads, head_dim)
+        qk = qk * cos + qk.index_select(2, self.half_turn) * sin
+        q, k = qk.split([heads, kv_heads], dim=1)
+        v = v.view(tokens, kv_heads, head_dim)
         if slots is not None:
             attended = _attend_decoding(q, k, v, keys, values, slots, length, mask)
         else:
             attended = _attend_runs(q, k, v, keys, values, runs, masks)
-        attended = attended.transpose(1, 2).reshape(batch, count, heads * head_dim)
         x = x + self.out(attended, use_dense)
         h = rms_norm(x, self.post_attention_norm, self.eps, self.dtype)
-        gate, up = self.gate_up(h, use_dense).chunk(2, dim=-1)
+        gate, up = self.gate_up(h, use_dense).chunk(2, dim=1)
         return x + self.down(F.silu(gate) * up, use_dense)
 
 
@@ -160,27 +162,22 @@ class Layers(torch.nn.Module):
         runs: list[tuple[int, int, int]],
         masks: list[torch.Tensor | None],
     ) -> torch.Tensor:
-        """x: (batch, count, hidden) fp32, cos and sin: (batch, count, 1, head size); keys and
-        values: the slot cache's tensors, one per layer.
+        """x: (tokens, hidden) fp32, cos and sin: (tokens, 1, head size); keys and values: the
+        slot cache's tensors, one per layer.
 
-        Two ways to attend. Decoding (`slots` given): row i of the batch is slot row i, its new
-        key and value go to flat position slots[i] of a layer's (rows * positions) view, and it
-        sees positions 0..length-1 (`mask` hides those past its own). Reading prompts (`slots`
-        None): batch row i is run i, (slot row, start, count), whose tokens go to positions
-        start..start+count-1 of that slot row; masks[i] lets each token see the row's earlier
-        positions and the run up to itself (None: a causal run from position 0, or one token).
+        Two ways to attend. Decoding (`slots` given): token i belongs to slot row i, its key and
+        value go to flat position slots[i] of a layer's (rows * positions) view, and it sees
+        positions 0..length-1 (`mask` hides those past its own). Reading prompts (`slots` None):
+        the tokens are runs of equal length (the shorter padded at the end), run i being
+        (slot row, start, count): its tokens go to positions start..start+count-1 of that slot
+        row, and masks[i] lets each see the row's earlier positions and the run up to itself
+        (None: a causal run from position 0, or one token).
         """
         for index, layer in enumerate(self.layers):
             x = layer(
                 x, cos, sin, keys[index], values[index], use_dense, slots, length, mask, runs, masks
             )
         return x
-
-
-@script
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """RMS norm in fp32 (as the model's own), handed on in the activation type."""
-    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight).to(dtype)
 
 
 @script
@@ -194,16 +191,19 @@ def _attend_decoding(
     length: int,
     mask: torch.Tensor | None,
 ) -> torch.Tensor:
+    """q: (rows, heads, head size), k and v: (rows, key-value heads, head size); returns
+    (rows, heads * head size)."""
     rows = q.size(0)
-    keys.view(-1, keys.size(2), keys.size(3)).index_copy_(0, slots, k[:, 0])
-    values.view(-1, values.size(2), values.size(3)).index_copy_(0, slots, v[:, 0])
-    return F.scaled_dot_product_attention(
-        q,
+    keys.view(-1, keys.size(2), keys.size(3)).index_copy_(0, slots, k)
+    values.view(-1, values.size(2), values.size(3)).index_copy_(0, slots, v)
+    attended = F.scaled_dot_product_attention(
+        q.unsqueeze(2),
         keys[:rows, :length].transpose(1, 2),
         values[:rows, :length].transpose(1, 2),
         attn_mask=mask,
         enable_gqa=True,
     )
+    return attended.view(rows, -1)
 
 
 @script
@@ -216,18 +216,25 @@ def _attend_runs(
     runs: list[tuple[int, int, int]],
     masks: list[torch.Tensor | None],
 ) -> torch.Tensor:
+    """q: (tokens, heads, head size), k and v: (tokens, key-value heads, head size), tokens
+    being len(runs) runs of equal length; returns (tokens, heads * head size)."""
+    batch = len(runs)
+    count = q.size(0) // batch
+    q = q.view(batch, count, q.size(1), q.size(2)).transpose(1, 2)
+    k = k.view(batch, count, k.size(1), k.size(2))
+    v = v.view(batch, count, v.size(1), v.size(2))
     attended = torch.zeros_like(q)
-    for i in range(len(runs)):
-        row, start, count = runs[i]
-        end = start + count
-        keys[row, start:end].copy_(k[i, :count])
-        values[row, start:end].copy_(v[i, :count])
-        attended[i, :, :count] = F.scaled_dot_product_attention(
-            q[i : i + 1, :, :count],
+    for i in range(batch):
+        row, start, used = runs[i]
+        end = start + used
+        keys[row, start:end].copy_(k[i, :used])
+        values[row, start:end].copy_(v[i, :used])
+        attended[i, :, :used] = F.scaled_dot_product_attention(
+            q[i : i + 1, :, :used],
             keys[row : row + 1, :end].transpose(1, 2),
             values[row : row + 1, :end].transpose(1, 2),
             attn_mask=masks[i],
-            is_causal=start == 0 and count > 1,
+            is_causal=start == 0 and used > 1,
             enable_gqa=True,
         )[0]
-    return attended
+    return attended.transpose(1, 2).reshape(batch * count, -1)
