@@ -104,7 +104,7 @@ def test_scripted_layers_compute_what_they_compute_as_python(tiny_dir, fmt):
     assert isinstance(decoder._stack, torch.jit.ScriptModule)
 
     def run():
-        decoder.cache.shrink(keep_bytes=0)
+        decoder.cache.clear()
         with torch.inference_mode():
             read = decoder.prefill_many([(0, [2, 5, 6, 7], 0), (1, list(range(3, 40)), 0)])
             step = decoder.decode([8, 9], [4, 37])

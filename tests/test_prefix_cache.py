@@ -94,3 +94,50 @@ def test_an_edited_history_reuses_only_what_is_unchanged(tiny_dir, tmp_path):
     assert 0 < stream.reused_tokens < full
     plain = Engine(model=str(tiny_dir), cache_dir=tmp_path, prefix_cache_bytes=0)
     assert stream.result.text == turn(plain, edited).result.text
+
+
+def follow_up(messages, reply, question):
+    return [
+        *messages,
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": question},
+    ]
+
+
+def test_the_last_conversation_answered_stays_in_place_until_its_row_is_wanted(tiny_dir, tmp_path):
+    # fp32, so that keys computed in pieces and at once compare closely (below).
+    engine = Engine(model=str(tiny_dir), cache_dir=tmp_path, weights="fp32")
+    plain = Engine(model=str(tiny_dir), cache_dir=tmp_path, prefix_cache_bytes=0, weights="fp32")
+    a = [{"role": "system", "content": "be good"}, {"role": "user", "content": "hello"}]
+    b = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "how are you"}]
+
+    a_reply = turn(engine, a, key="a").result.text
+    assert len(engine._prefix_cache) == 0, "the last conversation answered is parked, not copied"
+    a = follow_up(a, a_reply, "what is the capital of france")
+    a_second = turn(engine, a, key="a")
+    assert a_second.reused_tokens > 10
+    assert a_second.result.text == turn(plain, a).result.text
+
+    # Another conversation takes the row: the parked one is copied to the prefix cache first.
+    b_reply = turn(engine, b, key="b").result.text
+    assert len(engine._prefix_cache) == 1
+    a = follow_up(a, a_second.result.text, "tell me about paris")
+    a_third = turn(engine, a, key="a")
+    assert a_third.reused_tokens > a_second.reused_tokens
+    assert a_third.result.text == turn(plain, a).result.text
+
+    # Scoring uses a spare row, which is the parked one's: it is copied away first, too.
+    engine.score_reply(b, b_reply)
+    a = follow_up(a, a_third.result.text, "and germany")
+    a_fourth = turn(engine, a, key="a")
+    assert a_fourth.reused_tokens > a_third.reused_tokens
+    assert a_fourth.result.text == turn(plain, a).result.text
+    # (The tiny model's words hardly depend on the history; its keys and values do.) Both
+    # engines' row 0 now holds this conversation, computed in pieces here, at once there.
+    length = a_fourth.result.prompt_tokens
+    for ours, theirs in zip(
+        engine._decoder.cache.keys + engine._decoder.cache.values,
+        plain._decoder.cache.keys + plain._decoder.cache.values,
+        strict=True,
+    ):
+        torch.testing.assert_close(ours[0, :length], theirs[0, :length], rtol=1e-4, atol=1e-4)

@@ -145,11 +145,9 @@ class SlotCache:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.keys + self.values)
 
-    def shrink(self, keep_bytes: int = 64 * 2**20) -> None:
-        """Free the tensors if they hold more than `keep_bytes` (called when no conversation is
-        being answered: a burst of long conversations does not keep its memory)."""
-        if self.nbytes > keep_bytes:
-            self.keys, self.values, self.rows, self.positions = [], [], 0, 0
+    def clear(self) -> None:
+        """Free the tensors (they are made again as needed)."""
+        self.keys, self.values, self.rows, self.positions = [], [], 0, 0
 
     def move(self, source: int, target: int, length: int) -> None:
         for tensor in self.keys + self.values:

@@ -7,6 +7,10 @@ the chunks of other replies joining, so a long prompt does not stall the replies
 streaming. A reply leaves when it ends, runs out of budget or is cancelled; cancelling takes
 effect before the next step.
 
+When the last reply in flight ends, its conversation's keys and values stay where they are, in
+slot row 0 ("parked"): a person's next message in that conversation starts from them with nothing
+copied. They go to the prefix cache (a copy) only when the row is wanted for something else.
+
 Other model work (scoring, or `generate` for models the decoder does not run) is handed to the
 same thread as plain calls, run between steps.
 """
@@ -23,7 +27,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .prefix_cache import PrefixCache
+from .prefix_cache import PrefixCache, common_prefix_length
 
 if TYPE_CHECKING:
     import torch
@@ -37,6 +41,8 @@ logger = logging.getLogger(__name__)
 # being written for long.
 PREFILL_CHUNK = 256
 PREFILL_TOKENS = 512
+# Slot tensors of several rows holding more than this are freed when no reply is in flight.
+IDLE_BYTES = 64 * 2**20
 
 
 @dataclass(eq=False)
@@ -64,6 +70,7 @@ class ReplyRequest:
     generated: list[int] = field(default_factory=list)
     history: torch.Tensor | None = None  # prompt + generated token ids (see _seen)
     finished: bool = False
+    keep: bool = False  # its keys and values are kept for the conversation's next turn
 
     @property
     def tokens(self) -> list[int]:
@@ -80,6 +87,9 @@ class Scheduler:
         self._wakeup = threading.Condition()
         self._waiting: deque[ReplyRequest] = deque()
         self._rows: list[ReplyRequest] = []
+        # (cache key, tokens) of the conversation whose keys and values sit in slot row 0 while
+        # no reply is in flight, or None.
+        self._parked: tuple[str, list[int]] | None = None
         self.steps = 0  # decode steps run (read by tests)
         self.widest = 0  # the most rows one step has fed
         self._thread = threading.Thread(target=self._run, name="model", daemon=True)
@@ -104,6 +114,7 @@ class Scheduler:
     @property
     def spare_row(self) -> int:
         """A slot row no reply holds (for a call on the model thread to use meanwhile)."""
+        self._unpark()
         return len(self._rows)
 
     # The model thread
@@ -149,10 +160,19 @@ class Scheduler:
             if request.cancelled.is_set():
                 self._finish(request)
                 continue
+            if self._parked is not None and self._parked[0] == request.cache_key:
+                # Its conversation is parked in row 0, which it gets (no reply is in flight).
+                _, tokens = self._parked
+                self._parked = None
+                request.filled = request.reused_tokens = max(
+                    0, min(common_prefix_length(tokens, request.prompt), len(request.prompt) - 1)
+                )
+                self.prefix_cache.hits += request.reused_tokens > 0
+            self._unpark()
             request.row = len(self._rows)
             self._rows.append(request)
             decoder.cache.reserve(len(self._rows), len(request.prompt) + request.max_new_tokens)
-            if request.cache_key is not None:
+            if request.cache_key is not None and request.filled == 0:
                 stored, reuse = self.prefix_cache.take(request.cache_key, request.prompt)
                 if stored is not None:
                     decoder.cache.load(request.row, stored, reuse)
@@ -217,18 +237,26 @@ class Scheduler:
         if request.finished:
             return
         request.finished = True
-        if error is None and request.row >= 0 and request.cache_key is not None:
-            # Keep what the row computed for the conversation's next turn.
-            stored = self.decoder.cache.export(request.row, request.filled)
-            self.prefix_cache.put(request.cache_key, request.tokens[: request.filled], stored)
+        # What the row computed is kept for the conversation's next turn (see _retire).
+        request.keep = (
+            error is None
+            and request.row >= 0
+            and request.cache_key is not None
+            and self.prefix_cache.max_bytes > 0
+        )
         kind, payload = ("error", error) if error is not None else ("end", None)
         request.events.put((kind, payload, time.perf_counter()))
         if request.row < 0:
             request.done.set()
 
     def _retire(self) -> None:
-        """Let go of finished rows, moving the last row into each freed one."""
+        """Let go of finished rows, moving the last row into each freed one. The last reply to
+        leave parks its conversation in row 0; the others' rows go to the prefix cache."""
         for request in [r for r in self._rows if r.finished]:
+            if request.keep and len(self._rows) == 1 and not self._waiting:
+                self._parked = (request.cache_key, request.tokens[: request.filled])
+            elif request.keep:
+                self._store(request.row, request.cache_key, request.tokens[: request.filled])
             last = self._rows[-1]
             if last is not request:
                 self.decoder.cache.move(last.row, request.row, last.filled)
@@ -237,8 +265,22 @@ class Scheduler:
             self._rows.pop()
             request.row = -1
             request.done.set()
-        if not self._rows and not self._waiting:
-            self.decoder.cache.shrink()
+        cache = self.decoder.cache
+        if not self._rows and not self._waiting and cache.rows > 1 and cache.nbytes > IDLE_BYTES:
+            # A burst of conversations is over: its memory goes. (With one row, the slot tensors
+            # stay: they are the parked conversation, at most one context window long.)
+            self._unpark()
+            cache.clear()
+
+    def _unpark(self) -> None:
+        """Slot row 0 is wanted: copy the parked conversation to the prefix cache."""
+        if self._parked is not None:
+            key, tokens = self._parked
+            self._parked = None
+            self._store(0, key, tokens)
+
+    def _store(self, row: int, key: str, tokens: list[int]) -> None:
+        self.prefix_cache.put(key, tokens, self.decoder.cache.export(row, len(tokens)))
 
 
 def _next_tokens(requests: list[ReplyRequest], logits: torch.Tensor) -> list[int]:
