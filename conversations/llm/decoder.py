@@ -195,7 +195,9 @@ class LlamaDecoder:
             if release:
                 _release_linear_weights(layer)
         self.embed = model.model.embed_tokens.weight.detach().float()
-        self.final_norm = model.model.norm.weight.detach().float()
+        self.final_norm = layers.Norm(
+            model.model.norm.weight.detach().float(), self.eps, self.dtype
+        )
         # The output head reads every token's hidden state into 49k scores: int4 there costs
         # measurably more perplexity than in the layers (3.9% against 0.3%), so it stays int8.
         self.head = _Linear(model.lm_head.weight, "int8" if fmt == "int4" else fmt)
@@ -212,12 +214,13 @@ class LlamaDecoder:
                         layers.Linear(*linear.parts)
                         for linear in (layer.qkv, layer.out, layer.gate_up, layer.down)
                     ),
-                    (layer.input_norm, layer.post_attention_norm),
+                    (
+                        layers.Norm(layer.input_norm, self.eps, self.dtype),
+                        layers.Norm(layer.post_attention_norm, self.eps, self.dtype),
+                    ),
                     heads=self.heads,
                     kv_heads=self.kv_heads,
                     head_dim=self.head_dim,
-                    eps=self.eps,
-                    dtype=self.dtype,
                 )
                 for layer in self.layers
             ]
@@ -323,7 +326,7 @@ class LlamaDecoder:
         x = self._stack(x, cos, sin, self.cache.keys, self.cache.values, dense, **attention)
         if read is not None and count > 1:
             x = x.view(batch, count, -1)[torch.arange(batch), read]
-        logits = self.head(layers.rms_norm(x, self.final_norm, self.eps, self.dtype), dense=dense)
+        logits = self.head(self.final_norm(x), dense=dense)
         return logits.float() if read is not None else logits.float().view(batch, count, -1)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -63,10 +63,21 @@ def multiply(
     return torch.ops.aten._weight_int8pack_mm(x, weight, scale)
 
 
-@script
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """RMS norm in fp32 (as the model's own), handed on in the activation type."""
-    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight).to(dtype)
+class Norm(torch.nn.Module):
+    """RMS norm in fp32, to the bit as the model's own (x * rsqrt(mean(x^2) + eps) * weight),
+    handed on in the activation type."""
+
+    def __init__(self, weight, eps, dtype):
+        super().__init__()
+        self.weight = weight
+        # Tensors, not Python numbers: an operation with a number converts it every time.
+        self.eps = torch.tensor(eps, dtype=torch.float32)
+        self.width = torch.tensor(float(weight.numel()), dtype=torch.float32)
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = (x * x).sum(-1, keepdim=True) / self.width  # what mean() computes
+        return (x * torch.rsqrt(variance + self.eps) * self.weight).to(self.dtype)
 
 
 class Linear(torch.nn.Module):
@@ -94,15 +105,12 @@ class Layer(torch.nn.Module):
     heads: Final[int]
     kv_heads: Final[int]
     head_dim: Final[int]
-    eps: Final[float]
 
-    def __init__(self, qkv, out, gate_up, down, norms, *, heads, kv_heads, head_dim, eps, dtype):
+    def __init__(self, qkv, out, gate_up, down, norms, *, heads, kv_heads, head_dim):
         super().__init__()
         self.qkv, self.out, self.gate_up, self.down = qkv, out, gate_up, down
         self.input_norm, self.post_attention_norm = norms
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.eps = eps
-        self.dtype = dtype
         half = head_dim // 2
         # rotate_half(x) is x with its halves swapped and the first one negated; the negation
         # is folded into the sin table (decoder._rope), the swap is this gather.
@@ -124,7 +132,7 @@ class Layer(torch.nn.Module):
     ) -> torch.Tensor:
         tokens = x.size(0)
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
-        qkv = self.qkv(rms_norm(x, self.input_norm, self.eps, self.dtype), use_dense)
+        qkv = self.qkv(self.input_norm(x), use_dense)
         qk, v = qkv.split([(heads + kv_heads) * head_dim, kv_heads * head_dim], dim=1)
         # Queries and keys turn together: (tokens, heads + key-value heads, head size).
         qk = qk.view(tokens, heads + kv_heads, head_dim)
@@ -136,7 +144,7 @@ class Layer(torch.nn.Module):
         else:
             attended = _attend_runs(q, k, v, keys, values, runs, masks)
         x = x + self.out(attended, use_dense)
-        h = rms_norm(x, self.post_attention_norm, self.eps, self.dtype)
+        h = self.post_attention_norm(x)
         gate, up = self.gate_up(h, use_dense).chunk(2, dim=1)
         return x + self.down(F.silu(gate) * up, use_dense)
 
