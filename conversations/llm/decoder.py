@@ -28,6 +28,12 @@ from . import layers
 
 WEIGHT_FORMATS = ("int4", "int8", "bf16", "fp32")
 INT4_GROUP = 32
+# From this many rows of input (prompt tokens, or replies in one step) on, a quantized layer
+# matrix multiplies with its bf16 copy: the quantized kernels read the weights once for every
+# four rows, right for decoding a few rows, 3x slower than bf16 for a prompt.
+DENSE_ROWS = 16
+# From this many rows on, the output head multiplies with a bf16 copy (see LlamaDecoder).
+HEAD_DENSE_ROWS = 5
 # The slot tensors grow in steps of this many positions.
 CAPACITY_STEP = 256
 
@@ -52,14 +58,15 @@ class _Linear:
     torchao's int4 weight-only quantization uses). A matrix whose input size is not a multiple of
     the group is kept as int8.
 
-    Those kernels read the weights once per row of input: right for decoding (a few rows), slow
-    for a prompt (hundreds of rows, where a bf16 matrix product is 3x faster). With
-    `dense_copy`, a quantized matrix also keeps a bf16 copy for runs of DENSE_ROWS rows or more.
+    Those kernels read the weights once for every four rows of input: right for decoding (a few
+    rows), slow for a prompt (hundreds of rows, where a bf16 matrix product is 3x faster). With
+    `dense_from`, a quantized matrix also keeps a bf16 copy for inputs of that many rows or more.
     """
 
-    def __init__(self, weight: torch.Tensor, fmt: str, *, dense_copy: bool = False) -> None:
+    def __init__(self, weight: torch.Tensor, fmt: str, *, dense_from: int = 0) -> None:
         weight = weight.detach().float()
-        self.dense = weight.to(torch.bfloat16) if dense_copy and fmt in ("int4", "int8") else None
+        self.dense = weight.to(torch.bfloat16) if dense_from and fmt in ("int4", "int8") else None
+        self.dense_from = dense_from
         if fmt == "int4" and weight.shape[1] % INT4_GROUP:
             fmt = "int8"
         self.fmt = fmt
@@ -92,7 +99,7 @@ class _Linear:
         return self.weight, scale, none if self.dense is None else self.dense, self.fmt
 
     def __call__(self, x: torch.Tensor, *, dense: bool = True) -> torch.Tensor:
-        return layers.multiply(x, *self.parts, layers.DENSE_ROWS if dense else 0)
+        return layers.multiply(x, *self.parts, self.dense_from if dense else 0)
 
 
 class _Layer:
@@ -103,13 +110,13 @@ class _Layer:
         self.qkv = _Linear(
             torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]),
             fmt,
-            dense_copy=True,
+            dense_from=DENSE_ROWS,
         )
-        self.out = _Linear(attention.o_proj.weight, fmt, dense_copy=True)
+        self.out = _Linear(attention.o_proj.weight, fmt, dense_from=DENSE_ROWS)
         self.gate_up = _Linear(
-            torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), fmt, dense_copy=True
+            torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), fmt, dense_from=DENSE_ROWS
         )
-        self.down = _Linear(mlp.down_proj.weight, fmt, dense_copy=True)
+        self.down = _Linear(mlp.down_proj.weight, fmt, dense_from=DENSE_ROWS)
 
 
 class SlotCache:
@@ -198,9 +205,13 @@ class LlamaDecoder:
         self.final_norm = layers.Norm(
             model.model.norm.weight.detach().float(), self.eps, self.dtype
         )
-        # The output head reads every token's hidden state into 49k scores: int4 there costs
-        # measurably more perplexity than in the layers (3.9% against 0.3%), so it stays int8.
-        self.head = _Linear(model.lm_head.weight, "int8" if fmt == "int4" else fmt)
+        # The output head turns each hidden state into 49k scores: int4 there costs measurably
+        # more perplexity than in the layers, so it stays int8 (the GGUF's head is 8-bit too).
+        # A decode step of five replies or more multiplies with its bf16 copy (+56 MB): the int8
+        # kernel reads the 28 MB again for every four rows (8 rows: 6.2 ms, bf16 3.7 ms).
+        self.head = _Linear(
+            model.lm_head.weight, "int8" if fmt == "int4" else fmt, dense_from=HEAD_DENSE_ROWS
+        )
         self.cache = SlotCache(len(self.layers), self.kv_heads, self.head_dim, self.dtype, limit)
         self._stack = layers.script(self._layer_stack())
         self._warm_up()
@@ -211,7 +222,7 @@ class LlamaDecoder:
             [
                 layers.Layer(
                     *(
-                        layers.Linear(*linear.parts)
+                        layers.Linear(*linear.parts, linear.dense_from)
                         for linear in (layer.qkv, layer.out, layer.gate_up, layer.down)
                     ),
                     (

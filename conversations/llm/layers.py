@@ -34,12 +34,6 @@ def script(target):
         return target
 
 
-# From this many rows of input (prompt tokens, or replies in one step) on, a quantized matrix
-# multiplies with its bf16 copy, if it has one: the quantized kernels read the weights once per
-# row, right for decoding a few rows, 3x slower than bf16 for a prompt.
-DENSE_ROWS = 16
-
-
 @script
 def multiply(
     x: torch.Tensor,
@@ -87,10 +81,10 @@ class Linear(torch.nn.Module):
     fmt: Final[str]
     dense_rows: Final[int]
 
-    def __init__(self, weight, scale, dense, fmt):
+    def __init__(self, weight, scale, dense, fmt, dense_rows):
         super().__init__()
         self.weight, self.scale, self.dense, self.fmt = weight, scale, dense, fmt
-        self.dense_rows = DENSE_ROWS
+        self.dense_rows = dense_rows
 
     def forward(self, x: torch.Tensor, use_dense: bool) -> torch.Tensor:
         rows = self.dense_rows if use_dense else 0
