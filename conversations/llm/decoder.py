@@ -287,7 +287,9 @@ class LlamaDecoder:
             # Token j of the run sees the row's earlier positions and the run up to j.
             end = start + len(tokens)
             masks.append(
-                torch.arange(end).unsqueeze(0) <= positions[i, : len(tokens)].unsqueeze(1)
+                self._mask(
+                    torch.arange(end).unsqueeze(0) <= positions[i, : len(tokens)].unsqueeze(1)
+                )
                 if start > 0 and len(tokens) > 1
                 else None
             )
@@ -313,7 +315,9 @@ class LlamaDecoder:
         # Row i sees its own positions only: 0..positions[i].
         mask = None
         if min(positions) != length - 1:
-            mask = (torch.arange(length).unsqueeze(0) <= where.unsqueeze(1))[:, None, None, :]
+            mask = self._mask(torch.arange(length).unsqueeze(0) <= where.unsqueeze(1))[
+                :, None, None, :
+            ]
         attention = {
             # Where each row's new key and value go in a layer's (rows * positions) flat view.
             "slots": torch.arange(n) * self.cache.positions + where,
@@ -339,6 +343,12 @@ class LlamaDecoder:
             x = x.view(batch, count, -1)[torch.arange(batch), read]
         logits = self.head(self.final_norm(x), dense=dense)
         return logits.float() if read is not None else logits.float().view(batch, count, -1)
+
+    def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """An attention mask to add to the scores (0 where allowed, -inf elsewhere): given as
+        booleans, attention converts the mask in every layer."""
+        mask = torch.zeros(allowed.shape, dtype=self.dtype)
+        return mask.masked_fill_(~allowed, float("-inf"))
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotary embedding's cos and sin at these positions, from a table computed once
