@@ -12,6 +12,7 @@ Causal chat models format them with their own chat template; seq2seq dialogue mo
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 from .loading import LoadedModel, describe_source, load_model
 from .prefix_cache import PrefixCache
 from .scheduler import Scheduler
+from .tokens import SAMPLE_CONVERSATION, PromptTokenizer
 
 if TYPE_CHECKING:
     from .scheduler import ReplyRequest
@@ -36,6 +38,8 @@ PLAIN_TRANSCRIPT_TEMPLATE = (
 )
 # Prompt encodings remembered (see Engine._encode).
 ENCODINGS_KEPT = 16
+
+logger = logging.getLogger(__name__)
 # Blenderbot separates dialogue turns by two spaces.
 SEQ2SEQ_TURN_SEPARATOR = "  "
 
@@ -239,6 +243,7 @@ class Engine:
         self._decoder = None
         self._encoded: OrderedDict[tuple, tuple[int, ...]] = OrderedDict()
         self._encoded_lock = threading.Lock()
+        self._prompts: PromptTokenizer | None = None  # set by load() for chat models
         self._scheduler = Scheduler(None, self._prefix_cache, max(1, max_batch))
 
     # Loading
@@ -262,6 +267,8 @@ class Engine:
         loaded = load_model(self.model_setting, self.cache_dir)
         if not loaded.is_seq2seq and not loaded.tokenizer.chat_template:
             loaded.tokenizer.chat_template = PLAIN_TRANSCRIPT_TEMPLATE
+        if not loaded.is_seq2seq:
+            self._prompts = _prompt_tokenizer(loaded.tokenizer)
         if not loaded.is_seq2seq and decoder.supports(loaded.model):
             self._decoder = decoder.LlamaDecoder(
                 loaded.model,
@@ -381,10 +388,8 @@ class Engine:
         if loaded.is_seq2seq:
             text = SEQ2SEQ_TURN_SEPARATOR.join(m["content"] for m in messages)
             return tokenizer(text)["input_ids"]
-        encoded = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True
-        )
-        return list(encoded["input_ids"])
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self._prompts.encode(text)
 
     def _stop_ids(self) -> set[int]:
         loaded = self.load()
@@ -426,6 +431,21 @@ class Engine:
         if config.pad_token_id is None:
             config.pad_token_id = loaded.tokenizer.pad_token_id or min(self._stop_ids())
         return config
+
+
+def _prompt_tokenizer(tokenizer) -> PromptTokenizer:
+    """Prompt tokenization reusing the last prompts' ids, if this tokenizer allows (tokens.py)."""
+    prompts = PromptTokenizer(tokenizer)
+    try:
+        sample = tokenizer.apply_chat_template(
+            SAMPLE_CONVERSATION, add_generation_prompt=True, tokenize=False
+        )
+    except Exception:  # a template that refuses the sample (no system role, say)
+        logger.info("The chat template refused the sample; prompts are tokenized whole")
+        return prompts
+    if not prompts.check(sample):
+        logger.info("This tokenizer does not encode pieces alone; prompts are tokenized whole")
+    return prompts
 
 
 def _return_freed_memory() -> None:

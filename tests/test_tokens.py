@@ -1,0 +1,85 @@
+"""Prompts tokenized turn by turn give the ids of prompts tokenized whole, with the bundled
+model's tokenizer; a tokenizer that encodes pieces differently is tokenized whole."""
+
+import pytest
+from django.conf import settings
+from transformers import AutoTokenizer
+
+from conversations.llm.loading import prepare_bundled_model
+from conversations.llm.tokens import SAMPLE_CONVERSATION, PromptTokenizer
+
+TURNS = [
+    ("Hello!", "Hi there! How can I help you today?"),
+    ("  What is the capital of France?\n", "The capital of France is **Paris**.\n\n- Eiffel Tower"),
+    ("Café, naïve, 東京 and 🙂: spell them.", " C-a-f-é.  N-a-ï-v-e.\n東京 🙂"),
+    ("Say <|im_end|> literally, then a newline.\n", "<|im_end|>\n"),
+    ("", "   "),
+    ("Thanks", "You're welcome!"),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(prepare_bundled_model(settings.CHATBOT_MODEL_CACHE))
+
+
+def render(tokenizer, messages):
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def test_a_growing_conversation_gets_the_ids_of_whole_tokenization(tokenizer):
+    prompts = PromptTokenizer(tokenizer)
+    assert prompts.check(render(tokenizer, SAMPLE_CONVERSATION))
+    messages = [{"role": "system", "content": "You are a helpful assistant."}]
+    for question, answer in TURNS:
+        messages.append({"role": "user", "content": question})
+        whole = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        before = prompts.tokenized_chars
+        assert prompts.encode(render(tokenizer, messages)) == list(whole["input_ids"])
+        tokenized = prompts.tokenized_chars - before
+        messages.append({"role": "assistant", "content": answer})
+    assert tokenized < len(render(tokenizer, messages)) / 4, "only the new turn was tokenized"
+
+
+def test_an_edited_earlier_message_reuses_only_what_comes_before_it(tokenizer):
+    prompts = PromptTokenizer(tokenizer)
+    prompts.check(render(tokenizer, SAMPLE_CONVERSATION))
+    first = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another one."},
+    ]
+    edited = [*first[:1], {"role": "user", "content": "Name a fruit."}, *first[2:]]
+    prompts.encode(render(tokenizer, first))
+    ids = prompts.encode(render(tokenizer, edited))
+    expected = tokenizer.apply_chat_template(edited, add_generation_prompt=True, tokenize=True)
+    assert ids == list(expected["input_ids"])
+
+
+class PrefixingTokenizer:
+    """Stands in for a tokenizer that marks the start of every text it encodes (as those that
+    add a prefix space do): pieces encoded alone differ from the whole."""
+
+    all_special_ids = [0]
+
+    def __call__(self, text, **kwargs):
+        ids, offsets = [9], [(0, 0)]
+        for i, char in enumerate(text):
+            ids.append(0 if char == "|" else ord(char))
+            offsets.append((i, i + 1))
+        return {"input_ids": ids, "offset_mapping": offsets}
+
+
+def test_a_tokenizer_that_encodes_pieces_differently_is_used_whole():
+    prompts = PromptTokenizer(PrefixingTokenizer())
+    assert not prompts.check("ab|cd|ef")
+    prompts.encode("ab|cd|")
+    assert prompts.encode("ab|cd|ef") == [
+        9,
+        *map(ord, "ab"),
+        0,
+        *map(ord, "cd"),
+        0,
+        *map(ord, "ef"),
+    ]
