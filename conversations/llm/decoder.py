@@ -293,13 +293,13 @@ class LlamaDecoder:
                 if start > 0 and len(tokens) > 1
                 else None
             )
-        attention = {
-            "slots": None,
-            "length": 0,
-            "mask": None,
-            "runs": [(row, start, len(tokens)) for row, tokens, start in runs],
-            "masks": masks,
-        }
+        attention = layers.Attention(
+            slots=None,
+            length=0,
+            mask=None,
+            runs=[(row, start, len(tokens)) for row, tokens, start in runs],
+            masks=masks,
+        )
         last = torch.tensor([len(tokens) - 1 for _, tokens, _ in runs])
         logits = self._forward(
             ids, positions, attention, read=None if every else last, dense=not every
@@ -318,14 +318,14 @@ class LlamaDecoder:
             mask = self._mask(torch.arange(length).unsqueeze(0) <= where.unsqueeze(1))[
                 :, None, None, :
             ]
-        attention = {
+        attention = layers.Attention(
             # Where each row's new key and value go in a layer's (rows * positions) flat view.
-            "slots": torch.arange(n) * self.cache.positions + where,
-            "length": length,
-            "mask": mask,
-            "runs": [],
-            "masks": [],
-        }
+            slots=torch.arange(n) * self.cache.positions + where,
+            length=length,
+            mask=mask,
+            runs=[],
+            masks=[],
+        )
         ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(1)
         return self._forward(ids, where.unsqueeze(1), attention, read=torch.zeros(n).long())
 
@@ -334,11 +334,11 @@ class LlamaDecoder:
     def _forward(self, ids, positions, attention, *, read=None, dense=True) -> torch.Tensor:
         """Logits (batch, vocab) after the token at index read[i] of each row of `ids`, or with
         read=None, (batch, count, vocab) after every token. `attention` says how the layers
-        attend: see layers.Layers.forward."""
+        attend: see layers.Attention."""
         batch, count = ids.shape
         x = F.embedding(ids.view(-1), self.embed)  # fp32 residual stream, (tokens, hidden)
         cos, sin = self._rope(positions.view(-1))  # (tokens, 1, head size)
-        x = self._stack(x, cos, sin, self.cache.keys, self.cache.values, dense, **attention)
+        x = self._stack(x, cos, sin, self.cache.keys, self.cache.values, dense, attention)
         if read is not None and count > 1:
             x = x.view(batch, count, -1)[torch.arange(batch), read]
         logits = self.head(self.final_norm(x), dense=dense)

@@ -13,7 +13,7 @@ scripting ever fails, the same code runs as plain Python: `script` says so in th
 
 import logging
 import warnings
-from typing import Final
+from typing import Final, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,22 @@ class Norm(torch.nn.Module):
         return (x * torch.rsqrt(variance + self.eps) * self.weight).to(self.dtype)
 
 
+class Attention(NamedTuple):
+    """How the tokens of a pass attend. Decoding (`slots` given): token i belongs to slot row
+    i, its key and value go to flat position slots[i] of a layer's (rows * positions) view, and
+    it sees positions 0..length-1 (`mask`, added to the scores, hides those past its own).
+    Reading prompts (`slots` None): the tokens are runs of equal length (the shorter padded at
+    the end), run i being (slot row, start, count): its tokens go to positions
+    start..start+count-1 of that slot row, and masks[i] lets each see the row's earlier positions
+    and the run up to itself (None: a causal run from position 0, or one token)."""
+
+    slots: torch.Tensor | None
+    length: int
+    mask: torch.Tensor | None
+    runs: list[tuple[int, int, int]]
+    masks: list[torch.Tensor | None]
+
+
 class Linear(torch.nn.Module):
     """One matrix in its format; scripted, its format is a constant (the other branches of
     `multiply` are compiled away)."""
@@ -118,11 +134,7 @@ class Layer(torch.nn.Module):
         keys: torch.Tensor,
         values: torch.Tensor,
         use_dense: bool,
-        slots: torch.Tensor | None,
-        length: int,
-        mask: torch.Tensor | None,
-        runs: list[tuple[int, int, int]],
-        masks: list[torch.Tensor | None],
+        attention: Attention,
     ) -> torch.Tensor:
         tokens = x.size(0)
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
@@ -133,10 +145,13 @@ class Layer(torch.nn.Module):
         qk = qk * cos + qk.index_select(2, self.half_turn) * sin
         q, k = qk.split([heads, kv_heads], dim=1)
         v = v.view(tokens, kv_heads, head_dim)
+        slots = attention.slots
         if slots is not None:
-            attended = _attend_decoding(q, k, v, keys, values, slots, length, mask)
+            attended = _attend_decoding(
+                q, k, v, keys, values, slots, attention.length, attention.mask
+            )
         else:
-            attended = _attend_runs(q, k, v, keys, values, runs, masks)
+            attended = _attend_runs(q, k, v, keys, values, attention.runs, attention.masks)
         x = x + self.out(attended, use_dense)
         h = self.post_attention_norm(x)
         gate, up = self.gate_up(h, use_dense).chunk(2, dim=1)
@@ -158,27 +173,15 @@ class Layers(torch.nn.Module):
         keys: list[torch.Tensor],
         values: list[torch.Tensor],
         use_dense: bool,
-        slots: torch.Tensor | None,
-        length: int,
-        mask: torch.Tensor | None,
-        runs: list[tuple[int, int, int]],
-        masks: list[torch.Tensor | None],
+        attention: Attention,
     ) -> torch.Tensor:
         """x: (tokens, hidden) fp32, cos and sin: (tokens, 1, head size); keys and values: the
         slot cache's tensors, one per layer.
 
-        Two ways to attend. Decoding (`slots` given): token i belongs to slot row i, its key and
-        value go to flat position slots[i] of a layer's (rows * positions) view, and it sees
-        positions 0..length-1 (`mask` hides those past its own). Reading prompts (`slots` None):
-        the tokens are runs of equal length (the shorter padded at the end), run i being
-        (slot row, start, count): its tokens go to positions start..start+count-1 of that slot
-        row, and masks[i] lets each see the row's earlier positions and the run up to itself
-        (None: a causal run from position 0, or one token).
+        `attention` says how the tokens attend (see Attention).
         """
         for index, layer in enumerate(self.layers):
-            x = layer(
-                x, cos, sin, keys[index], values[index], use_dense, slots, length, mask, runs, masks
-            )
+            x = layer(x, cos, sin, keys[index], values[index], use_dense, attention)
         return x
 
 
