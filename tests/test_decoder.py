@@ -219,3 +219,27 @@ def test_int4_weights_keep_perplexity_within_3_percent_of_fp32(bundled_int4):
     ppl_fp32 = torch.exp(torch.tensor(-fp32.score_reply(question, text) / tokens))
     assert bundled_int4._decoder.decode_weight_bytes < fp32._decoder.decode_weight_bytes / 3
     assert float(ppl_int4 / ppl_fp32) <= 1.03, (float(ppl_int4), float(ppl_fp32))
+
+
+def test_the_output_head_multiplies_with_fbgemm_or_falls_back(monkeypatch):
+    from conversations.llm import decoder
+
+    torch.manual_seed(0)
+    weight = torch.randn(300, 64) * 0.05
+    x = torch.randn(6, 64).bfloat16()  # six rows: past the fallback's bf16 threshold
+    exact = x.float() @ weight.t()
+
+    head = decoder._Head(weight)
+    assert head.packed is not None, "torch's x86 build has FBGEMM"
+    assert head.weight_bytes == 300 * 64
+    for rows in (1, 6):
+        got = head(x[:rows])
+        assert got.dtype == torch.float32
+        assert float((got - exact[:rows]).norm() / exact[:rows].norm()) < 0.02
+
+    monkeypatch.setattr(decoder, "_fbgemm_pack", lambda weight, scale: None)
+    fallback = decoder._Head(weight)
+    assert fallback.packed is None and fallback.linear.dense is not None
+    for rows in (1, 6):
+        got = fallback(x[:rows]).float()
+        assert float((got - exact[:rows]).norm() / exact[:rows].norm()) < 0.02
