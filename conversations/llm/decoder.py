@@ -231,12 +231,10 @@ class LlamaDecoder:
         config = model.config
         self.fmt = fmt
         self.dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
-        self.hidden = config.hidden_size
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or self.hidden // self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
-        self.intermediate = config.intermediate_size
         self.rotary = model.model.rotary_emb
         self._cos = self._sin = torch.empty(0)
         self.layers = []
@@ -369,7 +367,7 @@ class LlamaDecoder:
             masks=[],
         )
         ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(1)
-        return self._forward(ids, where.unsqueeze(1), attention, read=torch.zeros(n).long())
+        return self._forward(ids, where.unsqueeze(1), attention)[:, 0]
 
     # The layers
 

@@ -38,10 +38,10 @@ PLAIN_TRANSCRIPT_TEMPLATE = (
 )
 # Prompt encodings remembered (see Engine._encode).
 ENCODINGS_KEPT = 16
-
-logger = logging.getLogger(__name__)
 # Blenderbot separates dialogue turns by two spaces.
 SEQ2SEQ_TURN_SEPARATOR = "  "
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

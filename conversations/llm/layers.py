@@ -110,7 +110,7 @@ class Linear(torch.nn.Module):
 class Layer(torch.nn.Module):
     """RMS norm, attention (queries, keys and values from one matrix, rotary embedding, keys and
     values written into the slot cache), RMS norm, SwiGLU. The residual stream and the norms
-    are fp32; the matrices get their input in `dtype`."""
+    are fp32; the norms hand the matrices their input in the activation type."""
 
     heads: Final[int]
     kv_heads: Final[int]
