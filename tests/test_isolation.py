@@ -108,29 +108,34 @@ def test_api_owner_may(api, chat, method, path, body):
     assert response.status_code < 400, response.content
 
 
+def assert_refused(request, status, chat, fake_engine):
+    """`request()` is answered with `status`, shows nothing of the conversation, changes
+    nothing and asks the model nothing. Returns the response."""
+    counts = (Message.objects.count(), Conversation.objects.count())
+    before = snapshot(chat)
+    response = request()
+    assert response.status_code == status
+    assert SECRET not in response.content.decode()
+    assert snapshot(chat) == before
+    assert (Message.objects.count(), Conversation.objects.count()) == counts
+    assert fake_engine.calls == []
+    return response
+
+
 @pytest.mark.parametrize(("method", "path", "body"), flatten(API))
 def test_api_another_user_gets_404_and_changes_nothing(
     other_api, chat, fake_engine, method, path, body
 ):
-    before, messages = snapshot(chat), Message.objects.count()
-    response = send(other_api, method, path, body, chat, api=True)
-    assert response.status_code == 404
-    assert SECRET not in response.content.decode()
-    assert (snapshot(chat), Message.objects.count(), Conversation.objects.count()) == (
-        before,
-        messages,
-        1,
+    assert_refused(
+        lambda: send(other_api, method, path, body, chat, api=True), 404, chat, fake_engine
     )
-    assert fake_engine.calls == []
 
 
 @pytest.mark.parametrize(("method", "path", "body"), flatten(API))
 def test_api_nobody_gets_401_and_changes_nothing(anon_api, chat, fake_engine, method, path, body):
-    before = snapshot(chat)
-    response = send(anon_api, method, path, body, chat, api=True)
-    assert response.status_code == 401
-    assert SECRET not in response.content.decode()
-    assert snapshot(chat) == before and fake_engine.calls == []
+    assert_refused(
+        lambda: send(anon_api, method, path, body, chat, api=True), 401, chat, fake_engine
+    )
 
 
 @pytest.mark.parametrize(("method", "path", "body"), flatten(PAGES))
@@ -145,21 +150,17 @@ def test_page_another_user_gets_404_and_changes_nothing(
     client, other_user, chat, fake_engine, method, path, body
 ):
     client.force_login(other_user)
-    before, messages = snapshot(chat), Message.objects.count()
-    response = send(client, method, path, body, chat, api=False)
-    assert response.status_code == 404
-    assert SECRET not in response.content.decode()
-    assert (snapshot(chat), Message.objects.count()) == (before, messages)
-    assert fake_engine.calls == []
+    assert_refused(
+        lambda: send(client, method, path, body, chat, api=False), 404, chat, fake_engine
+    )
 
 
 @pytest.mark.parametrize(("method", "path", "body"), flatten(PAGES))
 def test_page_nobody_is_sent_to_log_in(client, chat, fake_engine, method, path, body):
-    before = snapshot(chat)
-    response = send(client, method, path, body, chat, api=False)
-    assert response.status_code == 302
+    response = assert_refused(
+        lambda: send(client, method, path, body, chat, api=False), 302, chat, fake_engine
+    )
     assert response["Location"].startswith("/accounts/login/")
-    assert snapshot(chat) == before and fake_engine.calls == []
 
 
 def test_search_finds_only_ones_own_conversations(api, other_api, client, owner, other_user, chat):
