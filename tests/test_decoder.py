@@ -95,6 +95,23 @@ def test_prompts_fed_together_compute_what_they_compute_alone(tiny_dir):
     torch.testing.assert_close(keys_together, decoder.cache.keys[0][:3, :12])
 
 
+def test_a_run_continuing_a_history_computes_what_one_whole_run_computes(tiny_dir):
+    """A continued run attends with a mask over the history and itself (its query heads read as
+    one run per key-value head); a whole run from position 0 is plainly causal."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    assert model.config.num_attention_heads > model.config.num_key_value_heads
+    decoder = LlamaDecoder(model, fmt="fp32", limit=1024)
+    history, more = [2 + i % 30 for i in range(40)], list(range(5, 16))
+    with torch.inference_mode():
+        whole = decoder.prefill(0, history + more, 0, every=True)
+        decoder.cache.clear()
+        decoder.prefill(0, history, 0)
+        continued = decoder.prefill(0, more, len(history), every=True)
+    torch.testing.assert_close(continued, whole[len(history) :], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("fmt", ["int4", "fp32"])
 def test_scripted_layers_compute_what_they_compute_as_python(tiny_dir, fmt):
     from transformers import AutoModelForCausalLM

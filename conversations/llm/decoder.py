@@ -324,12 +324,13 @@ class LlamaDecoder:
         for i, (_, tokens, start) in enumerate(runs):
             ids[i, : len(tokens)] = torch.tensor(tokens)
             positions[i] = torch.arange(start, start + longest)
-            # Token j of the run sees the row's earlier positions and the run up to j.
+            # Token j of the run sees the row's earlier positions and the run up to j; once
+            # per query head of a key-value head's group (attention reads them as one run).
             end = start + len(tokens)
             masks.append(
                 self._mask(
                     torch.arange(end).unsqueeze(0) <= positions[i, : len(tokens)].unsqueeze(1)
-                )
+                ).repeat(self.heads // self.kv_heads, 1)
                 if start > 0 and len(tokens) > 1
                 else None
             )
