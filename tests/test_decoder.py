@@ -3,6 +3,7 @@
 the replies it should."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -154,6 +155,44 @@ def test_concurrent_replies_share_decode_steps_and_answer_as_alone(tiny_dir, tmp
     assert together == alone
     assert engine._scheduler.widest >= 2, "replies were written in shared decode steps"
     assert engine._scheduler.steps > steps_before
+
+
+def test_replies_that_arrive_together_grow_the_slot_tensors_once(tiny_dir, tmp_path):
+    engine = Engine(model=str(tiny_dir), cache_dir=tmp_path, weights="fp32")
+    engine.generate(chat("hello"), GREEDY)
+    cache = engine._decoder.cache
+    cache.clear()
+    grown = []
+    real_reserve = cache.reserve
+
+    def reserve(rows, positions):
+        before = cache.rows
+        real_reserve(rows, positions)
+        if cache.rows != before:
+            grown.append((before, cache.rows))
+
+    cache.reserve = reserve
+    # The model thread is held while four replies queue up, so that they are admitted together.
+    release = threading.Event()
+    held = engine._scheduler.call(lambda: release.wait(timeout=30))
+    texts = ["hello", "how are you", "tell me about paris", "what is the capital of germany"]
+    threads = [
+        threading.Thread(target=engine.generate, args=(chat(text), GREEDY)) for text in texts
+    ]
+    for thread in threads:
+        thread.start()
+    scheduler = engine._scheduler
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        queued = [item for item in list(scheduler._inbox) if item[0] == "reply"]
+        if len(queued) + len(scheduler._waiting) == len(texts):
+            break
+        time.sleep(0.01)
+    release.set()
+    held.result(timeout=30)
+    for thread in threads:
+        thread.join(timeout=60)
+    assert grown == [(0, 4)]
 
 
 def test_sampling_with_a_tiny_top_p_keeps_only_the_top_token(tiny_dir, tmp_path):

@@ -155,6 +155,7 @@ class Scheduler:
 
     def _admit(self) -> None:
         decoder = self.decoder
+        admitted = []
         while self._waiting and len(self._rows) < self.max_batch:
             request = self._waiting.popleft()
             if request.cancelled.is_set():
@@ -171,7 +172,14 @@ class Scheduler:
             self._unpark()
             request.row = len(self._rows)
             self._rows.append(request)
-            decoder.cache.reserve(len(self._rows), len(request.prompt) + request.max_new_tokens)
+            admitted.append(request)
+        if not admitted:
+            return
+        # One reservation for all of them: the slot tensors are copied once, not once per row.
+        decoder.cache.reserve(
+            len(self._rows), max(len(r.prompt) + r.max_new_tokens for r in admitted)
+        )
+        for request in admitted:
             if request.cache_key is not None and request.filled == 0:
                 stored, reuse = self.prefix_cache.take(request.cache_key, request.prompt)
                 if stored is not None:
