@@ -43,13 +43,30 @@ def test_nothing_shared_or_unknown_key_is_a_miss():
 
 def test_least_recently_used_entries_leave_first_within_the_byte_budget():
     cache = PrefixCache(max_bytes=250)  # 20 bytes a token
-    cache.put("a", list(range(5)), kv(5))  # 100 bytes
-    cache.put("b", list(range(5)), kv(5))
-    cache.put("c", list(range(5)), kv(5))  # 300 > 250: "a" goes
-    assert cache.take("a", list(range(6))) == (None, 0)
+    cache.put("a", [1] * 5, kv(5))  # 100 bytes
+    cache.put("b", [2] * 5, kv(5))
+    cache.put("c", [3] * 5, kv(5))  # 300 > 250: "a" goes
+    assert cache.take("a", [1] * 6) == (None, 0)
     assert cache.nbytes == 200
-    cache.put("huge", list(range(50)), kv(50))  # larger than the budget: not kept
-    assert cache.take("huge", list(range(51))) == (None, 0)
+    cache.put("huge", [4] * 50, kv(50))  # larger than the budget: not kept
+    assert cache.take("huge", [4] * 51) == (None, 0)
+
+
+def test_a_new_conversation_borrows_the_longest_shared_start_of_another():
+    cache = PrefixCache(max_bytes=10_000)
+    system = [7, 7, 1, 2, 3]  # e.g. the template's header and a system prompt
+    cache.put("short", [*system[:3], 9, 9], kv(5))
+    longest = kv(7)
+    cache.put("long", [*system, 5, 6], longest)
+    taken, reused = cache.take("new", [*system, 8, 8, 8])
+    assert (taken, reused) == (longest, 5)
+    assert len(cache) == 2, "a borrowed entry stays for its own conversation"
+    # A conversation's own entry comes first, even when another shares more.
+    cache.put("own", [*system[:4], 0], kv(5))
+    _, reused = cache.take("own", [*system, 8])
+    assert reused == 4 and len(cache) == 2
+    assert cache.take("other", [3, 3, 3]) == (None, 0)
+    assert (cache.hits, cache.misses) == (2, 1)
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +158,24 @@ def test_the_last_conversation_answered_stays_in_place_until_its_row_is_wanted(t
         strict=True,
     ):
         torch.testing.assert_close(ours[0, :length], theirs[0, :length], rtol=1e-4, atol=1e-4)
+
+
+def test_a_new_conversation_starts_from_the_system_prompt_another_one_computed(tiny_dir, tmp_path):
+    engine = Engine(model=str(tiny_dir), cache_dir=tmp_path, weights="fp32")
+    plain = Engine(model=str(tiny_dir), cache_dir=tmp_path, prefix_cache_bytes=0, weights="fp32")
+    system = {"role": "system", "content": "be good and kind and brief in every answer"}
+    turn(engine, [system, {"role": "user", "content": "hello"}], key="a")
+    b = [system, {"role": "user", "content": "what is the capital of france"}]
+    b_turn = turn(engine, b, key="b")
+    system_tokens = engine.count_tokens([system])
+    assert system_tokens - 3 <= b_turn.reused_tokens < b_turn.result.prompt_tokens
+    assert b_turn.result.text == turn(plain, b).result.text
+    # Row 0 of both engines holds conversation b: borrowed and continued here, at once there.
+    length = b_turn.result.prompt_tokens
+    for ours, theirs in zip(
+        engine._decoder.cache.keys + engine._decoder.cache.values,
+        plain._decoder.cache.keys + plain._decoder.cache.values,
+        strict=True,
+    ):
+        torch.testing.assert_close(ours[0, :length], theirs[0, :length], rtol=1e-4, atol=1e-4)
+    assert len(engine._prefix_cache) == 1, "conversation a keeps its entry"

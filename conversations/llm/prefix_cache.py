@@ -34,6 +34,13 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _reusable(entry: CachedPrefix | None, prompt: list[int]) -> int:
+    """Positions of `entry` a prompt can take: the shared prefix, leaving the last token."""
+    if entry is None or not entry.tokens or not prompt or entry.tokens[0] != prompt[0]:
+        return 0
+    return min(common_prefix_length(entry.tokens, prompt), len(prompt) - 1)
+
+
 class PrefixCache:
     """A least-recently-used store of CachedPrefix by key (a conversation), bounded in bytes."""
 
@@ -45,16 +52,24 @@ class PrefixCache:
         self.misses = 0
 
     def take(self, key: str, prompt: list[int]) -> tuple[Any | None, int]:
-        """Remove and return (cache, reused tokens) for a prompt: the entry, of which the first
-        `reused` positions hold the longest prefix it shares with `prompt` (leaving at least the
-        prompt's last token to compute). (None, 0) when nothing can be reused."""
+        """Remove and return (cache, reused tokens) for a prompt: the key's entry, of which the
+        first `reused` positions hold the longest prefix it shares with `prompt` (leaving at
+        least the prompt's last token to compute). (None, 0) when nothing can be reused.
+
+        A conversation with nothing of its own to reuse (a new one) borrows the start of the
+        entry that shares the longest prefix with its prompt: the same system prompt and
+        template header are the same tokens at the same positions, so their keys and values
+        are the same. A borrowed entry stays (its positions are copied, never changed)."""
         with self._lock:
             entry = self._entries.pop(key, None)
+            reuse = _reusable(entry, prompt)
+            if reuse <= 0:
+                entry, reuse = None, 0
+                for other in self._entries.values():
+                    shared = _reusable(other, prompt)
+                    if shared > reuse:
+                        entry, reuse = other, shared
         if entry is None:
-            self.misses += 1
-            return None, 0
-        reuse = min(common_prefix_length(entry.tokens, prompt), len(prompt) - 1)
-        if reuse <= 0:
             self.misses += 1
             return None, 0
         self.hits += 1
