@@ -3,15 +3,15 @@
 the replies it should."""
 
 import threading
-import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from django.conf import settings
 
 from conversations.llm.decoder import LlamaDecoder
 from conversations.llm.engine import Engine, GenerationParams
-from conversations.llm.scheduler import PREFILL_CHUNK
+from conversations.llm.scheduler import PREFILL_CHUNK, ReplyRequest
 from tests.tiny_models import WORDS, build_tiny_causal
 
 GREEDY = GenerationParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.1)
@@ -173,25 +173,29 @@ def test_replies_that_arrive_together_grow_the_slot_tensors_once(tiny_dir, tmp_p
 
     cache.reserve = reserve
     # The model thread is held while four replies queue up, so that they are admitted together.
-    release = threading.Event()
-    held = engine._scheduler.call(lambda: release.wait(timeout=30))
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        holding.set()
+        release.wait(timeout=30)
+
+    held = engine._scheduler.call(hold)
+    assert holding.wait(timeout=30)
     texts = ["hello", "how are you", "tell me about paris", "what is the capital of germany"]
-    threads = [
-        threading.Thread(target=engine.generate, args=(chat(text), GREEDY)) for text in texts
+    requests = [
+        ReplyRequest(
+            prompt=engine._encode(chat(text)),
+            max_new_tokens=4,
+            stop_ids=frozenset(engine._stop_ids()),
+        )
+        for text in texts
     ]
-    for thread in threads:
-        thread.start()
-    scheduler = engine._scheduler
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        queued = [item for item in list(scheduler._inbox) if item[0] == "reply"]
-        if len(queued) + len(scheduler._waiting) == len(texts):
-            break
-        time.sleep(0.01)
+    for request in requests:
+        engine._scheduler.submit(request)
     release.set()
     held.result(timeout=30)
-    for thread in threads:
-        thread.join(timeout=60)
+    for request in requests:
+        assert request.done.wait(timeout=60)
     assert grown == [(0, 4)]
 
 
@@ -270,11 +274,59 @@ def test_int4_weights_keep_perplexity_within_3_percent_of_fp32(bundled_int4):
         "turned the lamp through the night. Each lighthouse has its own pattern of flashes, so "
         "that sailors can tell one from another in the dark. Today most of them are automatic."
     )
-    tokens = len(bundled_int4.load().tokenizer(text, add_special_tokens=False)["input_ids"])
-    ppl_int4 = torch.exp(torch.tensor(-bundled_int4.score_reply(question, text) / tokens))
-    ppl_fp32 = torch.exp(torch.tensor(-fp32.score_reply(question, text) / tokens))
-    assert bundled_int4._decoder.decode_weight_bytes < fp32._decoder.decode_weight_bytes / 3
+    reply = bundled_int4.load().tokenizer(text, add_special_tokens=False)["input_ids"]
+    ppl_fp32 = torch.exp(torch.tensor(-fp32.score_reply(question, text) / len(reply)))
+    # Read at once (many rows: the query-key-value and gate-up products in int8 x int8) ...
+    ppl_int4 = torch.exp(torch.tensor(-bundled_int4.score_reply(question, text) / len(reply)))
     assert float(ppl_int4 / ppl_fp32) <= 1.03, (float(ppl_int4), float(ppl_fp32))
+    # ... and one token at a time, as a single reply is written (int4 products only).
+    decoder, scheduler = bundled_int4._decoder, bundled_int4._scheduler
+    prompt = bundled_int4._encode(question)
+
+    def one_row():
+        with torch.inference_mode():
+            row = scheduler.spare_row  # 0: no reply is in flight
+            logits = [decoder.prefill(row, prompt, 0)]
+            for i, token in enumerate(reply[:-1]):
+                logits.append(decoder.decode([token], [len(prompt) + i])[0])
+            log_probs = torch.log_softmax(torch.stack(logits).float(), dim=-1)
+            return float(log_probs.gather(1, torch.tensor(reply).unsqueeze(1)).sum())
+
+    ppl_one_row = torch.exp(torch.tensor(-scheduler.call(one_row).result() / len(reply)))
+    assert float(ppl_one_row / ppl_fp32) <= 1.03, (float(ppl_one_row), float(ppl_fp32))
+    assert bundled_int4._decoder.decode_weight_bytes < fp32._decoder.decode_weight_bytes / 3
+
+
+def test_steps_of_five_or_more_replies_multiply_two_matrices_in_int8(bundled_int4):
+    """From BATCH_INT8_ROWS rows on, the query-key-value and gate-up products take int8
+    inputs (oneDNN); each reply's scores stay those of its own int4 step but for rounding."""
+    from torch.profiler import profile
+
+    from conversations.llm.decoder import BATCH_INT8_ROWS
+
+    decoder, scheduler = bundled_int4._decoder, bundled_int4._scheduler
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch: batched steps use the int4 kernel")
+    assert decoder.layers[0].qkv.batch is not None, "oneDNN is here; see the log for why not"
+    prompts = [bundled_int4._encode(chat(f"Tell me about the number {i}.")) for i in range(8)]
+
+    def step(rows):
+        with torch.inference_mode():
+            first = scheduler.spare_row  # 0: no reply is in flight
+            for i, prompt in enumerate(prompts[:rows]):
+                decoder.prefill(first + i, prompt, 0)
+            with profile() as trace:
+                logits = decoder.decode([42] * rows, [len(p) for p in prompts[:rows]])
+            ops = {event.key for event in trace.key_averages()}
+            return logits.float(), "onednn::qlinear_pointwise" in ops
+
+    int4_logits, int8_used_in_4 = scheduler.call(lambda: step(BATCH_INT8_ROWS - 1)).result()
+    batch_logits, int8_used_in_8 = scheduler.call(lambda: step(8)).result()
+    assert not int8_used_in_4 and int8_used_in_8
+    rows = BATCH_INT8_ROWS - 1
+    agree = (batch_logits[:rows].argmax(-1) == int4_logits.argmax(-1)).float().mean()
+    similarity = F.cosine_similarity(batch_logits[:rows], int4_logits, dim=-1)
+    assert agree >= 0.75 and similarity.min() > 0.99, (agree, similarity)
 
 
 def test_the_output_head_multiplies_with_fbgemm_or_falls_back(monkeypatch):

@@ -57,6 +57,32 @@ def multiply(
     return torch.ops.aten._weight_int8pack_mm(x, weight, scale)
 
 
+@script
+def multiply_int8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (rows, inputs) @ W.T for W as int8 with one scale per output row, packed by oneDNN
+    (decoder._onednn_pack): each row of x is quantized to int8 with its own scale, the product
+    is taken in integers, and both scales are applied to the result."""
+    x32 = x.float()
+    row_scale = x32.abs().amax(1, keepdim=True).clamp_min(1e-8) / 127
+    no_post_op: list[int | float | complex | None] = []  # ("Scalar?[]")
+    product = torch.ops.onednn.qlinear_pointwise(
+        torch.round(x32 / row_scale).to(torch.int8),
+        1.0,
+        0,
+        packed,
+        scale,
+        torch.zeros(scale.shape, dtype=torch.int32),
+        None,
+        1.0,
+        0,
+        torch.float32,
+        "none",
+        no_post_op,
+        "",
+    )
+    return (product * row_scale).to(x.dtype)
+
+
 class Norm(torch.nn.Module):
     """RMS norm in fp32, to the bit as the model's own (x * rsqrt(mean(x^2) + eps) * weight),
     handed on in the activation type."""
@@ -93,18 +119,27 @@ class Attention(NamedTuple):
 
 class Linear(torch.nn.Module):
     """One matrix in its format; scripted, its format is a constant (the other branches of
-    `multiply` are compiled away)."""
+    `multiply` are compiled away). With `batch` (an int8 copy packed by oneDNN, and its
+    scales), inputs of `batch_rows` rows or more that do not go to the bf16 copy multiply
+    with it (multiply_int8)."""
 
     fmt: Final[str]
     dense_rows: Final[int]
+    batch_rows: Final[int]
 
-    def __init__(self, weight, scale, dense, fmt, dense_rows):
+    def __init__(self, weight, scale, dense, fmt, dense_rows, batch=None, batch_rows=0):
         super().__init__()
         self.weight, self.scale, self.dense, self.fmt = weight, scale, dense, fmt
         self.dense_rows = dense_rows
+        none = torch.empty(0)
+        self.batch, self.batch_scale = batch if batch is not None else (none, none)
+        self.batch_rows = batch_rows
 
     def forward(self, x: torch.Tensor, use_dense: bool) -> torch.Tensor:
         rows = self.dense_rows if use_dense else 0
+        n = x.size(0)
+        if self.batch_rows > 0 and n >= self.batch_rows and not (rows > 0 and n >= rows):
+            return multiply_int8(x, self.batch, self.batch_scale)
         return multiply(x, self.weight, self.scale, self.dense, self.fmt, rows)
 
 
