@@ -157,6 +157,60 @@ def test_concurrent_replies_share_decode_steps_and_answer_as_alone(tiny_dir, tmp
     assert engine._scheduler.steps > steps_before
 
 
+def reply_request(engine, text, max_new_tokens):
+    return ReplyRequest(
+        prompt=engine._encode(chat(text)),
+        max_new_tokens=max_new_tokens,
+        stop_ids=frozenset(engine._stop_ids()),
+    )
+
+
+def submit_together(engine, requests):
+    """Queue `requests` while the model thread is held, so that it admits them together, and
+    wait until they are written."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        holding.set()
+        release.wait(timeout=30)
+
+    held = engine._scheduler.call(hold)
+    assert holding.wait(timeout=30)
+    for request in requests:
+        engine._scheduler.submit(request)
+    release.set()
+    held.result(timeout=30)
+    for request in requests:
+        assert request.done.wait(timeout=60)
+
+
+def events_of(request):
+    events = []
+    while not request.events.empty():
+        events.append(request.events.get_nowait())
+    return events
+
+
+def test_tokens_reach_a_lone_reply_one_by_one_and_several_replies_in_groups(tiny_dir, tmp_path):
+    engine = Engine(model=str(tiny_dir), cache_dir=tmp_path, weights="fp32")
+    engine.load()
+    lone = reply_request(engine, "hello", 24)
+    submit_together(engine, [lone])
+    events = events_of(lone)
+    assert [kind for kind, _, _ in events] == ["tokens"] * len(lone.generated) + ["end"]
+    assert all(len(tokens) == 1 for _, tokens, _ in events[:-1])
+
+    together = [reply_request(engine, text, 200) for text in ("hello", "how are you", "paris")]
+    submit_together(engine, together)
+    for request in together:
+        events = events_of(request)
+        assert events[-1][0] == "end"
+        deliveries = [tokens for kind, tokens, _ in events[:-1]]
+        assert deliveries[0] == request.generated[:1], "the first token goes at once"
+        assert [t for tokens in deliveries for t in tokens] == request.generated
+        assert len(deliveries) < len(request.generated) / 2, "the rest in groups"
+
+
 def test_replies_that_arrive_together_grow_the_slot_tensors_once(tiny_dir, tmp_path):
     engine = Engine(model=str(tiny_dir), cache_dir=tmp_path, weights="fp32")
     engine.generate(chat("hello"), GREEDY)
@@ -172,30 +226,8 @@ def test_replies_that_arrive_together_grow_the_slot_tensors_once(tiny_dir, tmp_p
             grown.append((before, cache.rows))
 
     cache.reserve = reserve
-    # The model thread is held while four replies queue up, so that they are admitted together.
-    holding, release = threading.Event(), threading.Event()
-
-    def hold():
-        holding.set()
-        release.wait(timeout=30)
-
-    held = engine._scheduler.call(hold)
-    assert holding.wait(timeout=30)
     texts = ["hello", "how are you", "tell me about paris", "what is the capital of germany"]
-    requests = [
-        ReplyRequest(
-            prompt=engine._encode(chat(text)),
-            max_new_tokens=4,
-            stop_ids=frozenset(engine._stop_ids()),
-        )
-        for text in texts
-    ]
-    for request in requests:
-        engine._scheduler.submit(request)
-    release.set()
-    held.result(timeout=30)
-    for request in requests:
-        assert request.done.wait(timeout=60)
+    submit_together(engine, [reply_request(engine, text, 4) for text in texts])
     assert grown == [(0, 4)]
 
 

@@ -43,12 +43,17 @@ PREFILL_CHUNK = 256
 PREFILL_TOKENS = 512
 # Slot tensors of several rows holding more than this are freed when no reply is in flight.
 IDLE_BYTES = 64 * 2**20
+# While several replies are written, each one's tokens are handed over at most this often (a
+# reply's first and last at once): every hand-over wakes a server thread, which then competes
+# with the model for the two cores. One reply alone gets every token as it comes.
+DELIVERY_SECONDS = 0.05
 
 
 @dataclass(eq=False)
 class ReplyRequest:
-    """One reply to write. The scheduler puts ("tokens", [id], time), then ("end", None, time)
-    or ("error", exception, time) on `events`, and sets `done` once it has let go of it."""
+    """One reply to write. The scheduler puts ("tokens", [ids], time) as it writes (see
+    DELIVERY_SECONDS), then ("end", None, time) or ("error", exception, time) on `events`, and
+    sets `done` once it has let go of it."""
 
     prompt: list[int]
     max_new_tokens: int
@@ -68,6 +73,8 @@ class ReplyRequest:
     filled: int = 0  # positions of the row that hold keys and values
     pending: int | None = None  # the last token chosen, fed at the next step
     generated: list[int] = field(default_factory=list)
+    unsent: list[int] = field(default_factory=list)  # generated, not yet put on `events`
+    next_delivery: float = 0.0
     history: torch.Tensor | None = None  # prompt + generated token ids (see _seen)
     finished: bool = False
     keep: bool = False  # its keys and values are kept for the conversation's next turn
@@ -233,13 +240,21 @@ class Scheduler:
 
     def _choose(self, requests: list[ReplyRequest], logits: torch.Tensor) -> None:
         """Pick each request's next token from its row of `logits` and hand it over."""
+        now = time.perf_counter()
         for request, token in zip(requests, _next_tokens(requests, logits), strict=True):
             request.history[len(request.prompt) + len(request.generated)] = token
             request.generated.append(token)
             request.pending = token
-            request.events.put(("tokens", [token], time.perf_counter()))
+            request.unsent.append(token)
             if token in request.stop_ids or len(request.generated) >= request.max_new_tokens:
                 self._finish(request)
+            elif len(self._rows) == 1 or now >= request.next_delivery:
+                self._deliver(request, now)
+
+    def _deliver(self, request: ReplyRequest, now: float) -> None:
+        request.events.put(("tokens", request.unsent, now))
+        request.unsent = []
+        request.next_delivery = now + DELIVERY_SECONDS
 
     def _finish(self, request: ReplyRequest, error: BaseException | None = None) -> None:
         if request.finished:
@@ -252,8 +267,11 @@ class Scheduler:
             and request.cache_key is not None
             and self.prefix_cache.max_bytes > 0
         )
+        now = time.perf_counter()
+        if request.unsent:
+            self._deliver(request, now)
         kind, payload = ("error", error) if error is not None else ("end", None)
-        request.events.put((kind, payload, time.perf_counter()))
+        request.events.put((kind, payload, now))
         if request.row < 0:
             request.done.set()
 
