@@ -125,7 +125,8 @@ def _onednn_pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | No
     try:
         packed = torch.ops.onednn.qlinear_prepack(quantized, None)
         probe = torch.randn(BATCH_INT8_ROWS, weight.shape[1]).to(torch.bfloat16)
-        got = layers.multiply_int8(probe, packed, scale).float()
+        zero = torch.zeros(scale.shape, dtype=torch.int32)
+        got = layers.multiply_int8(probe, packed, scale, zero).float()
         want = probe.float() @ weight.t()
         if not (got - want).norm() <= 0.05 * want.norm():
             raise RuntimeError(f"int8 product off by {(got - want).norm() / want.norm():.3f}")

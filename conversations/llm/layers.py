@@ -58,12 +58,15 @@ def multiply(
 
 
 @script
-def multiply_int8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (rows, inputs) @ W.T for W as int8 with one scale per output row, packed by oneDNN
-    (decoder._onednn_pack): each row of x is quantized to int8 with its own scale, the product
-    is taken in integers, and both scales are applied to the result."""
+def multiply_int8(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+) -> torch.Tensor:
+    """x (rows, inputs) @ W.T for W as int8 with one scale per output row (and zero points,
+    all 0), packed by oneDNN (decoder._onednn_pack): each row of x is quantized to int8 with
+    its own scale, the product is taken in integers, and both scales are applied to it."""
     x32 = x.float()
-    row_scale = x32.abs().amax(1, keepdim=True).clamp_min(1e-8) / 127
+    row_scale = torch.linalg.vector_norm(x32, float("inf"), dim=1, keepdim=True)
+    row_scale = row_scale.clamp_min(1e-8).div_(127)
     no_post_op: list[int | float | complex | None] = []  # ("Scalar?[]")
     product = torch.ops.onednn.qlinear_pointwise(
         torch.round(x32 / row_scale).to(torch.int8),
@@ -71,7 +74,7 @@ def multiply_int8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) ->
         0,
         packed,
         scale,
-        torch.zeros(scale.shape, dtype=torch.int32),
+        zero,
         None,
         1.0,
         0,
@@ -133,13 +136,14 @@ class Linear(torch.nn.Module):
         self.dense_rows = dense_rows
         none = torch.empty(0)
         self.batch, self.batch_scale = batch if batch is not None else (none, none)
+        self.batch_zero = torch.zeros(self.batch_scale.shape, dtype=torch.int32)
         self.batch_rows = batch_rows
 
     def forward(self, x: torch.Tensor, use_dense: bool) -> torch.Tensor:
         rows = self.dense_rows if use_dense else 0
         n = x.size(0)
         if self.batch_rows > 0 and n >= self.batch_rows and not (rows > 0 and n >= rows):
-            return multiply_int8(x, self.batch, self.batch_scale)
+            return multiply_int8(x, self.batch, self.batch_scale, self.batch_zero)
         return multiply(x, self.weight, self.scale, self.dense, self.fmt, rows)
 
 
