@@ -9,7 +9,8 @@ What it does differently from `model.generate`:
   and "fp32" keep plain weights. The residual stream and the norms stay in fp32 in every format.
 - The keys and values live in preallocated slot tensors, one row per conversation being
   answered, so a decode step appends in place instead of concatenating.
-- One decode step runs every row at once: the weights are read once for all of them.
+- One decode step runs every row at once: the weights are read once for all of them (from five
+  rows on, two of each layer's matrices multiply as int8 x int8: see BATCH_INT8_ROWS).
 - The query, key and value projections are one matrix, and so are the gate and up projections.
 
 Rotary position embeddings come from the model's own module, so its rope scaling applies.
