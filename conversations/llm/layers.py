@@ -65,8 +65,7 @@ def multiply_int8(
     all 0), packed by oneDNN (decoder._onednn_pack): each row of x is quantized to int8 with
     its own scale, the product is taken in integers, and both scales are applied to it."""
     x32 = x.float()
-    row_scale = torch.linalg.vector_norm(x32, float("inf"), dim=1, keepdim=True)
-    row_scale = row_scale.clamp_min(1e-8).div_(127)
+    row_scale = x32.abs().amax(1, keepdim=True).clamp_min_(1e-8).div_(127)
     no_post_op: list[int | float | complex | None] = []  # ("Scalar?[]")
     product = torch.ops.onednn.qlinear_pointwise(
         torch.round(x32 / row_scale).to(torch.int8),
