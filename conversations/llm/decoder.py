@@ -342,8 +342,9 @@ class LlamaDecoder:
     def prefill(self, row: int, tokens: list[int], start: int, *, every: bool = False):
         """Feed `tokens` to slot `row`, whose first `start` positions already hold the
         conversation's earlier tokens. Returns the logits after the last token: (vocab,), or
-        with `every`, after each token: (len(tokens), vocab), computed with the weights that
-        decode replies (no bf16 copies), so that they measure what replies are written with."""
+        with `every`, after each token: (len(tokens), vocab), computed with the kernels of a
+        decode step of as many rows (no bf16 copies; int8 products for two matrices from
+        BATCH_INT8_ROWS rows on), so that they measure what batched replies are written with."""
         if every:
             return self._prefill([(row, tokens, start)], every=True)[0]
         return self.prefill_many([(row, tokens, start)])[0]

@@ -354,7 +354,7 @@ class Engine:
 
         def forward():
             with torch.inference_mode():
-                if self._decoder is not None:  # the weights replies are written with
+                if self._decoder is not None:  # the kernels of a batched decode step
                     logits = self._decoder.prefill(self._scheduler.spare_row, ids, 0, every=True)
                 else:
                     logits = loaded.model(input_ids=torch.tensor([ids])).logits[0].float()
