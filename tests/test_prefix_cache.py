@@ -121,6 +121,17 @@ def follow_up(messages, reply, question):
     ]
 
 
+def assert_same_row_0(engine, plain, length):
+    """Both engines' slot row 0 holds the same keys and values for the first `length`
+    positions."""
+    for ours, theirs in zip(
+        engine._decoder.cache.keys + engine._decoder.cache.values,
+        plain._decoder.cache.keys + plain._decoder.cache.values,
+        strict=True,
+    ):
+        torch.testing.assert_close(ours[0, :length], theirs[0, :length], rtol=1e-4, atol=1e-4)
+
+
 def test_the_last_conversation_answered_stays_in_place_until_its_row_is_wanted(tiny_dir, tmp_path):
     # fp32, so that keys computed in pieces and at once compare closely (below).
     engine = Engine(model=str(tiny_dir), cache_dir=tmp_path, weights="fp32")
@@ -151,13 +162,7 @@ def test_the_last_conversation_answered_stays_in_place_until_its_row_is_wanted(t
     assert a_fourth.result.text == turn(plain, a).result.text
     # (The tiny model's words hardly depend on the history; its keys and values do.) Both
     # engines' row 0 now holds this conversation, computed in pieces here, at once there.
-    length = a_fourth.result.prompt_tokens
-    for ours, theirs in zip(
-        engine._decoder.cache.keys + engine._decoder.cache.values,
-        plain._decoder.cache.keys + plain._decoder.cache.values,
-        strict=True,
-    ):
-        torch.testing.assert_close(ours[0, :length], theirs[0, :length], rtol=1e-4, atol=1e-4)
+    assert_same_row_0(engine, plain, a_fourth.result.prompt_tokens)
 
 
 def test_a_new_conversation_starts_from_the_system_prompt_another_one_computed(tiny_dir, tmp_path):
@@ -171,11 +176,5 @@ def test_a_new_conversation_starts_from_the_system_prompt_another_one_computed(t
     assert system_tokens - 3 <= b_turn.reused_tokens < b_turn.result.prompt_tokens
     assert b_turn.result.text == turn(plain, b).result.text
     # Row 0 of both engines holds conversation b: borrowed and continued here, at once there.
-    length = b_turn.result.prompt_tokens
-    for ours, theirs in zip(
-        engine._decoder.cache.keys + engine._decoder.cache.values,
-        plain._decoder.cache.keys + plain._decoder.cache.values,
-        strict=True,
-    ):
-        torch.testing.assert_close(ours[0, :length], theirs[0, :length], rtol=1e-4, atol=1e-4)
+    assert_same_row_0(engine, plain, b_turn.result.prompt_tokens)
     assert len(engine._prefix_cache) == 1, "conversation a keeps its entry"
