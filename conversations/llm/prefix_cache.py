@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,20 +26,25 @@ class CachedPrefix:
         return self.cache.nbytes
 
 
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+def common_prefix_length(a: Sequence, b: Sequence) -> int:
+    """Length of the longest common prefix of two lists or strings (bisected on slices, which
+    compare in C)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
-def _reusable(entry: CachedPrefix | None, prompt: list[int]) -> int:
-    """Positions of `entry` a prompt can take: the shared prefix, leaving the last token."""
-    if entry is None or not entry.tokens or not prompt or entry.tokens[0] != prompt[0]:
+def reusable_length(tokens: list[int], prompt: list[int]) -> int:
+    """Positions computed for `tokens` that `prompt` can take: the prefix they share, leaving
+    the prompt's last token to compute."""
+    if not tokens or not prompt or tokens[0] != prompt[0]:
         return 0
-    return min(common_prefix_length(entry.tokens, prompt), len(prompt) - 1)
+    return min(common_prefix_length(tokens, prompt), len(prompt) - 1)
 
 
 class PrefixCache:
@@ -62,11 +68,11 @@ class PrefixCache:
         are the same. A borrowed entry stays (its positions are copied, never changed)."""
         with self._lock:
             entry = self._entries.pop(key, None)
-            reuse = _reusable(entry, prompt)
+            reuse = reusable_length(entry.tokens, prompt) if entry is not None else 0
             if reuse <= 0:
                 entry, reuse = None, 0
                 for other in self._entries.values():
-                    shared = _reusable(other, prompt)
+                    shared = reusable_length(other.tokens, prompt)
                     if shared > reuse:
                         entry, reuse = other, shared
         if entry is None:

@@ -27,7 +27,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .prefix_cache import PrefixCache, common_prefix_length
+from .prefix_cache import PrefixCache, reusable_length
 
 if TYPE_CHECKING:
     import torch
@@ -172,9 +172,7 @@ class Scheduler:
                 # Its conversation is parked in row 0, which it gets (no reply is in flight).
                 _, tokens = self._parked
                 self._parked = None
-                request.filled = request.reused_tokens = max(
-                    0, min(common_prefix_length(tokens, request.prompt), len(request.prompt) - 1)
-                )
+                request.filled = request.reused_tokens = reusable_length(tokens, request.prompt)
                 self.prefix_cache.hits += request.reused_tokens > 0
             self._unpark()
             request.row = len(self._rows)

@@ -15,6 +15,8 @@ import bisect
 import threading
 from collections import OrderedDict
 
+from .prefix_cache import common_prefix_length
+
 # Rendered with the model's chat template to check the tokenizer: spaces, line breaks and
 # characters of several bytes on both sides of the special tokens.
 SAMPLE_CONVERSATION = [
@@ -73,7 +75,7 @@ class PromptTokenizer:
     def _reusable(self, old: str, ids: list[int], ends: list[int], text: str) -> int:
         """Characters of `text` whose ids `old`'s ids hold: up to the end of the last special
         token inside the prefix the two share (0 if none)."""
-        shared = _common_prefix_length(old, text)
+        shared = common_prefix_length(old, text)
         i = bisect.bisect_right(ends, shared) - 1
         while i >= 0 and ids[i] not in self.special_ids:
             i -= 1
@@ -86,15 +88,3 @@ class PromptTokenizer:
         self.tokenized_chars += len(text)
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return list(encoded["input_ids"]), [end for _, end in encoded["offset_mapping"]]
-
-
-def _common_prefix_length(a: str, b: str) -> int:
-    """Length of the longest common prefix (bisected on slices, which compare in C)."""
-    low, high = 0, min(len(a), len(b))
-    while low < high:
-        middle = (low + high + 1) // 2
-        if a[:middle] == b[:middle]:
-            low = middle
-        else:
-            high = middle - 1
-    return low
