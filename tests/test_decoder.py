@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from django.conf import settings
 
-from conversations.llm.decoder import LlamaDecoder
+from conversations.llm.decoder import LlamaDecoder, SlotCache
 from conversations.llm.engine import Engine, GenerationParams
 from conversations.llm.scheduler import PREFILL_CHUNK, ReplyRequest
 from tests.tiny_models import WORDS, build_tiny_causal
@@ -50,6 +50,30 @@ def generate_reference(model_dir, messages, params):
             pad_token_id=tokenizer.pad_token_id,
         )
     return tokenizer.decode(output[0, prompt.shape[1] :], skip_special_tokens=True).strip()
+
+
+def test_the_slot_cache_keeps_rows_through_growth_moves_and_round_trips():
+    cache = SlotCache(layers=3, heads=2, head_dim=4, dtype=torch.bfloat16, limit=1024)
+    cache.reserve(2, 5)
+    for layer in range(3):  # the layers write through their views
+        cache.keys[layer][:2, :5] = torch.randn(2, 5, 2, 4).to(torch.bfloat16)
+        cache.values[layer][:2, :5] = torch.randn(2, 5, 2, 4).to(torch.bfloat16)
+    row_1 = cache.export(1, 5)
+    assert row_1.shape == (3, 2, 5, 2, 4) and row_1.is_contiguous()
+    torch.testing.assert_close(row_1[2, 0], cache.keys[2][1, :5])
+    torch.testing.assert_close(row_1[2, 1], cache.values[2][1, :5])
+
+    cache.reserve(4, 300)  # more rows and positions: what was there stays
+    assert (cache.rows, cache.positions) == (4, 512) and len(cache.keys) == 3
+    torch.testing.assert_close(cache.export(1, 5), row_1)
+    assert cache.keys[0].data_ptr() == cache.data.data_ptr()  # still views, not copies
+
+    cache.move(1, 3, 5)
+    torch.testing.assert_close(cache.export(3, 5), row_1)
+    cache.load(0, row_1, 3)
+    torch.testing.assert_close(cache.export(0, 3), row_1[:, :, :3])
+    cache.clear()
+    assert (cache.rows, cache.positions, cache.nbytes, cache.keys) == (0, 0, 0, [])
 
 
 @pytest.mark.parametrize(

@@ -198,16 +198,20 @@ class _Layer:
 
 
 class SlotCache:
-    """Keys and values of the conversations being answered: per layer, one tensor of shape
-    (rows, positions, key-value heads, head size). Row i belongs to one conversation. Both
-    sizes grow (by copying) as conversations join or get longer."""
+    """Keys and values of the conversations being answered, in one tensor of shape (layers, 2,
+    rows, positions, key-value heads, head size): [layer, 0] holds a layer's keys, [layer, 1]
+    its values, and row i belongs to one conversation. `keys[layer]` and `values[layer]` are
+    views of that tensor, (rows, positions, heads, head size), as the layers take them.
+
+    One conversation's positions in every layer are one slice, so moving, exporting or loading
+    a row is one copy (one per layer and kind was 60 for SmolLM2, each a call from Python that
+    waits for the GIL while server threads hold it). Both sizes grow (by copying) as
+    conversations join or get longer."""
 
     def __init__(self, layers: int, heads: int, head_dim: int, dtype, limit: int):
         self.layers, self.heads, self.head_dim = layers, heads, head_dim
         self.dtype, self.limit = dtype, limit
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self.rows = self.positions = 0
+        self.clear()
 
     def reserve(self, rows: int, positions: int) -> None:
         if rows <= self.rows and positions <= self.positions:
@@ -218,39 +222,36 @@ class SlotCache:
             positions = min(max(wanted, 2 * self.positions), max(self.limit, positions))
         else:
             positions = self.positions
-        shape = (rows, positions, self.heads, self.head_dim)
-        keys = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.layers)]
-        values = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.layers)]
-        # (Nothing to copy on the first call.)
-        for old, new in zip(self.keys + self.values, keys + values, strict=False):
-            new[: self.rows, : self.positions] = old
-        self.keys, self.values, self.rows, self.positions = keys, values, rows, positions
+        data = torch.zeros(
+            (self.layers, 2, rows, positions, self.heads, self.head_dim), dtype=self.dtype
+        )
+        data[:, :, : self.rows, : self.positions] = self.data
+        self._hold(data)
+
+    def _hold(self, data: torch.Tensor) -> None:
+        self.data = data
+        self.rows, self.positions = data.shape[2], data.shape[3]
+        self.keys = list(data[:, 0].unbind()) if self.rows else []
+        self.values = list(data[:, 1].unbind()) if self.rows else []
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.keys + self.values)
+        return self.data.nbytes
 
     def clear(self) -> None:
         """Free the tensors (they are made again as needed)."""
-        self.keys, self.values, self.rows, self.positions = [], [], 0, 0
+        self._hold(torch.empty((self.layers, 2, 0, 0, self.heads, self.head_dim), dtype=self.dtype))
 
     def move(self, source: int, target: int, length: int) -> None:
-        for tensor in self.keys + self.values:
-            tensor[target, :length] = tensor[source, :length]
+        self.data[:, :, target, :length] = self.data[:, :, source, :length]
 
     def export(self, row: int, length: int) -> torch.Tensor:
         """A copy of one row's first `length` positions: (layers, 2, length, heads, head size)."""
-        stored = torch.empty(self.layers, 2, length, self.heads, self.head_dim, dtype=self.dtype)
-        for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
-            stored[layer, 0].copy_(k[row, :length])
-            stored[layer, 1].copy_(v[row, :length])
-        return stored
+        return self.data[:, :, row, :length].clone(memory_format=torch.contiguous_format)
 
     def load(self, row: int, stored: torch.Tensor, length: int) -> None:
         """Put the first `length` positions of an exported tensor into a row."""
-        for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
-            k[row, :length] = stored[layer, 0, :length]
-            v[row, :length] = stored[layer, 1, :length]
+        self.data[:, :, row, :length] = stored[:, :, :length]
 
 
 class LlamaDecoder:
