@@ -7,7 +7,13 @@ bind = os.environ.get("CHATBOT_BIND", "127.0.0.1:8000")
 # Each worker process holds its own copy of the model, so one is the default.
 workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
 worker_class = "gthread"
-threads = int(os.environ.get("CHATBOT_WEB_THREADS", "8"))
+# A streaming reply holds its thread until it ends: twice the replies the model writes at once
+# (CHATBOT_BATCH_SIZE) leaves as many threads for pages, stop requests and new messages while a
+# full batch streams (with only as many, those waited for a reply to end).
+threads = int(
+    os.environ.get("CHATBOT_WEB_THREADS")
+    or 2 * max(1, int(os.environ.get("CHATBOT_BATCH_SIZE") or 8))
+)
 timeout = 120
 graceful_timeout = 30
 accesslog = "-"

@@ -1,9 +1,11 @@
-"""Two messages posted to one conversation at the same instant, through the real server and
-model: the first is answered, the second gets 409 with a clear message (the documented choice)
-and stores nothing; nothing is lost, nothing answered twice, never a 5xx or "database is
-locked"."""
+"""Requests at the same time, through the real server and model. Two messages posted to one
+conversation at the same instant: the first is answered, the second gets 409 with a clear message
+(the documented choice) and stores nothing; nothing is lost, nothing answered twice, never a 5xx
+or "database is locked". A full batch of replies streaming: pages and stop are still answered."""
 
+import json
 import threading
+import time
 
 import requests
 
@@ -60,3 +62,57 @@ def test_two_messages_at_once_to_one_conversation():
     for question, reply in zip(messages[::2], messages[1::2], strict=True):
         assert reply["reply_to"] == question["id"] and reply["status"] == "ok"
     assert "database is locked" not in log
+
+
+def test_a_full_batch_of_streaming_replies_leaves_threads_for_pages_and_stop():
+    """With as many replies streaming as the model writes at once, the server still answers
+    other requests at once: a page of conversations, and a stop that ends one reply."""
+    batch = 8  # CHATBOT_BATCH_SIZE's default
+    with BenchServer(env={"CHATBOT_MAX_NEW_TOKENS": "400"}) as server:
+        server.prepare()
+        server.start()
+        server.ask(server.new_conversation(max_new_tokens=4), "Hello!")  # the model is loaded
+        conversations = [server.new_conversation(max_new_tokens=400) for _ in range(batch)]
+        streaming = threading.Barrier(batch + 1)
+        ended: dict[str, tuple[float, str]] = {}
+
+        def read(conversation):
+            with requests.post(
+                f"{server.url}/api/conversations/{conversation}/messages/",
+                json={"content": "Write a very long story about the sea."},
+                headers={**server.headers, "Accept": "text/event-stream"},
+                stream=True,
+                timeout=REQUEST_TIMEOUT,
+            ) as response:
+                event, waiting = "", True
+                for line in response.iter_lines(decode_unicode=True):
+                    if line.startswith("event: "):
+                        event = line[len("event: ") :]
+                    elif event == "delta" and waiting:
+                        waiting = False
+                        streaming.wait()
+                    elif event == "done" and line.startswith("data: "):
+                        ended[conversation] = (time.perf_counter(), json.loads(line[6:])["status"])
+
+        readers = [threading.Thread(target=read, args=(c,)) for c in conversations]
+        for reader in readers:
+            reader.start()
+        streaming.wait(timeout=REQUEST_TIMEOUT)  # every reply is being written
+        page = requests.get(
+            f"{server.url}/api/conversations/", headers=server.headers, timeout=REQUEST_TIMEOUT
+        )
+        stop = requests.post(
+            f"{server.url}/api/conversations/{conversations[0]}/stop/",
+            headers=server.headers,
+            timeout=REQUEST_TIMEOUT,
+        )
+        answered = time.perf_counter()
+        for reader in readers:
+            reader.join()
+
+    assert page.status_code == 200 and page.json()["count"] == batch + 1
+    assert stop.status_code == 200 and stop.json()["stopped"] is True
+    assert ended[conversations[0]][1] == "cancelled"
+    others = [ended[c] for c in conversations[1:]]
+    assert all(status == "ok" for _, status in others)
+    assert answered < min(at for at, _ in others), "both were answered while replies streamed"
