@@ -4,7 +4,8 @@
   parameters) and plain transformers `generate` in fp32 with the same parameters (greedy, the same
   repetition penalty, the same stop tokens, the same budget). Counted as matching when the texts
   are equal.
-- Perplexity of a fixed text, read as the assistant's reply to a fixed question: through the
+- Perplexity of a fixed text (about 500 tokens: on a text of 100 the ratio moved by 4% with
+  the rounding of one operation), read as the assistant's reply to a fixed question: through the
   engine's own scoring (Engine.score_reply, on the weights replies are decoded with) and through
   a plain fp32 forward pass. The ratio shows what an optimisation (e.g. quantisation) costs; the
   target allows 3%.
@@ -33,12 +34,36 @@ PROMPTS = [
 SCORED_QUESTION = "Tell me about lighthouses."
 SCORED_TEXT = (
     "Lighthouses are towers with a bright light at the top, built on coasts, islands and "
-    "harbour walls to warn ships of danger and to guide them safely into port. For centuries a "
-    "keeper lived beside the tower, trimming the wick, cleaning the lenses and winding the "
-    "clockwork that turned the lamp through the night. Each lighthouse has its own pattern of "
-    "flashes, so that sailors can tell one from another in the dark. Today most of them are "
-    "automatic, powered by electricity and watched from far away, but many are still kept as "
-    "museums, and people visit them to climb the narrow stairs and look out over the water."
+    "harbour walls to warn ships of danger and to guide them safely into port. The oldest "
+    "known lighthouse stood at Alexandria in Egypt, where a fire burned on top of a stone "
+    "tower more than a hundred metres tall. For many centuries afterwards, lights along the "
+    "coast were little more than wood or coal fires in iron baskets, and on a stormy night "
+    "they were hard to see and harder to keep alight.\n\n"
+    "Everything changed in the nineteenth century. Oil lamps with hollow wicks gave a "
+    "steadier flame, and the French engineer Augustin Fresnel designed a lens made of rings "
+    "of glass prisms that gathered the light and sent it out in a narrow, powerful beam. A "
+    "lamp that could be seen for a few kilometres could now be seen for more than thirty. The "
+    "great lenses were turned by clockwork, so that the beam swept around the horizon and "
+    "each lighthouse flashed in its own pattern. Sailors carried lists of these patterns, and "
+    "by counting the seconds between flashes they could tell which light they were looking "
+    "at and find their place on the chart.\n\n"
+    "A keeper and his family usually lived beside the tower. Their work never ended: every "
+    "evening the lamp had to be lit, the wick trimmed and the clockwork wound, and every "
+    "morning the soot had to be cleaned from the glass. In fog they rang bells or sounded "
+    "horns for hours at a time. Some lighthouses stood on lonely rocks far out at sea, where "
+    "the keepers stayed for weeks before a boat could reach them with food and fresh water. "
+    "Storms sometimes broke the windows at the top of the tower, and waves were known to "
+    "throw stones as high as the lantern.\n\n"
+    "In the twentieth century electricity replaced oil, and radio beacons and later satellite "
+    "navigation gave ships other ways to find their position. One by one the lighthouses "
+    "were made automatic. Today a computer switches the light on at dusk and off at dawn, and "
+    "engineers watch over many towers from an office far away. The last keepers left their "
+    "stations at the end of the century.\n\n"
+    "Yet lighthouses have not disappeared. Many still shine every night, because a light on "
+    "the shore is simple, cheap and works when other systems fail. Others have become "
+    "museums, hotels or homes for artists. Visitors climb the narrow spiral stairs, look out "
+    "over the water from the gallery, and imagine what it was like to keep the light burning "
+    "through a long winter night."
 )
 
 

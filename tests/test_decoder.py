@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from django.conf import settings
 
+from benchmarks.quality import SCORED_QUESTION, SCORED_TEXT
 from conversations.llm.decoder import LlamaDecoder, SlotCache
 from conversations.llm.engine import Engine, GenerationParams
 from conversations.llm.scheduler import PREFILL_CHUNK, ReplyRequest
@@ -321,18 +322,13 @@ def test_cancelling_one_reply_leaves_the_others_writing(bundled_int4):
 
 
 def test_int4_weights_keep_perplexity_within_3_percent_of_fp32(bundled_int4):
+    """On the quality benchmark's text (~500 tokens: on a text of 100 the ratio moved by 4% with
+    the rounding of one operation)."""
     fp32 = Engine(model="", cache_dir=settings.CHATBOT_MODEL_CACHE, weights="fp32")
-    question = chat("Tell me about lighthouses.")
-    text = (
-        "Lighthouses are towers with a bright light at the top, built on coasts and islands to "
-        "warn ships of danger and to guide them safely into port. For centuries a keeper lived "
-        "beside the tower, trimming the wick, cleaning the lenses and winding the clockwork that "
-        "turned the lamp through the night. Each lighthouse has its own pattern of flashes, so "
-        "that sailors can tell one from another in the dark. Today most of them are automatic."
-    )
+    question, text = chat(SCORED_QUESTION), SCORED_TEXT
     reply = bundled_int4.load().tokenizer(text, add_special_tokens=False)["input_ids"]
     ppl_fp32 = torch.exp(torch.tensor(-fp32.score_reply(question, text) / len(reply)))
-    # Read at once (many rows: the query-key-value and gate-up products in int8 x int8) ...
+    # Read at once (many rows: the gate-up product in int8 x int8) ...
     ppl_int4 = torch.exp(torch.tensor(-bundled_int4.score_reply(question, text) / len(reply)))
     assert float(ppl_int4 / ppl_fp32) <= 1.03, (float(ppl_int4), float(ppl_fp32))
     # ... and one token at a time, as a single reply is written (int4 products only).
@@ -353,9 +349,9 @@ def test_int4_weights_keep_perplexity_within_3_percent_of_fp32(bundled_int4):
     assert bundled_int4._decoder.decode_weight_bytes < fp32._decoder.decode_weight_bytes / 3
 
 
-def test_steps_of_five_or_more_replies_multiply_two_matrices_in_int8(bundled_int4):
-    """From BATCH_INT8_ROWS rows on, the query-key-value and gate-up products take int8
-    inputs (oneDNN); each reply's scores stay those of its own int4 step but for rounding."""
+def test_steps_of_five_or_more_replies_multiply_the_gate_up_matrix_in_int8(bundled_int4):
+    """From BATCH_INT8_ROWS rows on, the gate-up product takes int8 inputs (oneDNN); each
+    reply's scores stay those of its own int4 step but for rounding."""
     from torch.profiler import profile
 
     from conversations.llm.decoder import BATCH_INT8_ROWS
@@ -363,7 +359,8 @@ def test_steps_of_five_or_more_replies_multiply_two_matrices_in_int8(bundled_int
     decoder, scheduler = bundled_int4._decoder, bundled_int4._scheduler
     if not torch.backends.mkldnn.is_available():
         pytest.skip("no oneDNN in this torch: batched steps use the int4 kernel")
-    assert decoder.layers[0].qkv.batch is not None, "oneDNN is here; see the log for why not"
+    assert decoder.layers[0].gate_up.batch is not None, "oneDNN is here; see the log for why not"
+    assert all(layer.qkv.batch is None for layer in decoder.layers)
     prompts = [bundled_int4._encode(chat(f"Tell me about the number {i}.")) for i in range(8)]
 
     def step(rows):

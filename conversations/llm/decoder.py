@@ -10,7 +10,7 @@ What it does differently from `model.generate`:
 - The keys and values live in preallocated slot tensors, one row per conversation being
   answered, so a decode step appends in place instead of concatenating.
 - One decode step runs every row at once: the weights are read once for all of them (from five
-  rows on, two of each layer's matrices multiply as int8 x int8: see BATCH_INT8_ROWS).
+  rows on, each layer's gate-up matrix multiplies as int8 x int8: see BATCH_INT8_ROWS).
 - The query, key and value projections are one matrix, and so are the gate and up projections.
 
 Rotary position embeddings come from the model's own module, so its rope scaling applies.
@@ -40,10 +40,11 @@ DENSE_ROWS = 16
 # Without FBGEMM, the output head multiplies with a bf16 copy from this many rows on (_Head).
 HEAD_DENSE_ROWS = 5
 # From this many rows on (below DENSE_ROWS: a decode step of five or more replies, a short
-# prompt), the query-key-value and gate-up matrices multiply as int8 x int8 (oneDNN), their
-# input quantized per row: the int4 kernel's cost doubles from four rows to eight, this one's
-# hardly grows (eight rows: 0.24 -> 0.06 ms for the gate-up matrix). Out and down stay int4:
-# their inputs quantized to int8 cost perplexity (out +1-3%, down +1-5%), these two's do not.
+# prompt), the gate-up matrix multiplies as int8 x int8 (oneDNN), its fp32 input quantized per
+# row: the int4 kernel's cost doubles from four rows to eight, this one's hardly grows (eight
+# rows: 0.24 -> 0.06 ms). The other three stay int4: for query-key-value the int8 product was
+# no faster in a whole step and cost perplexity (a 506-token text: 1.019 -> 1.025 of fp32),
+# for out and down more (+1-5%).
 BATCH_INT8_ROWS = 5
 # The slot tensors grow in steps of this many positions.
 CAPACITY_STEP = 256
@@ -127,7 +128,7 @@ def _onednn_pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | No
         packed = torch.ops.onednn.qlinear_prepack(quantized, None)
         probe = torch.randn(BATCH_INT8_ROWS, weight.shape[1]).to(torch.bfloat16)
         zero = torch.zeros(scale.shape, dtype=torch.int32)
-        got = layers.multiply_int8(probe, packed, scale, zero).float()
+        got = layers.multiply_int8(probe, packed, scale, zero, torch.bfloat16).float()
         want = probe.float() @ weight.t()
         if not (got - want).norm() <= 0.05 * want.norm():
             raise RuntimeError(f"int8 product off by {(got - want).norm() / want.norm():.3f}")
@@ -185,7 +186,6 @@ class _Layer:
             torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]),
             fmt,
             dense_from=DENSE_ROWS,
-            batch_int8=True,
         )
         self.out = _Linear(attention.o_proj.weight, fmt, dense_from=DENSE_ROWS)
         self.gate_up = _Linear(
@@ -303,6 +303,7 @@ class LlamaDecoder:
                             linear.dense_from,
                             linear.batch,
                             BATCH_INT8_ROWS if linear.batch is not None else 0,
+                            dtype=self.dtype,
                         )
                         for linear in (layer.qkv, layer.out, layer.gate_up, layer.down)
                     ),
@@ -344,7 +345,7 @@ class LlamaDecoder:
         """Feed `tokens` to slot `row`, whose first `start` positions already hold the
         conversation's earlier tokens. Returns the logits after the last token: (vocab,), or
         with `every`, after each token: (len(tokens), vocab), computed with the kernels of a
-        decode step of as many rows (no bf16 copies; int8 products for two matrices from
+        decode step of as many rows (no bf16 copies; the int8 gate-up product from
         BATCH_INT8_ROWS rows on), so that they measure what batched replies are written with."""
         if every:
             return self._prefill([(row, tokens, start)], every=True)[0]
