@@ -58,11 +58,13 @@ def cancel_running(conversation_id) -> bool:
     return bool(streams)
 
 
-def reserve_reply(question: Message, *, engine, params) -> Message:
+def reserve_reply(question: Message, *, engine, params, first: bool = False) -> Message:
     """The row of the reply to `question`, before any text: status streaming, so the
     conversation counts as busy from the moment the question is saved (call it in the same
-    transaction). Regenerating: the earlier replies stay, as inactive versions."""
-    question.replies.filter(is_active=True).update(is_active=False)
+    transaction). Regenerating: the earlier replies stay, as inactive versions (`first`: the
+    question has no replies yet, nothing to set aside)."""
+    if not first:
+        question.replies.filter(is_active=True).update(is_active=False)
     return Message.objects.create(
         conversation_id=question.conversation_id,
         role=Message.Role.ASSISTANT,
@@ -161,10 +163,7 @@ class ReplyWriter:
 
     def _finish(self, context_turns: int) -> Message:
         result = self._stream.result
-        still_streaming = Message.objects.filter(
-            pk=self.reply.pk, status=Message.Status.STREAMING
-        ).exists()
-        cancelled = result.finish_reason == "cancelled" or not still_streaming
+        cancelled = result.finish_reason == "cancelled"
         fields = {
             "content": result.text,
             "status": Message.Status.CANCELLED if cancelled else Message.Status.OK,
@@ -175,7 +174,10 @@ class ReplyWriter:
             "context_turns": context_turns,
             "generation_params": {**self.params.as_dict(), "finish_reason": result.finish_reason},
         }
-        self._save(fields)
+        # Saved as is while the row still says streaming; a row stopped from elsewhere (the stop
+        # endpoint, maybe in another process) meanwhile ends cancelled.
+        if not self._save(fields, only_streaming=True):
+            self._save({**fields, "status": Message.Status.CANCELLED})
         return self.reply
 
     def _fail(self, error: ChatError, reason: str) -> ReplyEvent:
@@ -193,11 +195,18 @@ class ReplyWriter:
         error = GenerationFailed(f"The model could not answer: {reason}. Your message was saved.")
         return self._fail(error, reason)
 
-    def _save(self, fields: dict) -> None:
+    def _save(self, fields: dict, *, only_streaming: bool = False) -> bool:
+        """Update the reply's row and the conversation's time. With `only_streaming`, nothing
+        happens (and False is returned) unless the row still says streaming."""
         now = timezone.now()
+        rows = Message.objects.filter(pk=self.reply.pk)
+        if only_streaming:
+            rows = rows.filter(status=Message.Status.STREAMING)
         with transaction.atomic():
-            Message.objects.filter(pk=self.reply.pk).update(**fields)
+            if not rows.update(**fields) and only_streaming:
+                return False
             Conversation.objects.filter(pk=self.conversation.pk).update(updated_at=now)
         for name, value in fields.items():
             setattr(self.reply, name, value)
         self.conversation.updated_at = now
+        return True

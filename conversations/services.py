@@ -77,7 +77,7 @@ def open_message_stream(*, conversation: Conversation, content: str) -> ReplyWri
     with transaction.atomic():
         _ensure_idle(conversation)
         question = _save_user_message(conversation, content)
-        return _writer(conversation, question)
+        return _writer(conversation, question, new_question=True)
 
 
 def start_conversation(
@@ -112,7 +112,7 @@ def edit_last_message(*, conversation: Conversation, content: str) -> ReplyWrite
             raise Conflict("There is no message to edit yet.")
         Message.objects.filter(version_group=previous.version_group).update(is_active=False)
         question = _save_user_message(conversation, content, version_group=previous.version_group)
-        return _writer(conversation, question)
+        return _writer(conversation, question, new_question=True)
 
 
 def activate_version(*, conversation: Conversation, message: Message) -> Message:
@@ -171,7 +171,8 @@ def _ensure_idle(conversation: Conversation) -> None:
 
 def _save_user_message(conversation, content: str, *, version_group=None) -> Message:
     now = timezone.now()
-    with transaction.atomic():
+    # (Inside the caller's transaction: no savepoint of its own, two queries fewer.)
+    with transaction.atomic(savepoint=False):
         message = Message.objects.create(
             conversation=conversation,
             role=Message.Role.USER,
@@ -197,14 +198,14 @@ def _last_question(conversation: Conversation) -> Message | None:
     )
 
 
-def _writer(conversation: Conversation, question: Message) -> ReplyWriter:
+def _writer(conversation: Conversation, question: Message, *, new_question=False) -> ReplyWriter:
     """The writer of the reply to `question`, whose row it reserves (inside the caller's
-    transaction)."""
+    transaction). A question saved just now has no earlier replies to set aside."""
     engine, params = get_engine(), generation_params(conversation)
     return ReplyWriter(
         conversation=conversation,
         question=question,
-        reply=reserve_reply(question, engine=engine, params=params),
+        reply=reserve_reply(question, engine=engine, params=params, first=new_question),
         engine=engine,
         params=params,
         after_done=_write_title,

@@ -845,6 +845,24 @@ def test_listing_messages_takes_constant_queries(api, owner):
     assert many == few
 
 
+def test_posting_a_message_takes_constant_queries(api, owner, fake_engine):
+    """Whatever the history, a message and its reply cost the same few queries (16: token, the
+    conversation, the message transaction, the history, a save of the first text, the finished
+    reply, and the reply's versions for the answer)."""
+
+    def post(conversation):
+        with CaptureQueriesContext(connection) as queries:
+            response = api.post(messages_url(conversation), {"content": "Hi"}, format="json")
+        assert response.status_code == 201 and response.json()["reply"]["status"] == "ok"
+        return len(queries)
+
+    few, many = (
+        post(make_conversation(owner, messages=2)),
+        post(make_conversation(owner, messages=60)),
+    )
+    assert few == many <= 16
+
+
 # --- schema and docs -----------------------------------------------------------------------------
 
 
