@@ -100,8 +100,7 @@ class _Linear:
             zero = low + 8 * scale
             self.scale = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16)
         elif fmt == "int8":
-            scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
-            self.weight = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+            self.weight, scale = _int8_rows(weight)
             self.scale = scale.to(torch.bfloat16)
         else:
             self.weight = weight.to(torch.bfloat16 if fmt == "bf16" else torch.float32)
@@ -119,11 +118,16 @@ class _Linear:
         return layers.multiply(x, *self.parts, self.dense_from if dense else 0)
 
 
+def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, fp32 scale per output row): symmetric, the row's largest magnitude at 127."""
+    scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
+    return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
 def _onednn_pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(packed int8 weight, fp32 scale per output row) for layers.multiply_int8, or None if
     this torch or CPU cannot multiply them (or gets a product far from the matrix's own)."""
-    scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
-    quantized = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    quantized, scale = _int8_rows(weight)
     try:
         packed = torch.ops.onednn.qlinear_prepack(quantized, None)
         probe = torch.randn(BATCH_INT8_ROWS, weight.shape[1])  # fp32, as a norm hands it on
@@ -147,16 +151,16 @@ class _Head:
     HEAD_DENSE_ROWS rows or more multiply with a bf16 copy instead."""
 
     def __init__(self, weight: torch.Tensor) -> None:
-        self.linear = _Linear(weight, "int8")
-        self.weight_bytes = self.linear.weight.nbytes
-        self.packed = _fbgemm_pack(self.linear.weight, self.linear.scale)
-        if self.packed is None:
-            self.linear = _Linear(weight, "int8", dense_from=HEAD_DENSE_ROWS)
-        else:
-            self.linear.weight = torch.empty(0, dtype=torch.int8)  # FBGEMM holds its own copy
+        quantized, scale = _int8_rows(weight.detach().float())
+        self.weight_bytes = quantized.nbytes
+        # (The scale as _Linear keeps it, in bf16.) FBGEMM holds its own copy of the weights.
+        self.packed = _fbgemm_pack(quantized, scale.to(torch.bfloat16))
+        self.linear = (
+            _Linear(weight, "int8", dense_from=HEAD_DENSE_ROWS) if self.packed is None else None
+        )
 
     def __call__(self, x: torch.Tensor, *, dense: bool = True) -> torch.Tensor:
-        if self.packed is None:
+        if self.linear is not None:
             return self.linear(x, dense=dense)
         return torch.ops.quantized.linear_dynamic(x.float(), self.packed, False)
 
