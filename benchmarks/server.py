@@ -79,9 +79,10 @@ class BenchServer:
         response.raise_for_status()
         return response.json()["id"]
 
-    def ask(self, conversation: str, content: str) -> dict:
+    def ask(self, conversation: str, content: str, on_first_text=None) -> dict:
         """Post a message and read the streamed reply: seconds to the first text and to the
-        end, as the client sees them, and the reply's completion tokens."""
+        end, as the client sees them, and the reply's completion tokens. `on_first_text()` is
+        called when the first text arrives (the reply is being written)."""
         started = time.perf_counter()
         first = None
         done = None
@@ -100,6 +101,8 @@ class BenchServer:
                 elif line.startswith("data: "):
                     if event == "delta" and first is None:
                         first = time.perf_counter()
+                        if on_first_text is not None:
+                            on_first_text()
                     elif event == "error":
                         raise RuntimeError(f"the server failed to answer: {line}")
                     elif event == "done":

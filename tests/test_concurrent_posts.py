@@ -3,7 +3,6 @@ conversation at the same instant: the first is answered, the second gets 409 wit
 (the documented choice) and stores nothing; nothing is lost, nothing answered twice, never a 5xx
 or "database is locked". A full batch of replies streaming: pages and stop are still answered."""
 
-import json
 import threading
 import time
 
@@ -77,22 +76,10 @@ def test_a_full_batch_of_streaming_replies_leaves_threads_for_pages_and_stop():
         ended: dict[str, tuple[float, str]] = {}
 
         def read(conversation):
-            with requests.post(
-                f"{server.url}/api/conversations/{conversation}/messages/",
-                json={"content": "Write a very long story about the sea."},
-                headers={**server.headers, "Accept": "text/event-stream"},
-                stream=True,
-                timeout=REQUEST_TIMEOUT,
-            ) as response:
-                event, waiting = "", True
-                for line in response.iter_lines(decode_unicode=True):
-                    if line.startswith("event: "):
-                        event = line[len("event: ") :]
-                    elif event == "delta" and waiting:
-                        waiting = False
-                        streaming.wait()
-                    elif event == "done" and line.startswith("data: "):
-                        ended[conversation] = (time.perf_counter(), json.loads(line[6:])["status"])
+            result = server.ask(
+                conversation, "Write a very long story about the sea.", streaming.wait
+            )
+            ended[conversation] = (time.perf_counter(), result["status"])  # at the done event
 
         readers = [threading.Thread(target=read, args=(c,)) for c in conversations]
         for reader in readers:
