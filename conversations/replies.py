@@ -58,12 +58,12 @@ def cancel_running(conversation_id) -> bool:
     return bool(streams)
 
 
-def reserve_reply(question: Message, *, engine, params, first: bool = False) -> Message:
+def reserve_reply(question: Message, *, engine, params, new_question: bool = False) -> Message:
     """The row of the reply to `question`, before any text: status streaming, so the
     conversation counts as busy from the moment the question is saved (call it in the same
-    transaction). Regenerating: the earlier replies stay, as inactive versions (`first`: the
-    question has no replies yet, nothing to set aside)."""
-    if not first:
+    transaction). Regenerating: the earlier replies stay, as inactive versions (`new_question`:
+    it has no replies yet, nothing to set aside)."""
+    if not new_question:
         question.replies.filter(is_active=True).update(is_active=False)
     return Message.objects.create(
         conversation_id=question.conversation_id,

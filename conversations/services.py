@@ -205,7 +205,7 @@ def _writer(conversation: Conversation, question: Message, *, new_question=False
     return ReplyWriter(
         conversation=conversation,
         question=question,
-        reply=reserve_reply(question, engine=engine, params=params, first=new_question),
+        reply=reserve_reply(question, engine=engine, params=params, new_question=new_question),
         engine=engine,
         params=params,
         after_done=_write_title,
