@@ -10,7 +10,7 @@ What it does differently from `model.generate`:
 - The keys and values live in preallocated slot tensors, one row per conversation being
   answered, so a decode step appends in place instead of concatenating.
 - One decode step runs every row at once: the weights are read once for all of them (from five
-  rows on, each layer's gate-up matrix multiplies as int8 x int8: see BATCH_INT8_ROWS).
+  rows on, each layer's gate-up matrix multiplies as int8 x int8, FBGEMM: see BATCH_INT8_ROWS).
 - The query, key and value projections are one matrix, and so are the gate and up projections.
 
 Rotary position embeddings come from the model's own module, so its rope scaling applies.
@@ -40,12 +40,17 @@ DENSE_ROWS = 16
 # Without FBGEMM, the output head multiplies with a bf16 copy from this many rows on (_Head).
 HEAD_DENSE_ROWS = 5
 # From this many rows on (below DENSE_ROWS: a decode step of five or more replies, a short
-# prompt), the gate-up matrix multiplies as int8 x int8 (oneDNN), its fp32 input quantized per
-# row: the int4 kernel's cost doubles from four rows to eight, this one's hardly grows (eight
-# rows: 0.24 -> 0.06 ms). The other three stay int4: for query-key-value the int8 product was
-# no faster in a whole step and cost perplexity (a 506-token text: 1.019 -> 1.025 of fp32),
-# for out and down more (+1-5%).
+# prompt), the gate-up matrix multiplies as int8 x int8 with FBGEMM's dynamic kernel, its fp32
+# input quantized in the same call (layers.BatchedLinear): the int4 kernel's cost doubles from
+# four rows to eight (gate-up, eight rows: 200 -> 55 us). An eight-reply step took 4-6% less
+# than with oneDNN's int8 product and the per-row quantization written around it (ten small
+# torch calls per layer). The other three stay int4: for query-key-value the int8 product was
+# no faster in a whole step, for out and down it costs perplexity (their inputs are not a
+# norm's output: a few large values set the scale).
 BATCH_INT8_ROWS = 5
+# prefill(every=True) reads its tokens in passes of this many, each computed as a decode step
+# of as many replies (the server's default batch) computes it.
+STEP_ROWS = 8
 # The slot tensors grow in steps of this many positions.
 CAPACITY_STEP = 256
 
@@ -81,9 +86,9 @@ class _Linear:
         weight = weight.detach().float()
         self.dense = weight.to(torch.bfloat16) if dense_from and fmt in ("int4", "int8") else None
         self.dense_from = dense_from
-        # With `batch_int8`, an int4 matrix also keeps an int8 copy packed for oneDNN, for
-        # BATCH_INT8_ROWS rows or more (layers.Linear); None where oneDNN cannot.
-        self.batch = _onednn_pack(weight) if batch_int8 and fmt == "int4" else None
+        # With `batch_int8`, an int4 matrix also keeps an int8 copy packed for FBGEMM, for
+        # BATCH_INT8_ROWS rows or more (layers.BatchedLinear); None where FBGEMM is missing.
+        self.batch = _fbgemm_pack(*_int8_rows(weight)) if batch_int8 and fmt == "int4" else None
         if fmt == "int4" and weight.shape[1] % INT4_GROUP:
             fmt = "int8"
         self.fmt = fmt
@@ -124,24 +129,6 @@ def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
-def _onednn_pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(packed int8 weight, fp32 scale per output row) for layers.multiply_int8, or None if
-    this torch or CPU cannot multiply them (or gets a product far from the matrix's own)."""
-    quantized, scale = _int8_rows(weight)
-    try:
-        packed = torch.ops.onednn.qlinear_prepack(quantized, None)
-        probe = torch.randn(BATCH_INT8_ROWS, weight.shape[1])  # fp32, as a norm hands it on
-        zero = torch.zeros(scale.shape, dtype=torch.int32)
-        got = layers.multiply_int8(probe, packed, scale, zero, torch.bfloat16).float()
-        want = probe @ weight.t()
-        if not (got - want).norm() <= 0.05 * want.norm():
-            raise RuntimeError(f"int8 product off by {(got - want).norm() / want.norm():.3f}")
-    except Exception:
-        logger.info("No oneDNN int8 product here: batched steps use the int4 kernel", exc_info=True)
-        return None
-    return packed, scale
-
-
 class _Head:
     """The output head, int8 with one scale per output row (as _Linear), multiplied by FBGEMM's
     dynamic int8 kernel where torch has it: the hidden states are quantized to int8 on the fly
@@ -166,8 +153,9 @@ class _Head:
 
 
 def _fbgemm_pack(weight: torch.Tensor, scale: torch.Tensor):
-    """FBGEMM's packed form of an int8 matrix with one scale per row, or None if this torch or
-    CPU cannot multiply with it. (torch marks its quantized tensors deprecated; it is pinned.)"""
+    """FBGEMM's packed form of an int8 matrix with one scale per row (for
+    `quantized.linear_dynamic`), or None if this torch or CPU cannot multiply with it. (torch
+    marks its quantized tensors deprecated; it is pinned.)"""
     try:
         with warnings.catch_warnings(action="ignore", category=UserWarning):
             quantized = torch._make_per_channel_quantized_tensor(
@@ -302,13 +290,7 @@ class LlamaDecoder:
             [
                 layers.Layer(
                     *(
-                        layers.Linear(
-                            *linear.parts,
-                            linear.dense_from,
-                            linear.batch,
-                            BATCH_INT8_ROWS if linear.batch is not None else 0,
-                            dtype=self.dtype,
-                        )
+                        self._matrix(linear)
                         for linear in (layer.qkv, layer.out, layer.gate_up, layer.down)
                     ),
                     (
@@ -322,6 +304,12 @@ class LlamaDecoder:
                 for layer in self.layers
             ]
         )
+
+    def _matrix(self, linear: _Linear) -> torch.nn.Module:
+        matrix = layers.Linear(*linear.parts, linear.dense_from, dtype=self.dtype)
+        if linear.batch is None:
+            return matrix
+        return layers.BatchedLinear(matrix, linear.batch, BATCH_INT8_ROWS)
 
     def _warm_up(self) -> None:
         """TorchScript profiles the first two runs of the layers, then optimizes them (~0.7 s
@@ -348,11 +336,16 @@ class LlamaDecoder:
     def prefill(self, row: int, tokens: list[int], start: int, *, every: bool = False):
         """Feed `tokens` to slot `row`, whose first `start` positions already hold the
         conversation's earlier tokens. Returns the logits after the last token: (vocab,), or
-        with `every`, after each token: (len(tokens), vocab), computed with the kernels of a
-        decode step of as many rows (no bf16 copies; the int8 gate-up product from
-        BATCH_INT8_ROWS rows on), so that they measure what batched replies are written with."""
+        with `every`, after each token: (len(tokens), vocab), read STEP_ROWS tokens a pass,
+        each computed as a decode step of as many replies computes it (no bf16 copies; the
+        int8 gate-up product), so that they measure what batched replies are written with."""
         if every:
-            return self._prefill([(row, tokens, start)], every=True)[0]
+            return torch.cat(
+                [
+                    self._prefill([(row, tokens[i : i + STEP_ROWS], start + i)], every=True)[0]
+                    for i in range(0, len(tokens), STEP_ROWS)
+                ]
+            )
         return self.prefill_many([(row, tokens, start)])[0]
 
     def prefill_many(self, runs: list[tuple[int, list[int], int]]) -> torch.Tensor:

@@ -57,40 +57,6 @@ def multiply(
     return torch.ops.aten._weight_int8pack_mm(x, weight, scale)
 
 
-@script
-def multiply_int8(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """x (rows, inputs) @ W.T in `dtype`, for W as int8 with one scale per output row (and zero
-    points, all 0), packed by oneDNN (decoder._onednn_pack): each row of x is quantized to int8
-    with its own scale, the product is taken in integers, and both scales are applied to it.
-    x comes in fp32 (a norm's output before its cast to the activation type: quantized from
-    bf16 instead, a 506-token text read 1.5% less well)."""
-    x32 = x.float()
-    row_scale = x32.abs().amax(1, keepdim=True).clamp_min_(1e-8).div_(127)
-    no_post_op: list[int | float | complex | None] = []  # ("Scalar?[]")
-    product = torch.ops.onednn.qlinear_pointwise(
-        torch.round(x32 / row_scale).to(torch.int8),
-        1.0,
-        0,
-        packed,
-        scale,
-        zero,
-        None,
-        1.0,
-        0,
-        torch.float32,
-        "none",
-        no_post_op,
-        "",
-    )
-    return (product * row_scale).to(dtype)
-
-
 class Norm(torch.nn.Module):
     """RMS norm in fp32, to the bit as the model's own (x * rsqrt(mean(x^2) + eps) * weight),
     handed on in the activation type (`scaled`: in fp32)."""
@@ -132,30 +98,41 @@ class Attention(NamedTuple):
 class Linear(torch.nn.Module):
     """One matrix in its format; scripted, its format is a constant (the other branches of
     `multiply` are compiled away). It takes its input in fp32 or in `dtype` (the activation
-    type) and gives its product in `dtype`. With `batch` (an int8 copy packed by oneDNN, and
-    its scales), inputs of `batch_rows` rows or more that do not go to the bf16 copy multiply
-    with it (multiply_int8, which quantizes an fp32 input as it is)."""
+    type) and gives its product in `dtype`."""
 
     fmt: Final[str]
     dense_rows: Final[int]
-    batch_rows: Final[int]
 
-    def __init__(self, weight, scale, dense, fmt, dense_rows, batch=None, batch_rows=0, *, dtype):
+    def __init__(self, weight, scale, dense, fmt, dense_rows, *, dtype):
         super().__init__()
         self.weight, self.scale, self.dense, self.fmt = weight, scale, dense, fmt
         self.dense_rows = dense_rows
-        none = torch.empty(0)
-        self.batch, self.batch_scale = batch if batch is not None else (none, none)
-        self.batch_zero = torch.zeros(self.batch_scale.shape, dtype=torch.int32)
-        self.batch_rows = batch_rows
         self.dtype = dtype
 
     def forward(self, x: torch.Tensor, use_dense: bool) -> torch.Tensor:
         rows = self.dense_rows if use_dense else 0
-        n = x.size(0)
-        if self.batch_rows > 0 and n >= self.batch_rows and not (rows > 0 and n >= rows):
-            return multiply_int8(x, self.batch, self.batch_scale, self.batch_zero, self.dtype)
         return multiply(x.to(self.dtype), self.weight, self.scale, self.dense, self.fmt, rows)
+
+
+class BatchedLinear(torch.nn.Module):
+    """A Linear that also keeps an int8 copy packed for FBGEMM's dynamic int8 kernel
+    (`packed`): inputs of `batch_rows` rows or more that do not go to the bf16 copy multiply
+    with it. The kernel quantizes its fp32 input to int8 on the fly, one scale for the whole
+    input (the rows are a norm's output, all of about one size), and takes the product in
+    integers: one call, where the int4 kernel's cost doubles from four rows to eight."""
+
+    batch_rows: Final[int]
+
+    def __init__(self, linear: Linear, packed, batch_rows: int):
+        super().__init__()
+        self.linear, self.packed, self.batch_rows = linear, packed, batch_rows
+        self.dtype = linear.dtype
+
+    def forward(self, x: torch.Tensor, use_dense: bool) -> torch.Tensor:
+        n = x.size(0)
+        if n >= self.batch_rows and not (use_dense and n >= self.linear.dense_rows):
+            return torch.ops.quantized.linear_dynamic(x.float(), self.packed, False).to(self.dtype)
+        return self.linear(x, use_dense)
 
 
 class Layer(torch.nn.Module):
