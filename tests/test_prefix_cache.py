@@ -1,6 +1,9 @@
 """The prefix cache: a follow-up turn recomputes only its new tokens, and answers exactly as it
 would without the cache."""
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -178,3 +181,42 @@ def test_a_new_conversation_starts_from_the_system_prompt_another_one_computed(t
     # Row 0 of both engines holds conversation b: borrowed and continued here, at once there.
     assert_same_row_0(engine, plain, b_turn.result.prompt_tokens)
     assert len(engine._prefix_cache) == 1, "conversation a keeps its entry"
+
+
+def test_a_burst_keeps_its_slot_rows_for_a_moment_then_gives_them_back(
+    tiny_dir, tmp_path, monkeypatch
+):
+    """Replies ending together and follow-ups arriving a moment later find the slot tensors
+    as they were; once nothing came for IDLE_SECONDS, they are freed and the conversations'
+    keys and values wait in the prefix cache."""
+    from conversations.llm import scheduler
+
+    monkeypatch.setattr(scheduler, "IDLE_BYTES", 0)  # the tiny model's rows are small
+    monkeypatch.setattr(scheduler, "IDLE_SECONDS", 1.0)
+    engine = Engine(model=str(tiny_dir), cache_dir=tmp_path)
+    chats = [[{"role": "user", "content": f"hello number {i}"}] for i in range(3)]
+    params = GenerationParams(max_new_tokens=6)
+    engine.load()
+    # The three are posted while the model thread is busy, so that they start together.
+    busy = threading.Event()
+    engine._scheduler.call(busy.wait)
+    streams = [engine.stream(chat, params, cache_key=str(i)) for i, chat in enumerate(chats)]
+    readers = [threading.Thread(target=lambda s=stream: [*s]) for stream in streams]
+    for reader in readers:
+        reader.start()
+    deadline = time.monotonic() + 30
+    while len(engine._scheduler._inbox) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    busy.set()
+    for reader in readers:
+        reader.join(timeout=60)
+    cache = engine._decoder.cache
+    assert engine._scheduler.widest == 3
+    assert cache.rows == 3, "kept for the burst's next messages"
+
+    deadline = time.monotonic() + 30
+    while cache.rows and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cache.rows == 0 and len(engine._prefix_cache) == 3
+    again = turn(engine, follow_up(chats[1], streams[1].result.text, "and you"), key="1")
+    assert again.reused_tokens > 0

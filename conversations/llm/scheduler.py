@@ -41,8 +41,12 @@ logger = logging.getLogger(__name__)
 # being written for long.
 PREFILL_CHUNK = 256
 PREFILL_TOKENS = 512
-# Slot tensors of several rows holding more than this are freed when no reply is in flight.
+# Slot tensors of several rows holding more than this are freed once no reply has been in
+# flight for IDLE_SECONDS: a burst of conversations that pauses for a moment (eight replies
+# ending, eight follow-ups arriving) keeps them, rather than giving back ~100 MB and then
+# allocating and zeroing them again.
 IDLE_BYTES = 64 * 2**20
+IDLE_SECONDS = 2.0
 # While several replies are written, each one's tokens are handed over at most this often (a
 # reply's first and last at once): every hand-over wakes a server thread, which then competes
 # with the model for the two cores. One reply alone gets every token as it comes.
@@ -131,7 +135,12 @@ class Scheduler:
 
         with torch.inference_mode():
             while True:
-                self._collect(block=not self._rows and not self._waiting)
+                idle = not self._rows and not self._waiting
+                timeout = IDLE_SECONDS if self._idle_memory else None
+                if not self._collect(block=idle, timeout=timeout):
+                    self._unpark()  # nothing came for a while: a burst is over, its memory goes
+                    self.decoder.cache.clear()
+                    continue
                 if self.decoder is None:
                     continue  # only calls come
                 try:
@@ -145,10 +154,20 @@ class Scheduler:
                         self._finish(request, error=exc)
                 self._retire()
 
-    def _collect(self, *, block: bool) -> None:
+    @property
+    def _idle_memory(self) -> bool:
+        """Whether the slot tensors are worth giving back: several rows, more than IDLE_BYTES.
+        (One row stays: it is the parked conversation, at most one context window long.)"""
+        cache = self.decoder.cache if self.decoder is not None else None
+        return cache is not None and cache.rows > 1 and cache.nbytes > IDLE_BYTES
+
+    def _collect(self, *, block: bool, timeout: float | None = None) -> bool:
+        """Take what was posted; with `block`, wait for something first. False if it waited
+        `timeout` seconds for nothing."""
         with self._wakeup:
             while block and not self._inbox:
-                self._wakeup.wait()
+                if not self._wakeup.wait(timeout) and not self._inbox:
+                    return False
             items = list(self._inbox)
             self._inbox.clear()
         for kind, payload, future in items:
@@ -159,6 +178,7 @@ class Scheduler:
                     future.set_result(payload())
                 except BaseException as exc:  # handed to the caller
                     future.set_exception(exc)
+        return True
 
     def _admit(self) -> None:
         decoder = self.decoder
@@ -291,12 +311,6 @@ class Scheduler:
             self._rows.pop()
             request.row = -1
             request.done.set()
-        cache = self.decoder.cache
-        if not self._rows and not self._waiting and cache.rows > 1 and cache.nbytes > IDLE_BYTES:
-            # A burst of conversations is over: its memory goes. (With one row, the slot tensors
-            # stay: they are the parked conversation, at most one context window long.)
-            self._unpark()
-            cache.clear()
 
     def _unpark(self) -> None:
         """Slot row 0 is wanted: copy the parked conversation to the prefix cache."""
