@@ -386,6 +386,19 @@ def test_steps_of_five_or_more_replies_multiply_the_gate_up_matrix_in_int8(bundl
     assert agree >= 0.75 and similarity.min() > 0.99, (agree, similarity)
 
 
+def test_prompts_multiply_with_a_bf16_copy_packed_by_onednn_which_computes_the_same():
+    from conversations.llm import decoder
+
+    torch.manual_seed(0)
+    weight = torch.randn(192, 96) * 0.05
+    linear = decoder._Linear(weight, "int4", dense_from=16)
+    assert linear.dense.is_mkldnn, "torch's x86 build has oneDNN"
+    x = torch.randn(40, 96).bfloat16()
+    plain = F.linear(x, weight.bfloat16())
+    assert torch.equal(linear(x), plain)  # 40 rows: the packed copy
+    assert not torch.equal(linear(x[:8]), plain[:8])  # 8 rows: the int4 kernel
+
+
 def test_the_output_head_multiplies_with_fbgemm_or_falls_back(monkeypatch):
     from conversations.llm import decoder
 

@@ -50,6 +50,9 @@ def multiply(
     if fmt != "int4" and fmt != "int8":
         return F.linear(x, weight)
     if dense_rows > 0 and dense.numel() > 0 and x.size(0) >= dense_rows:
+        if dense.is_mkldnn:  # packed by oneDNN (decoder._dense_copy)
+            no_post_op: list[int | float | complex | None] = []  # ("Scalar?[]")
+            return torch.ops.mkldnn._linear_pointwise(x, dense, None, "none", no_post_op, "")
         return F.linear(x, dense)
     if fmt == "int4":
         group = x.size(1) // scale.size(0)
