@@ -373,24 +373,31 @@ class LlamaDecoder:
         # Shorter runs are padded at the end; their padding is computed and thrown away.
         ids = torch.zeros(len(runs), longest, dtype=torch.long)
         positions = torch.zeros(len(runs), longest, dtype=torch.long)
-        masks = []
         for i, (_, tokens, start) in enumerate(runs):
             ids[i, : len(tokens)] = torch.tensor(tokens)
             positions[i] = torch.arange(start, start + longest)
-            # Token j of the run sees the row's earlier positions and the run up to j; once
-            # per query head of a key-value head's group (attention reads them as one run).
-            end = start + len(tokens)
-            masks.append(
-                self._mask(
-                    torch.arange(end).unsqueeze(0) <= positions[i, : len(tokens)].unsqueeze(1)
-                ).repeat(self.heads // self.kv_heads, 1)
-                if start > 0 and len(tokens) > 1
-                else None
-            )
+        # Token j of a run sees the row's earlier positions and the run up to j; once per
+        # query head of a key-value head's group (attention reads them as one run).
+        group = self.heads // self.kv_heads
+        masks, together, length = [], None, 0
+        if len(runs) > 1:  # all runs in one call (see layers.Attention)
+            length = max(start + len(tokens) for _, tokens, start in runs)
+            allowed = torch.arange(length).view(1, 1, -1) <= positions.unsqueeze(2)
+            together = self._mask(allowed).repeat(1, group, 1).unsqueeze(1)
+        else:
+            for i, (_, tokens, start) in enumerate(runs):
+                end = start + len(tokens)
+                masks.append(
+                    self._mask(
+                        torch.arange(end).unsqueeze(0) <= positions[i, : len(tokens)].unsqueeze(1)
+                    ).repeat(group, 1)
+                    if start > 0 and len(tokens) > 1
+                    else None
+                )
         attention = layers.Attention(
             slots=None,
-            length=0,
-            mask=None,
+            length=length,
+            mask=together,
             runs=[(row, start, len(tokens)) for row, tokens, start in runs],
             masks=masks,
         )

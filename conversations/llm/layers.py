@@ -89,7 +89,9 @@ class Attention(NamedTuple):
     the end), run i being (slot row, start, count): its tokens go to positions
     start..start+count-1 of that slot row, and masks[i] lets each see the row's earlier positions
     and the run up to itself, repeated once per query head that shares a key-value head, shaped
-    (group * count, start + count) (None: a causal run from position 0, or one token)."""
+    (group * count, start + count) (None: a causal run from position 0, or one token). Several
+    runs attend in one call instead: `mask` holds all of theirs, (runs, 1, group * longest run,
+    `length`), `length` being the furthest position a run reaches, and `masks` is empty."""
 
     slots: torch.Tensor | None
     length: int
@@ -184,7 +186,10 @@ class Layer(torch.nn.Module):
                 q, k, v, keys, values, slots, attention.length, attention.mask
             )
         else:
-            attended = _attend_runs(q, k, v, keys, values, attention.runs, attention.masks)
+            runs, masks = attention.runs, attention.masks
+            attended = _attend_runs(
+                q, k, v, keys, values, runs, masks, attention.mask, attention.length
+            )
         x = x + self.out(attended, use_dense)
         h = self.post_attention_norm.scaled(x)
         gate, up = self.gate_up(h, use_dense).chunk(2, dim=1)
@@ -253,21 +258,38 @@ def _attend_runs(
     values: torch.Tensor,
     runs: list[tuple[int, int, int]],
     masks: list[torch.Tensor | None],
+    together: torch.Tensor | None,
+    length: int,
 ) -> torch.Tensor:
     """q: (tokens, heads, head size), k and v: (tokens, key-value heads, head size), tokens
-    being len(runs) runs of equal length; returns (tokens, heads * head size)."""
+    being len(runs) runs of equal length; returns (tokens, heads * head size). With `together`
+    (see Attention.mask), all runs attend in one call."""
     batch = len(runs)
     count = q.size(0) // batch
     q = q.view(batch, count, q.size(1), q.size(2)).transpose(1, 2)
     k = k.view(batch, count, k.size(1), k.size(2))
     v = v.view(batch, count, v.size(1), v.size(2))
-    attended = torch.zeros_like(q)
     heads, kv_heads, head_dim = q.size(1), k.size(2), q.size(3)
     for i in range(batch):
         row, start, used = runs[i]
+        keys[row, start : start + used].copy_(k[i, :used])
+        values[row, start : start + used].copy_(v[i, :used])
+    if together is not None:
+        # The runs' rows of the slot tensors, up to the furthest position: one call, its
+        # query heads grouped by key-value head as below. (A padded query sees whatever its
+        # row holds up there: its output is thrown away.)
+        rows = torch.tensor([row for row, _, _ in runs])
+        attended = F.scaled_dot_product_attention(
+            q.reshape(batch, kv_heads, -1, head_dim),
+            keys[:, :length].index_select(0, rows).transpose(1, 2),
+            values[:, :length].index_select(0, rows).transpose(1, 2),
+            attn_mask=together,
+        ).view(batch, heads, count, head_dim)
+        return attended.transpose(1, 2).reshape(batch * count, -1)
+    attended = torch.zeros_like(q)
+    for i in range(batch):
+        row, start, used = runs[i]
         end = start + used
-        keys[row, start:end].copy_(k[i, :used])
-        values[row, start:end].copy_(v[i, :used])
         mask = masks[i]
         if mask is None:
             attended[i, :, :used] = F.scaled_dot_product_attention(
