@@ -42,7 +42,7 @@ HEAD_DENSE_ROWS = 5
 # From this many rows on (below DENSE_ROWS: a decode step of five or more replies, a short
 # prompt), the gate-up matrix multiplies as int8 x int8 with FBGEMM's dynamic kernel, its fp32
 # input quantized in the same call (layers.BatchedLinear): the int4 kernel's cost doubles from
-# four rows to eight (gate-up, eight rows: 200 -> 55 us). An eight-reply step took 4-6% less
+# four rows to eight (gate-up alone, eight rows: 200 -> 55 us). An eight-reply step took 4-6% less
 # than with oneDNN's int8 product and the per-row quantization written around it (ten small
 # torch calls per layer). The other three stay int4: for query-key-value the int8 product was
 # no faster in a whole step, for out and down it costs perplexity (their inputs are not a
@@ -384,16 +384,12 @@ class LlamaDecoder:
             length = max(start + len(tokens) for _, tokens, start in runs)
             allowed = torch.arange(length).view(1, 1, -1) <= positions.unsqueeze(2)
             together = self._mask(allowed).repeat(1, group, 1).unsqueeze(1)
-        else:
-            for i, (_, tokens, start) in enumerate(runs):
-                end = start + len(tokens)
-                masks.append(
-                    self._mask(
-                        torch.arange(end).unsqueeze(0) <= positions[i, : len(tokens)].unsqueeze(1)
-                    ).repeat(group, 1)
-                    if start > 0 and len(tokens) > 1
-                    else None
-                )
+        else:  # one run: causal from position 0 (or one token), else masked
+            ((_, tokens, start),) = runs
+            allowed = torch.arange(start + len(tokens)).unsqueeze(0) <= positions[0].unsqueeze(1)
+            masks.append(
+                self._mask(allowed).repeat(group, 1) if start > 0 and len(tokens) > 1 else None
+            )
         attention = layers.Attention(
             slots=None,
             length=length,
