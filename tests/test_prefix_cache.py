@@ -183,6 +183,25 @@ def test_a_new_conversation_starts_from_the_system_prompt_another_one_computed(t
     assert len(engine._prefix_cache) == 1, "conversation a keeps its entry"
 
 
+def write_together(engine, chats, params, keys):
+    """The replies to these chats, posted while the model thread is busy so that they start
+    together (one step feeds them all), read to the end."""
+    engine.load()
+    busy = threading.Event()
+    engine._scheduler.call(busy.wait)
+    streams = [engine.stream(c, params, cache_key=k) for c, k in zip(chats, keys, strict=True)]
+    readers = [threading.Thread(target=lambda s=stream: [*s]) for stream in streams]
+    for reader in readers:
+        reader.start()
+    deadline = time.monotonic() + 30
+    while len(engine._scheduler._inbox) < len(chats) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    busy.set()
+    for reader in readers:
+        reader.join(timeout=60)
+    return streams
+
+
 def test_a_burst_keeps_its_slot_rows_for_a_moment_then_gives_them_back(
     tiny_dir, tmp_path, monkeypatch
 ):
@@ -195,21 +214,7 @@ def test_a_burst_keeps_its_slot_rows_for_a_moment_then_gives_them_back(
     monkeypatch.setattr(scheduler, "IDLE_SECONDS", 1.0)
     engine = Engine(model=str(tiny_dir), cache_dir=tmp_path)
     chats = [[{"role": "user", "content": f"hello number {i}"}] for i in range(3)]
-    params = GenerationParams(max_new_tokens=6)
-    engine.load()
-    # The three are posted while the model thread is busy, so that they start together.
-    busy = threading.Event()
-    engine._scheduler.call(busy.wait)
-    streams = [engine.stream(chat, params, cache_key=str(i)) for i, chat in enumerate(chats)]
-    readers = [threading.Thread(target=lambda s=stream: [*s]) for stream in streams]
-    for reader in readers:
-        reader.start()
-    deadline = time.monotonic() + 30
-    while len(engine._scheduler._inbox) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    busy.set()
-    for reader in readers:
-        reader.join(timeout=60)
+    streams = write_together(engine, chats, GenerationParams(max_new_tokens=6), ["0", "1", "2"])
     cache = engine._decoder.cache
     assert engine._scheduler.widest == 3
     assert cache.rows == 3, "kept for the burst's next messages"
@@ -220,3 +225,21 @@ def test_a_burst_keeps_its_slot_rows_for_a_moment_then_gives_them_back(
     assert cache.rows == 0 and len(engine._prefix_cache) == 3
     again = turn(engine, follow_up(chats[1], streams[1].result.text, "and you"), key="1")
     assert again.reused_tokens > 0
+
+
+def test_the_model_thread_ends_when_stopped_even_while_it_waits_to_free_memory(
+    tiny_dir, tmp_path, monkeypatch
+):
+    """At exit the scheduler stops its thread (registered with atexit): a thread that woke up
+    to free memory while the interpreter shuts down would abort the process."""
+    from conversations.llm import scheduler
+
+    monkeypatch.setattr(scheduler, "IDLE_BYTES", 0)
+    monkeypatch.setattr(scheduler, "IDLE_SECONDS", 60.0)
+    engine = Engine(model=str(tiny_dir), cache_dir=tmp_path)
+    chats = [[{"role": "user", "content": f"hi {i}"}] for i in range(2)]
+    write_together(engine, chats, GenerationParams(max_new_tokens=4), [None, None])
+    assert engine._decoder.cache.rows == 2  # the thread now waits up to 60 s to free them
+    started = time.monotonic()
+    engine._scheduler.stop()
+    assert not engine._scheduler._thread.is_alive() and time.monotonic() - started < 5

@@ -17,6 +17,7 @@ same thread as plain calls, run between steps.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
@@ -103,8 +104,10 @@ class Scheduler:
         self._parked: tuple[str, list[int]] | None = None
         self.steps = 0  # decode steps run (read by tests)
         self.widest = 0  # the most rows one step has fed
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="model", daemon=True)
         self._thread.start()
+        atexit.register(self.stop)
 
     # Called from any thread
 
@@ -113,6 +116,16 @@ class Scheduler:
         future: futures.Future = futures.Future()
         self._post(("call", function, future))
         return future
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the model thread once it has finished what it is doing (called at exit: a thread
+        that wakes up, or comes back from torch, while the interpreter shuts down aborts the
+        process)."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     def submit(self, request: ReplyRequest) -> None:
         self._post(("reply", request, None))
@@ -134,15 +147,15 @@ class Scheduler:
         import torch  # here, so that importing this module (and the engine) imports no torch
 
         with torch.inference_mode():
-            while True:
+            while not self._stopping:
                 idle = not self._rows and not self._waiting
                 timeout = IDLE_SECONDS if self._idle_memory else None
                 if not self._collect(block=idle, timeout=timeout):
                     self._unpark()  # nothing came for a while: a burst is over, its memory goes
                     self.decoder.cache.clear()
                     continue
-                if self.decoder is None:
-                    continue  # only calls come
+                if self.decoder is None or self._stopping:
+                    continue  # no model yet (only calls come), or the thread ends
                 try:
                     self._admit()
                     self._drop_cancelled()
@@ -165,8 +178,8 @@ class Scheduler:
         """Take what was posted; with `block`, wait for something first. False if it waited
         `timeout` seconds for nothing."""
         with self._wakeup:
-            while block and not self._inbox:
-                if not self._wakeup.wait(timeout) and not self._inbox:
+            while block and not self._inbox and not self._stopping:
+                if not self._wakeup.wait(timeout) and not self._inbox and not self._stopping:
                     return False
             items = list(self._inbox)
             self._inbox.clear()
