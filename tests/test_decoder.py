@@ -353,17 +353,21 @@ def test_int4_weights_keep_perplexity_within_3_percent_of_fp32(bundled_int4):
     assert bundled_int4._decoder.decode_weight_bytes < fp32._decoder.decode_weight_bytes / 3
 
 
-def test_steps_of_five_or_more_replies_multiply_the_gate_up_matrix_in_int8(bundled_int4):
-    """From BATCH_INT8_ROWS rows on, the gate-up product takes int8 inputs (FBGEMM's dynamic
-    kernel, which the output head uses at every step); each reply's scores stay those of its
-    own int4 step but for rounding."""
+def test_steps_of_five_or_more_replies_multiply_in_int8_with_smoothed_inputs(bundled_int4):
+    """From BATCH_INT8_ROWS rows on, the query-key-value and gate-up products take int8 inputs
+    (FBGEMM's dynamic kernel, which the output head uses at every step), smoothed by what the
+    engine's calibration measured; each reply's scores stay those of its own int4 step but for
+    rounding."""
     from torch.profiler import profile
 
     from conversations.llm.decoder import BATCH_INT8_ROWS
 
     decoder, scheduler = bundled_int4._decoder, bundled_int4._scheduler
-    assert all(layer.gate_up.batch is not None for layer in decoder.layers), "x86 has FBGEMM"
-    assert all(layer.qkv.batch is None for layer in decoder.layers)
+    for layer in decoder.layers:
+        for linear in (layer.qkv, layer.gate_up):
+            assert linear.batch is not None, "x86 has FBGEMM"
+            assert linear.smoothing is not None and bool((linear.smoothing > 0).all())
+        assert layer.out.batch is None and layer.down.batch is None
     prompts = [bundled_int4._encode(chat(f"Tell me about the number {i}.")) for i in range(8)]
 
     def step(rows):
@@ -374,8 +378,8 @@ def test_steps_of_five_or_more_replies_multiply_the_gate_up_matrix_in_int8(bundl
             with profile() as trace:
                 logits = decoder.decode([42] * rows, [len(p) for p in prompts[:rows]])
             calls = {event.key: event.count for event in trace.key_averages()}
-            # The head's product, and one per layer's gate-up matrix
-            return logits.float(), calls["quantized::linear_dynamic"] == 1 + len(decoder.layers)
+            # The head's product, and two per layer (query-key-value, gate-up)
+            return logits.float(), calls["quantized::linear_dynamic"] == 1 + 2 * len(decoder.layers)
 
     int4_logits, int8_used_in_4 = scheduler.call(lambda: step(BATCH_INT8_ROWS - 1)).result()
     batch_logits, int8_used_in_8 = scheduler.call(lambda: step(8)).result()
@@ -384,6 +388,31 @@ def test_steps_of_five_or_more_replies_multiply_the_gate_up_matrix_in_int8(bundl
     agree = (batch_logits[:rows].argmax(-1) == int4_logits.argmax(-1)).float().mean()
     similarity = F.cosine_similarity(batch_logits[:rows], int4_logits, dim=-1)
     assert agree >= 0.75 and similarity.min() > 0.99, (agree, similarity)
+
+
+def test_smoothing_keeps_the_product_and_shrinks_the_int8_error():
+    """An input with a few channels far larger than the rest (as a norm's output has): divided
+    by the smoothing, against a copy scaled by it, the int8 product is the same product and
+    lands nearer the exact one than without smoothing."""
+    from conversations.llm import decoder, layers
+
+    torch.manual_seed(0)
+    weight = torch.randn(256, 96) * 0.05
+    x = torch.randn(8, 96)
+    x[:, [3, 40]] *= 60
+    exact = x @ weight.T
+    peaks = x.abs().amax(dim=0)
+    errors = {}
+    for name, peak in (("plain", None), ("smoothed", peaks)):
+        linear = decoder._Linear(weight, "int4", dense_from=16, batch_int8=True, peaks=peak)
+        smoothing = linear.smoothing if linear.smoothing is not None else torch.ones(96)
+        batched = layers.BatchedLinear(
+            layers.Linear(*linear.parts, 16, dtype=torch.bfloat16), linear.batch, 5
+        )
+        product = batched(x / smoothing, False).float()
+        errors[name] = float((product - exact).norm() / exact.norm())
+    assert errors["smoothed"] < errors["plain"] / 2, errors
+    assert errors["smoothed"] < 0.02, errors
 
 
 def test_prompts_multiply_with_a_bf16_copy_packed_by_onednn_which_computes_the_same():

@@ -276,6 +276,9 @@ class Engine:
                 limit=self._window(loaded),
                 # fp32 shares the model's own tensors; other formats hold copies.
                 release=self.weights != "fp32",
+                calibration=self._prompts.encode(
+                    loaded.tokenizer.apply_chat_template(decoder.CALIBRATION, tokenize=False)
+                ),
             )
             self._scheduler.decoder = self._decoder
             _return_freed_memory()

@@ -62,11 +62,14 @@ def multiply(
 
 class Norm(torch.nn.Module):
     """RMS norm in fp32, to the bit as the model's own (x * rsqrt(mean(x^2) + eps) * weight),
-    handed on in the activation type (`scaled`: in fp32)."""
+    handed on in the activation type (`scaled`: in fp32). With `smoothing` (one factor per
+    channel: see BatchedLinear), `scaled(x, True)` gives the norm divided by it, as the int8
+    product after the norm takes it: the division is folded into the weight."""
 
-    def __init__(self, weight, eps, dtype):
+    def __init__(self, weight, eps, dtype, smoothing=None):
         super().__init__()
         self.weight = weight
+        self.smoothed_weight = weight if smoothing is None else weight / smoothing
         # Tensors, not Python numbers: an operation with a number converts it every time.
         self.eps = torch.tensor(eps, dtype=torch.float32)
         self.width = torch.tensor(float(weight.numel()), dtype=torch.float32)
@@ -75,10 +78,11 @@ class Norm(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scaled(x).to(self.dtype)
 
-    def scaled(self, x: torch.Tensor) -> torch.Tensor:
+    def scaled(self, x: torch.Tensor, smoothed: bool = False) -> torch.Tensor:
         """The norm in fp32, before the cast (Linear casts what it needs)."""
         variance = (x * x).sum(-1, keepdim=True) / self.width  # what mean() computes
-        return x * torch.rsqrt(variance + self.eps) * self.weight
+        weight = self.smoothed_weight if smoothed else self.weight
+        return x * torch.rsqrt(variance + self.eps) * weight
 
 
 class Attention(NamedTuple):
@@ -118,13 +122,24 @@ class Linear(torch.nn.Module):
         rows = self.dense_rows if use_dense else 0
         return multiply(x.to(self.dtype), self.weight, self.scale, self.dense, self.fmt, rows)
 
+    @torch.jit.export
+    def int8_input(self, rows: int, use_dense: bool) -> bool:
+        """Whether an input of `rows` rows goes to an int8 product (see BatchedLinear)."""
+        return False
+
 
 class BatchedLinear(torch.nn.Module):
     """A Linear that also keeps an int8 copy packed for FBGEMM's dynamic int8 kernel
     (`packed`): inputs of `batch_rows` rows or more that do not go to the bf16 copy multiply
     with it. The kernel quantizes its fp32 input to int8 on the fly, one scale for the whole
     input (the rows are a norm's output, all of about one size), and takes the product in
-    integers: one call, where the int4 kernel's cost doubles from four rows to eight."""
+    integers: one call, where the int4 kernel's cost doubles from four rows to eight.
+
+    A few channels of a norm's output run far larger than the rest, and one scale for all of
+    them leaves the others few levels. The int8 copy may be smoothed (SmoothQuant): its input
+    channel j multiplied by a factor s_j, and the input then comes divided by s_j (the norm
+    before it does that: Norm's `smoothing`), so the product is the same but the large
+    channels shrink and the weights take part of their range."""
 
     batch_rows: Final[int]
 
@@ -134,10 +149,13 @@ class BatchedLinear(torch.nn.Module):
         self.dtype = linear.dtype
 
     def forward(self, x: torch.Tensor, use_dense: bool) -> torch.Tensor:
-        n = x.size(0)
-        if n >= self.batch_rows and not (use_dense and n >= self.linear.dense_rows):
+        if self.int8_input(x.size(0), use_dense):
             return torch.ops.quantized.linear_dynamic(x.float(), self.packed, False).to(self.dtype)
         return self.linear(x, use_dense)
+
+    @torch.jit.export
+    def int8_input(self, rows: int, use_dense: bool) -> bool:
+        return rows >= self.batch_rows and not (use_dense and rows >= self.linear.dense_rows)
 
 
 class Layer(torch.nn.Module):
@@ -173,7 +191,9 @@ class Layer(torch.nn.Module):
     ) -> torch.Tensor:
         tokens = x.size(0)
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
-        qkv = self.qkv(self.input_norm.scaled(x), use_dense)
+        # (A norm's output goes to the int8 product smoothed: see BatchedLinear.)
+        h = self.input_norm.scaled(x, self.qkv.int8_input(tokens, use_dense))
+        qkv = self.qkv(h, use_dense)
         qk, v = qkv.split([(heads + kv_heads) * head_dim, kv_heads * head_dim], dim=1)
         # Queries and keys turn together: (tokens, heads + key-value heads, head size).
         qk = qk.view(tokens, heads + kv_heads, head_dim)
@@ -191,7 +211,7 @@ class Layer(torch.nn.Module):
                 q, k, v, keys, values, runs, masks, attention.mask, attention.length
             )
         x = x + self.out(attended, use_dense)
-        h = self.post_attention_norm.scaled(x)
+        h = self.post_attention_norm.scaled(x, self.gate_up.int8_input(tokens, use_dense))
         gate, up = self.gate_up(h, use_dense).chunk(2, dim=1)
         return x + self.down(F.silu(gate) * up, use_dense)
 
