@@ -1,12 +1,13 @@
 """Prompts tokenized turn by turn give the ids of prompts tokenized whole, with the bundled
-model's tokenizer; a tokenizer that encodes pieces differently is tokenized whole."""
+model's tokenizer; a tokenizer that encodes pieces differently is tokenized whole. A reply's text
+decoded piece by piece is its text decoded whole."""
 
 import pytest
 from django.conf import settings
 from transformers import AutoTokenizer
 
 from conversations.llm.loading import prepare_bundled_model
-from conversations.llm.tokens import SAMPLE_CONVERSATION, PromptTokenizer
+from conversations.llm.tokens import SAMPLE_CONVERSATION, PromptTokenizer, ReplyText
 
 TURNS = [
     ("Hello!", "Hi there! How can I help you today?"),
@@ -83,3 +84,39 @@ def test_a_tokenizer_that_encodes_pieces_differently_is_used_whole():
         0,
         *map(ord, "ef"),
     ]
+
+
+@pytest.mark.parametrize("step", [1, 3])
+def test_a_reply_decoded_piece_by_piece_is_the_reply_decoded_whole(tokenizer, step):
+    """Tokens come one or a few at a time; characters of several bytes span tokens, special
+    tokens decode to nothing, and leading whitespace is dropped."""
+    replies = [answer for _, answer in TURNS] + ["\n\n  Café 東京 🙂🙂 naïve.\t done <|im_end|>"]
+    for reply in replies:
+        ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
+        text = ReplyText(tokenizer)
+        pieces = [text.add(ids[i : i + step]) for i in range(0, len(ids), step)]
+        whole = tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+        assert "".join(pieces) == whole, (reply, pieces)
+        assert not any("\ufffd" in piece for piece in pieces)
+    # A character of several bytes whose tokens come one at a time is held back until it is
+    # whole: some token then adds nothing.
+    ids = tokenizer("🙂", add_special_tokens=False)["input_ids"]
+    assert len(ids) > 1
+    text = ReplyText(tokenizer)
+    assert [text.add([i]) for i in ids] == [""] * (len(ids) - 1) + ["🙂"]
+
+
+def test_a_long_reply_is_decoded_a_few_tokens_at_a_time(tokenizer):
+    """Each hand-over decodes the new tokens and the few before them, not the whole reply."""
+    lengths = []
+
+    class Counting:
+        def decode(self, ids, **kwargs):
+            lengths.append(len(ids))
+            return tokenizer.decode(ids, **kwargs)
+
+    ids = tokenizer(" and so on" * 200 + " 東京 🙂", add_special_tokens=False)["input_ids"]
+    text = ReplyText(Counting())
+    assert "".join(text.add([i]) for i in ids) == tokenizer.decode(ids).lstrip()
+    # (The new token, the one before it, and the tokens of a character still incomplete.)
+    assert len(ids) > 600 and max(lengths) <= 8, max(lengths)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from .loading import LoadedModel, describe_source, load_model
 from .prefix_cache import PrefixCache
 from .scheduler import Scheduler
-from .tokens import SAMPLE_CONVERSATION, PromptTokenizer
+from .tokens import SAMPLE_CONVERSATION, PromptTokenizer, ReplyText
 
 if TYPE_CHECKING:
     from .scheduler import ReplyRequest
@@ -142,7 +142,7 @@ class ReplyStream:
         started = time.perf_counter()
         first_at = finished = None
         tokens: list[int] = []
-        sent = ""
+        text = ReplyText(loaded.tokenizer)
         try:
             while True:
                 kind, payload, at = events.get()
@@ -153,11 +153,8 @@ class ReplyStream:
                     break
                 first_at = first_at or at
                 tokens.extend(payload)
-                text = loaded.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
-                # Hold back a half-decoded character; send only text that extends what was sent.
-                if text.startswith(sent) and not text.endswith("\ufffd") and len(text) > len(sent):
-                    delta, sent = text[len(sent) :], text
-                    yield delta
+                if piece := text.add(payload):
+                    yield piece
         finally:
             if finished is None:  # the consumer left early, or the model failed
                 cancelled.set()

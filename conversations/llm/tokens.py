@@ -1,4 +1,5 @@
-"""Token ids of prompts that grow turn by turn, without tokenizing the whole history again.
+"""Token ids of prompts that grow turn by turn, without tokenizing the whole history again; and
+the text of a reply as its tokens come, without decoding the whole reply again.
 
 A conversation's next prompt is its last prompt with the reply and a new message added. Special
 tokens (ChatML's <|im_start|> and <|im_end|>, for one) cut a text into pieces that a tokenizer
@@ -88,3 +89,36 @@ class PromptTokenizer:
         self.tokenized_chars += len(text)
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return list(encoded["input_ids"]), [end for _, end in encoded["offset_mapping"]]
+
+
+class ReplyText:
+    """The text a reply's new tokens add, decoded a few tokens at a time (as text-generation
+    servers do it): the tokens since the last piece sent are decoded with the ones before them
+    (which a tokenizer may need to place a space or finish a character) and the text the earlier
+    ones alone give is cut off. Decoding the whole reply at every hand-over grew with the
+    square of its length. The reply's leading whitespace is dropped, as the saved reply's is;
+    a piece that ends in a half-decoded character waits for the next token."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.start = 0  # ids from here on are decoded together with the new ones...
+        self.sent = 0  # ...and those before this one gave the text already sent
+        self.begun = False  # some text (not whitespace) has been sent
+
+    def add(self, ids: list[int]) -> str:
+        """The text `ids` (the reply's next tokens) add, or "" for now."""
+        self.ids.extend(ids)
+        before = self._decode(self.ids[self.start : self.sent])
+        after = self._decode(self.ids[self.start :])
+        if len(after) <= len(before) or after.endswith("\ufffd") or not after.startswith(before):
+            return ""
+        piece = after[len(before) :]
+        self.start, self.sent = self.sent, len(self.ids)
+        if not self.begun:
+            piece = piece.lstrip()
+            self.begun = bool(piece)
+        return piece
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
