@@ -92,7 +92,8 @@ def run(report: Report, quick: bool) -> None:
     report.target(
         f"Aggregate tokens/s at {widest} conversations vs single stream",
         ">= 3x",
-        f"{fmt_ratio(scaling)} (median of {len(pair_ratios)} pairs)",
+        f"{fmt_ratio(scaling)} (median of {len(pair_ratios)} pair"
+        f"{'s' if len(pair_ratios) > 1 else ''})",
         scaling >= 3.0,
     )
 
