@@ -467,23 +467,24 @@ class LlamaDecoder:
         # Token j of a run sees the row's earlier positions and the run up to j; once per
         # query head of a key-value head's group (attention reads them as one run).
         group = self.heads // self.kv_heads
-        masks, together, length = [], None, 0
+        mask, rows, length = None, None, 0
         if len(runs) > 1:  # all runs in one call (see layers.Attention)
+            rows = torch.tensor([row for row, _, _ in runs])
             length = max(start + len(tokens) for _, tokens, start in runs)
             allowed = torch.arange(length).view(1, 1, -1) <= positions.unsqueeze(2)
-            together = self._mask(allowed).repeat(1, group, 1).unsqueeze(1)
+            mask = self._mask(allowed).repeat(1, group, 1).unsqueeze(1)
         else:  # one run: causal from position 0 (or one token), else masked
             ((_, tokens, start),) = runs
-            allowed = torch.arange(start + len(tokens)).unsqueeze(0) <= positions[0].unsqueeze(1)
-            masks.append(
-                self._mask(allowed).repeat(group, 1) if start > 0 and len(tokens) > 1 else None
-            )
+            if start > 0 and len(tokens) > 1:
+                end = start + len(tokens)
+                allowed = torch.arange(end).unsqueeze(0) <= positions[0].unsqueeze(1)
+                mask = self._mask(allowed).repeat(group, 1)
         attention = layers.Attention(
             slots=None,
             length=length,
-            mask=together,
+            mask=mask,
             runs=[(row, start, len(tokens)) for row, tokens, start in runs],
-            masks=masks,
+            rows=rows,
         )
         last = torch.tensor([len(tokens) - 1 for _, tokens, _ in runs])
         logits = self._forward(
@@ -509,7 +510,7 @@ class LlamaDecoder:
             length=length,
             mask=mask,
             runs=[],
-            masks=[],
+            rows=None,
         )
         ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(1)
         return self._forward(ids, where.unsqueeze(1), attention)[:, 0]

@@ -91,17 +91,18 @@ class Attention(NamedTuple):
     it sees positions 0..length-1 (`mask`, added to the scores, hides those past its own).
     Reading prompts (`slots` None): the tokens are runs of equal length (the shorter padded at
     the end), run i being (slot row, start, count): its tokens go to positions
-    start..start+count-1 of that slot row, and masks[i] lets each see the row's earlier positions
-    and the run up to itself, repeated once per query head that shares a key-value head, shaped
-    (group * count, start + count) (None: a causal run from position 0, or one token). Several
-    runs attend in one call instead: `mask` holds all of theirs, (runs, 1, group * longest run,
-    `length`), `length` being the furthest position a run reaches, and `masks` is empty."""
+    start..start+count-1 of that slot row, and `mask` lets each see the row's earlier positions
+    and the run up to itself, repeated once per query head that shares a key-value head. One
+    run: shaped (group * count, start + count) (None: a causal run from position 0, or one
+    token). Several runs attend in one call: `rows` holds their slot rows, `mask` all of their
+    masks, (runs, 1, group * longest run, `length`), `length` being the furthest position a run
+    reaches."""
 
     slots: torch.Tensor | None
     length: int
     mask: torch.Tensor | None
     runs: list[tuple[int, int, int]]
-    masks: list[torch.Tensor | None]
+    rows: torch.Tensor | None
 
 
 class Linear(torch.nn.Module):
@@ -206,9 +207,16 @@ class Layer(torch.nn.Module):
                 q, k, v, keys, values, slots, attention.length, attention.mask
             )
         else:
-            runs, masks = attention.runs, attention.masks
             attended = _attend_runs(
-                q, k, v, keys, values, runs, masks, attention.mask, attention.length
+                q,
+                k,
+                v,
+                keys,
+                values,
+                attention.runs,
+                attention.rows,
+                attention.mask,
+                attention.length,
             )
         x = x + self.out(attended, use_dense)
         h = self.post_attention_norm.scaled(x, self.gate_up.int8_input(tokens, use_dense))
@@ -277,13 +285,13 @@ def _attend_runs(
     keys: torch.Tensor,
     values: torch.Tensor,
     runs: list[tuple[int, int, int]],
-    masks: list[torch.Tensor | None],
-    together: torch.Tensor | None,
+    rows: torch.Tensor | None,
+    mask: torch.Tensor | None,
     length: int,
 ) -> torch.Tensor:
     """q: (tokens, heads, head size), k and v: (tokens, key-value heads, head size), tokens
-    being len(runs) runs of equal length; returns (tokens, heads * head size). With `together`
-    (see Attention.mask), all runs attend in one call."""
+    being len(runs) runs of equal length; returns (tokens, heads * head size). `rows`, `mask`
+    and `length` as in Attention."""
     batch = len(runs)
     count = q.size(0) // batch
     q = q.view(batch, count, q.size(1), q.size(2)).transpose(1, 2)
@@ -294,40 +302,36 @@ def _attend_runs(
         row, start, used = runs[i]
         keys[row, start : start + used].copy_(k[i, :used])
         values[row, start : start + used].copy_(v[i, :used])
-    if together is not None:
+    if rows is not None:
         # The runs' rows of the slot tensors, up to the furthest position: one call, its
         # query heads grouped by key-value head as below. (A padded query sees whatever its
         # row holds up there: its output is thrown away.)
-        rows = torch.tensor([row for row, _, _ in runs])
         attended = F.scaled_dot_product_attention(
             q.reshape(batch, kv_heads, -1, head_dim),
             keys[:, :length].index_select(0, rows).transpose(1, 2),
             values[:, :length].index_select(0, rows).transpose(1, 2),
-            attn_mask=together,
+            attn_mask=mask,
         ).view(batch, heads, count, head_dim)
         return attended.transpose(1, 2).reshape(batch * count, -1)
-    attended = torch.zeros_like(q)
-    for i in range(batch):
-        row, start, used = runs[i]
-        end = start + used
-        mask = masks[i]
-        if mask is None:
-            attended[i, :, :used] = F.scaled_dot_product_attention(
-                q[i : i + 1, :, :used],
-                keys[row : row + 1, :end].transpose(1, 2),
-                values[row : row + 1, :end].transpose(1, 2),
-                is_causal=start == 0 and used > 1,
-                enable_gqa=True,
-            )[0]
-        else:
-            # The query heads that share a key-value head go as one longer run of queries:
-            # each key and value is read once, not once per query head (~25% faster over a
-            # long history). The mask is the run's mask repeated once per head of a group.
-            grouped = q[i, :, :used].reshape(1, kv_heads, -1, head_dim)
-            attended[i, :, :used] = F.scaled_dot_product_attention(
-                grouped,
-                keys[row : row + 1, :end].transpose(1, 2),
-                values[row : row + 1, :end].transpose(1, 2),
-                attn_mask=mask,
-            ).view(heads, used, head_dim)
-    return attended.transpose(1, 2).reshape(batch * count, -1)
+    # One run (of `count` tokens: nothing is padded).
+    row, start, _ = runs[0]
+    end = start + count
+    if mask is None:
+        attended = F.scaled_dot_product_attention(
+            q,
+            keys[row : row + 1, :end].transpose(1, 2),
+            values[row : row + 1, :end].transpose(1, 2),
+            is_causal=start == 0 and count > 1,
+            enable_gqa=True,
+        )
+    else:
+        # The query heads that share a key-value head go as one longer run of queries: each
+        # key and value is read once, not once per query head (~25% faster over a long
+        # history). The mask is the run's mask repeated once per head of a group.
+        attended = F.scaled_dot_product_attention(
+            q.reshape(1, kv_heads, -1, head_dim),
+            keys[row : row + 1, :end].transpose(1, 2),
+            values[row : row + 1, :end].transpose(1, 2),
+            attn_mask=mask,
+        ).view(1, heads, count, head_dim)
+    return attended.transpose(1, 2).reshape(count, -1)
