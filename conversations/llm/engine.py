@@ -141,8 +141,7 @@ class ReplyStream:
 
         started = time.perf_counter()
         first_at = finished = None
-        tokens: list[int] = []
-        text = ReplyText(loaded.tokenizer)
+        text = ReplyText(loaded.tokenizer)  # (its `ids`: the reply's tokens so far)
         try:
             while True:
                 kind, payload, at = events.get()
@@ -152,7 +151,6 @@ class ReplyStream:
                     finished = at
                     break
                 first_at = first_at or at
-                tokens.extend(payload)
                 if piece := text.add(payload):
                     yield piece
         finally:
@@ -160,7 +158,9 @@ class ReplyStream:
                 cancelled.set()
             wait()
             finished = finished or time.perf_counter()
-            self.result = self._result(tokens, len(input_ids), budget, started, first_at, finished)
+            self.result = self._result(
+                text.ids, len(input_ids), budget, started, first_at, finished
+            )
 
     def _generate(self, input_ids: list[int], config, streamer: _TokenQueue) -> None:
         """`generate`, for models the decoder does not run (on the model thread)."""

@@ -101,7 +101,7 @@ class ReplyText:
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
+        self.ids: list[int] = []  # the reply's tokens so far
         self.start = 0  # ids from here on are decoded together with the new ones...
         self.sent = 0  # ...and those before this one gave the text already sent
         self.begun = False  # some text (not whitespace) has been sent
