@@ -65,7 +65,7 @@ def reserve_reply(question: Message, *, engine, params, new_question: bool = Fal
     it has no replies yet, nothing to set aside)."""
     if not new_question:
         question.replies.filter(is_active=True).update(is_active=False)
-    return Message.objects.create(
+    reply = Message.objects.create(
         conversation_id=question.conversation_id,
         role=Message.Role.ASSISTANT,
         content="",
@@ -75,6 +75,9 @@ def reserve_reply(question: Message, *, engine, params, new_question: bool = Fal
         model=engine.model_name,
         generation_params=params.as_dict(),
     )
+    if new_question:  # the first of its versions (see api.serializers.load_versions)
+        reply.version = reply.versions = 1
+    return reply
 
 
 @dataclass

@@ -14,7 +14,7 @@ import logging
 import re
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from .errors import Conflict
@@ -162,7 +162,8 @@ def _ensure_idle(conversation: Conversation) -> None:
     saves the question and reserves its reply: the conversation's row is locked (PostgreSQL;
     SQLite's write transactions are serialized anyway), so of two messages sent at the same
     time the second sees the first one's reply and gets 409."""
-    list(Conversation.objects.select_for_update().filter(pk=conversation.pk).values_list("pk"))
+    if connection.features.has_select_for_update:  # (SQLite has no row locks: no query)
+        list(Conversation.objects.select_for_update().filter(pk=conversation.pk).values_list("pk"))
     if conversation.messages.filter(status=Message.Status.STREAMING).exists():
         raise Conflict(
             "A reply is still being written in this conversation. Wait for it or stop it."
@@ -180,6 +181,8 @@ def _save_user_message(conversation, content: str, *, version_group=None) -> Mes
             created_at=now,
             **({"version_group": version_group} if version_group else {}),
         )
+        if not version_group:  # the first of its versions (see api.serializers.load_versions)
+            message.version = message.versions = 1
         changes = {"updated_at": now}
         if not conversation.title:
             changes["title"] = fallback_title(content)

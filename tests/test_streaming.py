@@ -7,9 +7,12 @@ from datetime import timedelta
 import pytest
 import yaml
 from django.core.management import call_command
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from conversations import replies, services
+from conversations.api.serializers import MessageSerializer, message_data
 from conversations.llm.engine import Generation
 from conversations.models import Conversation, Message
 
@@ -117,11 +120,13 @@ def assert_409(response) -> str:
 def test_streamed_message_sends_user_message_deltas_done(api, owner, fake_engine, how):
     conversation = make_conversation(owner)
 
-    response = stream_post(api, url(conversation), {"content": "Hello there friend"}, how=how)
+    with CaptureQueriesContext(connection) as queries:
+        response = stream_post(api, url(conversation), {"content": "Hello there friend"}, how=how)
+        body = b"".join(response.streaming_content)
 
     assert_is_stream(response)
     assert response["Cache-Control"] == "no-cache"
-    events = parse_events(b"".join(response.streaming_content))
+    events = parse_events(body)
     names = kinds(events)
     assert names[0] == "user_message"
     assert names[-1] == "done"
@@ -142,8 +147,10 @@ def test_streamed_message_sends_user_message_deltas_done(api, owner, fake_engine
     assert done["completion_tokens"] == 4
     assert done["model"] == "fake-echo"
     assert "Echo: Hello there friend" in done["html"]
-    assert done["version"] == 1
-    assert done["versions"] == 1
+    assert (user_message["version"], user_message["versions"]) == (1, 1)
+    assert (done["version"], done["versions"]) == (1, 1)
+    # A new question and its reply are the first of their versions: nothing counts siblings.
+    assert not [q for q in queries.captured_queries if "COUNT(" in q["sql"]]
     assert done["reply_to"] == user_message["id"]
 
     reply = Message.objects.get(pk=done["id"])
@@ -153,6 +160,31 @@ def test_streamed_message_sends_user_message_deltas_done(api, owner, fake_engine
     assert reply.completion_tokens == 4
     assert reply.generation_params["finish_reason"] == "stop"
     assert conversation.messages.count() == 2
+
+
+def test_message_data_is_what_a_serializer_of_its_own_gives(owner):
+    conversation = make_conversation(owner)
+    question = Message.objects.create(conversation=conversation, role="user", content="Hi")
+    failed = Message.objects.create(
+        conversation=conversation,
+        role="assistant",
+        content="Half",
+        status=Message.Status.ERROR,
+        error="RuntimeError: boom",
+        reply_to=question,
+        completion_tokens=3,
+    )
+    answered = Message.objects.create(
+        conversation=conversation, role="assistant", content="Hello", reply_to=question
+    )
+    answered.version, answered.versions = 2, 2
+
+    # One shared serializer, in turn: nothing of one message stays for the next.
+    for message in (failed, question, answered, failed):
+        assert message_data(message) == MessageSerializer(message).data
+    assert "error" not in message_data(answered)
+    assert "completion_tokens" not in message_data(question)
+    assert (message_data(answered)["version"], message_data(answered)["versions"]) == (2, 2)
 
 
 def test_stream_done_html_renders_markdown(api, owner, fake_engine):
@@ -646,8 +678,11 @@ def test_edit_streams(api, owner, fake_engine):
 
     events = parse_events(b"".join(response.streaming_content))
     assert kinds(events) == ["user_message", "delta", "delta", "delta", "done"]
-    assert events[0][1]["content"] == "new text"
-    assert events[-1][1]["content"] == "Echo: new text"
+    question, reply = events[0][1], events[-1][1]
+    assert question["content"] == "new text"
+    assert (question["version"], question["versions"]) == (2, 2)
+    assert reply["content"] == "Echo: new text"
+    assert (reply["version"], reply["versions"]) == (1, 1)
 
 
 @pytest.mark.parametrize("body", [{"content": ""}, {"content": "   "}, {}, {"content": 5}])

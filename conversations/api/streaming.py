@@ -8,7 +8,7 @@ from rest_framework import renderers
 
 from ..rendering import render_markdown
 from ..replies import ReplyWriter
-from .serializers import MessageSerializer, load_versions
+from .serializers import load_versions, message_data
 
 EVENT_STREAM = "text/event-stream"
 
@@ -44,7 +44,8 @@ def reply_response(writer: ReplyWriter, *, user_message=None) -> StreamingHttpRe
         finished = False
         try:
             if user_message is not None:
-                data = MessageSerializer(user_message).data
+                load_versions(user_message)  # an edit's new version: n of n
+                data = message_data(user_message)
                 data["conversation"] = str(user_message.conversation_id)
                 yield format_event("user_message", data)
             for event in writer:
@@ -52,11 +53,11 @@ def reply_response(writer: ReplyWriter, *, user_message=None) -> StreamingHttpRe
                     yield format_event("delta", {"text": event.data})
                 elif event.kind == "done":
                     load_versions(event.data)
-                    reply = MessageSerializer(event.data).data
+                    reply = message_data(event.data)
                     reply["html"] = str(render_markdown(event.data.content))
                     yield format_event("done", reply)
                 elif event.kind == "error":
-                    reply = MessageSerializer(event.data).data
+                    reply = message_data(event.data)
                     yield format_event("error", {"detail": event.detail, "reply": reply})
                 elif event.kind == "title":
                     yield format_event("title", {"title": event.data})
