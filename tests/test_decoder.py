@@ -260,6 +260,31 @@ def test_replies_that_arrive_together_grow_the_slot_tensors_once(tiny_dir, tmp_p
     assert grown == [(0, 4)]
 
 
+def test_prompts_of_very_different_lengths_are_read_in_separate_passes(tiny_dir, tmp_path):
+    engine = Engine(model=str(tiny_dir), cache_dir=tmp_path, weights="fp32")
+    texts = ["hello", "how are you", "paris", long_text(60)]
+    alone = []
+    for text in texts:
+        request = reply_request(engine, text, 6)
+        submit_together(engine, [request])
+        alone.append(request.generated)
+    passes = []
+    real_prefill_many = engine._decoder.prefill_many
+
+    def prefill_many(runs):
+        passes.append(sorted(len(tokens) for _, tokens, _ in runs))
+        return real_prefill_many(runs)
+
+    engine._decoder.prefill_many = prefill_many
+    together = [reply_request(engine, text, 6) for text in texts]
+    submit_together(engine, together)
+
+    lengths = [len(request.prompt) for request in together]
+    # The long prompt is read alone; the three short ones together (padded to the longest).
+    assert sorted(passes) == sorted([[lengths[3]], sorted(lengths[:3])])
+    assert [request.generated for request in together] == alone
+
+
 def test_sampling_with_a_tiny_top_p_keeps_only_the_top_token(tiny_dir, tmp_path):
     engine = Engine(model=str(tiny_dir), cache_dir=tmp_path, weights="fp32")
     greedy = engine.generate(chat("hello"), GREEDY).text
