@@ -57,12 +57,12 @@ def test_the_slot_cache_keeps_rows_through_growth_moves_and_round_trips():
     cache = SlotCache(layers=3, heads=2, head_dim=4, dtype=torch.bfloat16, limit=1024)
     cache.reserve(2, 5)
     for layer in range(3):  # the layers write through their views
-        cache.keys[layer][:2, :5] = torch.randn(2, 5, 2, 4).to(torch.bfloat16)
-        cache.values[layer][:2, :5] = torch.randn(2, 5, 2, 4).to(torch.bfloat16)
+        cache.keys[layer][:2, :, :5] = torch.randn(2, 2, 5, 4).to(torch.bfloat16)
+        cache.values[layer][:2, :, :5] = torch.randn(2, 2, 5, 4).to(torch.bfloat16)
     row_1 = cache.export(1, 5)
-    assert row_1.shape == (3, 2, 5, 2, 4) and row_1.is_contiguous()
-    torch.testing.assert_close(row_1[2, 0], cache.keys[2][1, :5])
-    torch.testing.assert_close(row_1[2, 1], cache.values[2][1, :5])
+    assert row_1.shape == (3, 2, 2, 5, 4) and row_1.is_contiguous()
+    torch.testing.assert_close(row_1[2, 0], cache.keys[2][1, :, :5])
+    torch.testing.assert_close(row_1[2, 1], cache.values[2][1, :, :5])
 
     cache.reserve(4, 300)  # more rows and positions: what was there stays
     assert (cache.rows, cache.positions) == (4, 512) and len(cache.keys) == 3
@@ -72,7 +72,7 @@ def test_the_slot_cache_keeps_rows_through_growth_moves_and_round_trips():
     cache.move(1, 3, 5)
     torch.testing.assert_close(cache.export(3, 5), row_1)
     cache.load(0, row_1, 3)
-    torch.testing.assert_close(cache.export(0, 3), row_1[:, :, :3])
+    torch.testing.assert_close(cache.export(0, 3), row_1[:, :, :, :3])
     cache.clear()
     assert (cache.rows, cache.positions, cache.nbytes, cache.keys) == (0, 0, 0, [])
 
@@ -115,10 +115,10 @@ def test_prompts_fed_together_compute_what_they_compute_alone(tiny_dir):
     with torch.inference_mode():
         decoder.prefill(1, history, 0)  # row 1 continues a conversation
         together = decoder.prefill_many(runs)
-        keys_together = decoder.cache.keys[0][:3, :12].clone()
+        keys_together = decoder.cache.keys[0][:3, :, :12].clone()
         alone = [decoder.prefill(row, tokens, start) for row, tokens, start in runs]
     torch.testing.assert_close(together, torch.stack(alone), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(keys_together, decoder.cache.keys[0][:3, :12])
+    torch.testing.assert_close(keys_together, decoder.cache.keys[0][:3, :, :12])
 
 
 def test_a_run_continuing_a_history_computes_what_one_whole_run_computes(tiny_dir, monkeypatch):

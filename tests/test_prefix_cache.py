@@ -132,7 +132,7 @@ def assert_same_row_0(engine, plain, length):
         plain._decoder.cache.keys + plain._decoder.cache.values,
         strict=True,
     ):
-        torch.testing.assert_close(ours[0, :length], theirs[0, :length], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours[0, :, :length], theirs[0, :, :length], rtol=1e-4, atol=1e-4)
 
 
 def test_the_last_conversation_answered_stays_in_place_until_its_row_is_wanted(tiny_dir, tmp_path):

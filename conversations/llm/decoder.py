@@ -277,9 +277,11 @@ class _Layer:
 
 class SlotCache:
     """Keys and values of the conversations being answered, in one tensor of shape (layers, 2,
-    rows, positions, key-value heads, head size): [layer, 0] holds a layer's keys, [layer, 1]
+    rows, key-value heads, positions, head size): [layer, 0] holds a layer's keys, [layer, 1]
     its values, and row i belongs to one conversation. `keys[layer]` and `values[layer]` are
-    views of that tensor, (rows, positions, heads, head size), as the layers take them.
+    views of that tensor, (rows, heads, positions, head size), as the layers take them: each
+    head's keys lie one after another, as attention reads them (with the positions outermost,
+    the attention of eight replies over 330 positions took 7% longer, a whole step ~3%).
 
     One conversation's positions in every layer are one slice, so moving, exporting or loading
     a row is one copy (one per layer and kind was 60 for SmolLM2, each a call from Python that
@@ -301,14 +303,14 @@ class SlotCache:
         else:
             positions = self.positions
         data = torch.zeros(
-            (self.layers, 2, rows, positions, self.heads, self.head_dim), dtype=self.dtype
+            (self.layers, 2, rows, self.heads, positions, self.head_dim), dtype=self.dtype
         )
-        data[:, :, : self.rows, : self.positions] = self.data
+        data[:, :, : self.rows, :, : self.positions] = self.data
         self._hold(data)
 
     def _hold(self, data: torch.Tensor) -> None:
         self.data = data
-        self.rows, self.positions = data.shape[2], data.shape[3]
+        self.rows, self.positions = data.shape[2], data.shape[4]
         self.keys = list(data[:, 0].unbind()) if self.rows else []
         self.values = list(data[:, 1].unbind()) if self.rows else []
 
@@ -318,18 +320,18 @@ class SlotCache:
 
     def clear(self) -> None:
         """Free the tensors (they are made again as needed)."""
-        self._hold(torch.empty((self.layers, 2, 0, 0, self.heads, self.head_dim), dtype=self.dtype))
+        self._hold(torch.empty((self.layers, 2, 0, self.heads, 0, self.head_dim), dtype=self.dtype))
 
     def move(self, source: int, target: int, length: int) -> None:
-        self.data[:, :, target, :length] = self.data[:, :, source, :length]
+        self.data[:, :, target, :, :length] = self.data[:, :, source, :, :length]
 
     def export(self, row: int, length: int) -> torch.Tensor:
-        """A copy of one row's first `length` positions: (layers, 2, length, heads, head size)."""
-        return self.data[:, :, row, :length].clone(memory_format=torch.contiguous_format)
+        """A copy of one row's first `length` positions: (layers, 2, heads, length, head size)."""
+        return self.data[:, :, row, :, :length].clone(memory_format=torch.contiguous_format)
 
     def load(self, row: int, stored: torch.Tensor, length: int) -> None:
         """Put the first `length` positions of an exported tensor into a row."""
-        self.data[:, :, row, :length] = stored[:, :, :length]
+        self.data[:, :, row, :, :length] = stored[:, :, :, :length]
 
 
 class LlamaDecoder:
@@ -504,9 +506,13 @@ class LlamaDecoder:
             mask = self._mask(torch.arange(length).unsqueeze(0) <= where.unsqueeze(1))[
                 :, None, None, :
             ]
+        # Where each row's new key and value go, head by head, in a layer's flat view of
+        # (rows * heads * positions) vectors: row i's head h at (i * heads + h) * positions +
+        # positions[i].
+        heads = torch.arange(n * self.kv_heads).view(n, self.kv_heads)
+        slots = (heads * self.cache.positions + where.unsqueeze(1)).view(-1)
         attention = layers.Attention(
-            # Where each row's new key and value go in a layer's (rows * positions) flat view.
-            slots=torch.arange(n) * self.cache.positions + where,
+            slots=slots,
             length=length,
             mask=mask,
             runs=[],

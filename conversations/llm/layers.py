@@ -87,8 +87,9 @@ class Norm(torch.nn.Module):
 
 class Attention(NamedTuple):
     """How the tokens of a pass attend. Decoding (`slots` given): token i belongs to slot row
-    i, its key and value go to flat position slots[i] of a layer's (rows * positions) view, and
-    it sees positions 0..length-1 (`mask`, added to the scores, hides those past its own).
+    i, its key and value for head h go to slots[i * heads + h] of a layer's flat view of (rows *
+    heads * positions) vectors, and it sees positions 0..length-1 (`mask`, added to the
+    scores, hides those past its own).
     Reading prompts (`slots` None): the tokens are runs of equal length (the shorter padded at
     the end), run i being (slot row, start, count): its tokens go to positions
     start..start+count-1 of that slot row, and `mask` lets each see the row's earlier positions
@@ -264,13 +265,13 @@ def _attend_decoding(
 ) -> torch.Tensor:
     """q: (rows, heads, head size), k and v: (rows, key-value heads, head size); returns
     (rows, heads * head size)."""
-    rows = q.size(0)
-    keys.view(-1, keys.size(2), keys.size(3)).index_copy_(0, slots, k)
-    values.view(-1, values.size(2), values.size(3)).index_copy_(0, slots, v)
+    rows, head_dim = q.size(0), q.size(2)
+    keys.view(-1, head_dim).index_copy_(0, slots, k.reshape(-1, head_dim))
+    values.view(-1, head_dim).index_copy_(0, slots, v.reshape(-1, head_dim))
     attended = F.scaled_dot_product_attention(
         q.unsqueeze(2),
-        keys[:rows, :length].transpose(1, 2),
-        values[:rows, :length].transpose(1, 2),
+        keys[:rows, :, :length],
+        values[:rows, :, :length],
         attn_mask=mask,
         enable_gqa=True,
     )
@@ -300,16 +301,16 @@ def _attend_runs(
     heads, kv_heads, head_dim = q.size(1), k.size(2), q.size(3)
     for i in range(batch):
         row, start, used = runs[i]
-        keys[row, start : start + used].copy_(k[i, :used])
-        values[row, start : start + used].copy_(v[i, :used])
+        keys[row, :, start : start + used].copy_(k[i, :used].transpose(0, 1))
+        values[row, :, start : start + used].copy_(v[i, :used].transpose(0, 1))
     if rows is not None:
         # The runs' rows of the slot tensors, up to the furthest position: one call, its
         # query heads grouped by key-value head as below. (A padded query sees whatever its
         # row holds up there: its output is thrown away.)
         attended = F.scaled_dot_product_attention(
             q.reshape(batch, kv_heads, -1, head_dim),
-            keys[:, :length].index_select(0, rows).transpose(1, 2),
-            values[:, :length].index_select(0, rows).transpose(1, 2),
+            keys[:, :, :length].index_select(0, rows),
+            values[:, :, :length].index_select(0, rows),
             attn_mask=mask,
         ).view(batch, heads, count, head_dim)
         return attended.transpose(1, 2).reshape(batch * count, -1)
@@ -319,8 +320,8 @@ def _attend_runs(
     if mask is None:
         attended = F.scaled_dot_product_attention(
             q,
-            keys[row : row + 1, :end].transpose(1, 2),
-            values[row : row + 1, :end].transpose(1, 2),
+            keys[row : row + 1, :, :end],
+            values[row : row + 1, :, :end],
             is_causal=start == 0 and count > 1,
             enable_gqa=True,
         )
@@ -330,8 +331,8 @@ def _attend_runs(
         # history). The mask is the run's mask repeated once per head of a group.
         attended = F.scaled_dot_product_attention(
             q.reshape(1, kv_heads, -1, head_dim),
-            keys[row : row + 1, :end].transpose(1, 2),
-            values[row : row + 1, :end].transpose(1, 2),
+            keys[row : row + 1, :, :end],
+            values[row : row + 1, :, :end],
             attn_mask=mask,
         ).view(1, heads, count, head_dim)
     return attended.transpose(1, 2).reshape(count, -1)
