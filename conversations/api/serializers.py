@@ -154,7 +154,7 @@ def load_versions(*messages: Message) -> None:
     counts = Message.objects.with_versions().filter(pk__in=[m.pk for m in messages])
     found = {row["pk"]: row for row in counts.values("pk", "version", "versions")}
     for message in messages:
-        if message and message.pk in found:
+        if message.pk in found:
             message.version = found[message.pk]["version"]
             message.versions = found[message.pk]["versions"]
 

@@ -509,8 +509,8 @@ class LlamaDecoder:
         # Where each row's new key and value go, head by head, in a layer's flat view of
         # (rows * heads * positions) vectors: row i's head h at (i * heads + h) * positions +
         # positions[i].
-        heads = torch.arange(n * self.kv_heads).view(n, self.kv_heads)
-        slots = (heads * self.cache.positions + where.unsqueeze(1)).view(-1)
+        row_heads = torch.arange(n * self.kv_heads).view(n, self.kv_heads)
+        slots = (row_heads * self.cache.positions + where.unsqueeze(1)).view(-1)
         attention = layers.Attention(
             slots=slots,
             length=length,
