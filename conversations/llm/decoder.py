@@ -120,13 +120,10 @@ class _Linear:
         # `smoothing[j]`, by which the input is then divided.
         self.batch = self.smoothing = None
         if batch_int8 and fmt == "int4":
-            if peaks is not None:
-                self.smoothing = _smoothing(peaks, weight)
-                self.batch = _fbgemm_pack(*_int8_rows(weight * self.smoothing))
-            else:
-                self.batch = _fbgemm_pack(*_int8_rows(weight))
-            if self.batch is None:
-                self.smoothing = None
+            smoothing = None if peaks is None else _smoothing(peaks, weight)
+            scaled = weight if smoothing is None else weight * smoothing
+            self.batch = _fbgemm_pack(*_int8_rows(scaled))
+            self.smoothing = smoothing if self.batch is not None else None
         if fmt == "int4" and weight.shape[1] % INT4_GROUP:
             fmt = "int8"
         self.fmt = fmt
