@@ -185,3 +185,29 @@ def test_prefix_cache_gives_the_same_answers_and_skips_the_history():
         history.append({"role": "assistant", "content": cached.result.text})
     prompt_tokens = cached.result.prompt_tokens
     assert cached.reused_tokens > prompt_tokens * 0.7, (cached.reused_tokens, prompt_tokens)
+
+
+def test_a_follow_up_reuses_every_position_of_the_reply_the_model_wrote(real_engine):
+    """A numbered list is where this model writes ids its tokenizer would not give the text
+    ("\\n\\n" as one token before "1."): the next turn's prompt holds the ids the model wrote,
+    so the keys and values of the whole reply are reused, not recomputed from where the ids
+    first differ."""
+    history = [
+        {"role": "system", "content": "You are a helpful AI assistant."},
+        {"role": "user", "content": "Name three animals that live in the ocean, as a list."},
+    ]
+    first = real_engine.stream(history, GenerationParams(max_new_tokens=96), cache_key="list")
+    for _ in first:
+        pass
+    history += [
+        {"role": "assistant", "content": first.result.text},
+        {"role": "user", "content": "Which of them is the largest?"},
+    ]
+    follow_up = real_engine.stream(history, GenerationParams(max_new_tokens=8), cache_key="list")
+    for _ in follow_up:
+        pass
+    # Every position the first turn computed: its prompt and its reply, but the token it
+    # wrote last (a stop token or the last of the budget), which it never read.
+    computed = first.result.prompt_tokens + first.result.completion_tokens - 1
+    assert "1." in first.result.text
+    assert follow_up.reused_tokens == computed, (follow_up.reused_tokens, computed)

@@ -120,3 +120,69 @@ def test_a_long_reply_is_decoded_a_few_tokens_at_a_time(tokenizer):
     assert "".join(text.add([i]) for i in ids) == tokenizer.decode(ids).lstrip()
     # (The new token, the one before it, and the tokens of a character still incomplete.)
     assert len(ids) > 600 and max(lengths) <= 8, max(lengths)
+
+
+def list_reply(tokenizer):
+    """A numbered list as the model writes it: "\\n\\n" as one token before "1", where the
+    tokenizer makes two "\\n" tokens of that text."""
+    text = "Three:\n\n1. Tuna"
+    written = [
+        *tokenizer("Three:", add_special_tokens=False)["input_ids"],
+        tokenizer.convert_tokens_to_ids("ĊĊ"),
+        *tokenizer("1. Tuna", add_special_tokens=False)["input_ids"],
+    ]
+    assert tokenizer.decode(written) == text
+    assert written != tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text, written
+
+
+def test_the_next_prompt_holds_the_ids_the_model_wrote_its_reply_in(tokenizer):
+    prompts = PromptTokenizer(tokenizer)
+    assert prompts.check(render(tokenizer, SAMPLE_CONVERSATION), SAMPLE_CONVERSATION[2]["content"])
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert prompts.turn_end == ("<|im_end|>", end)
+    messages = [{"role": "user", "content": "Name three fish."}]
+    prompt = render(tokenizer, messages)
+    prompt_ids = prompts.encode(prompt)
+    text, written = list_reply(tokenizer)
+    prompts.remember(prompt, written, text)
+
+    follow_up = [
+        *messages,
+        {"role": "assistant", "content": text},
+        {"role": "user", "content": "More"},
+    ]
+    ids = prompts.encode(render(tokenizer, follow_up))
+    assert ids[: len(prompt_ids) + len(written) + 1] == [*prompt_ids, *written, end]
+    assert tokenizer.decode(ids) == render(tokenizer, follow_up), "the same text"
+    # The rest is tokenized as the tokenizer does it.
+    rest = render(tokenizer, follow_up)[len(prompt + text + "<|im_end|>") :]
+    assert rest.startswith("\n<|im_start|>user\nMore")
+    assert ids[len(prompt_ids) + len(written) + 1 :] == tokenizer(rest)["input_ids"]
+    # Regenerating the reply reuses the prompt's ids: the longer text holds them.
+    assert prompts.encode(prompt) == prompt_ids
+
+
+def test_a_reply_kept_other_than_the_model_wrote_it_is_tokenized_again(tokenizer):
+    """Text the ids do not decode to exactly (whitespace stripped, the reply edited): the next
+    prompt has the tokenizer's ids for it."""
+    prompts = PromptTokenizer(tokenizer)
+    prompts.check(render(tokenizer, SAMPLE_CONVERSATION), SAMPLE_CONVERSATION[2]["content"])
+    messages = [{"role": "user", "content": "Name three fish."}]
+    text, written = list_reply(tokenizer)
+    for kept in (text.replace("Tuna", "Cod"), text.strip("Th"), text + " "):
+        prompt = render(tokenizer, messages)
+        prompts.encode(prompt)
+        prompts.remember(
+            prompt, [*tokenizer(" ", add_special_tokens=False)["input_ids"], *written], kept
+        )
+        prompts.remember(prompt, written, kept)
+        follow_up = [
+            *messages,
+            {"role": "assistant", "content": kept},
+            {"role": "user", "content": "More"},
+        ]
+        expected = tokenizer.apply_chat_template(
+            follow_up, add_generation_prompt=True, tokenize=True
+        )
+        assert prompts.encode(render(tokenizer, follow_up)) == list(expected["input_ids"]), kept

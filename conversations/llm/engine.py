@@ -117,7 +117,8 @@ class ReplyStream:
 
         engine, cancelled = self.engine, self.cancelled
         loaded = engine.load()
-        input_ids = engine._encode(self.messages)
+        prompt_text, input_ids = engine._prompt(self.messages)
+        input_ids = list(input_ids)
         budget = engine.reply_budget(self.params)
         if engine._decoder is not None:
             self._request = ReplyRequest(
@@ -161,6 +162,10 @@ class ReplyStream:
             self.result = self._result(
                 text.ids, len(input_ids), budget, started, first_at, finished
             )
+            if prompt_text is not None:  # the next turn's prompt holds the ids written here
+                stop_ids = engine._stop_ids()
+                written = text.ids[:-1] if text.ids and text.ids[-1] in stop_ids else text.ids
+                engine._prompts.remember(prompt_text, written, self.result.text)
 
     def _generate(self, input_ids: list[int], config, streamer: _TokenQueue) -> None:
         """`generate`, for models the decoder does not run (on the model thread)."""
@@ -238,7 +243,7 @@ class Engine:
         # `generate`). The scheduler's one thread runs every torch call, loading included:
         # decoding measured 40% slower when torch had run on another thread of the process.
         self._decoder = None
-        self._encoded: OrderedDict[tuple, tuple[int, ...]] = OrderedDict()
+        self._encoded: OrderedDict[tuple, tuple[str | None, tuple[int, ...]]] = OrderedDict()
         self._encoded_lock = threading.Lock()
         self._prompts: PromptTokenizer | None = None  # set by load() for chat models
         self._scheduler = Scheduler(None, self._prefix_cache, max(1, max_batch))
@@ -367,29 +372,34 @@ class Engine:
     # Internals
 
     def _encode(self, messages: list[dict]) -> list[int]:
-        """The prompt's token ids. The last few encodings are remembered: the server counts a
-        message list's tokens to fit the context and then generates from the same list, and
-        tokenizing a long history costs milliseconds."""
+        """The prompt's token ids."""
+        return list(self._prompt(messages)[1])
+
+    def _prompt(self, messages: list[dict]) -> tuple[str | None, tuple[int, ...]]:
+        """The prompt's text as the chat template renders it (None for a model without one)
+        and its token ids. The last few are remembered: the server counts a message list's
+        tokens to fit the context and then generates from the same list, and tokenizing a long
+        history costs milliseconds."""
         key = tuple((m["role"], m["content"]) for m in messages)
         with self._encoded_lock:
             if key in self._encoded:
                 self._encoded.move_to_end(key)
-                return list(self._encoded[key])
-        ids = self._tokenize(messages)
+                return self._encoded[key]
+        text, ids = self._tokenize(messages)
         with self._encoded_lock:
-            self._encoded[key] = tuple(ids)
+            self._encoded[key] = (text, tuple(ids))
             while len(self._encoded) > ENCODINGS_KEPT:
                 self._encoded.popitem(last=False)
-        return ids
+        return text, tuple(ids)
 
-    def _tokenize(self, messages: list[dict]) -> list[int]:
+    def _tokenize(self, messages: list[dict]) -> tuple[str | None, list[int]]:
         loaded = self.load()
         tokenizer = loaded.tokenizer
         if loaded.is_seq2seq:
             text = SEQ2SEQ_TURN_SEPARATOR.join(m["content"] for m in messages)
-            return tokenizer(text)["input_ids"]
+            return None, tokenizer(text)["input_ids"]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self._prompts.encode(text)
+        return text, self._prompts.encode(text)
 
     def _stop_ids(self) -> set[int]:
         loaded = self.load()
@@ -443,7 +453,8 @@ def _prompt_tokenizer(tokenizer) -> PromptTokenizer:
     except Exception:  # a template that refuses the sample (no system role, say)
         logger.info("The chat template refused the sample; prompts are tokenized whole")
         return prompts
-    if not prompts.check(sample):
+    reply = next(m["content"] for m in SAMPLE_CONVERSATION if m["role"] == "assistant")
+    if not prompts.check(sample, reply):
         logger.info("This tokenizer does not encode pieces alone; prompts are tokenized whole")
     return prompts
 

@@ -8,6 +8,13 @@ they are, and only the rest is tokenized. Whether this tokenizer really encodes 
 independently is checked once, on a sample conversation (a special token that swallows the
 spaces next to it, or a prefix space added to the start of every text, would break it); if it
 does not, every prompt is tokenized whole.
+
+A reply the model wrote is remembered with the model's own ids (remember()): a model does not
+always write the ids the tokenizer would give its text (SmolLM2 writes "\n\n" as one token
+before "1." where its tokenizer makes two "\n": 7 of 41 replies to the benchmarks'
+questions, all numbered lists), and the next prompt then holds the ids the model computed keys
+and values for, so a prefix cache reuses the whole reply instead of stopping where the ids first
+differ.
 """
 
 from __future__ import annotations
@@ -29,34 +36,73 @@ SAMPLE_CONVERSATION = [
 
 
 class PromptTokenizer:
-    def __init__(self, tokenizer, *, kept: int = 16) -> None:
+    def __init__(self, tokenizer, *, kept: int = 32) -> None:
         self.tokenizer = tokenizer
-        self.kept = kept  # recent prompts remembered
+        self.kept = kept  # recent prompts remembered (a conversation's last turn takes one)
         self.special_ids = frozenset(tokenizer.all_special_ids)
         self.incremental = False  # set by check()
+        # The special token a chat template writes right after a reply's text, as (text, id),
+        # if check() found one: the end of a turn.
+        self.turn_end: tuple[str, int] | None = None
         self.tokenized_chars = 0  # characters tokenized so far (read by tests)
         self._recent: OrderedDict[str, tuple[list[int], list[int]]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def check(self, text: str) -> bool:
+    def check(self, text: str, reply: str | None = None) -> bool:
         """Whether `text` (a rendered conversation) tokenizes, cut after any of its special
-        tokens, into the same ids as whole. Sets `incremental`."""
+        tokens, into the same ids as whole. Sets `incremental`; with `reply` (the text of the
+        conversation's reply, which `text` holds), also `turn_end`."""
         ids, ends = self._whole(text)
         self.incremental = all(
             self._whole(text[: ends[i]])[0] + self._whole(text[ends[i] :])[0] == ids
             for i, token in enumerate(ids[:-1])
             if token in self.special_ids
         ) and any(token in self.special_ids for token in ids[:-1])
+        if self.incremental and reply and reply in text:
+            after = text.index(reply) + len(reply)
+            i = bisect.bisect_right(ends, after)  # the first token ending past the reply
+            if i < len(ids) and ids[i] in self.special_ids and ends[i - 1] == after:
+                self.turn_end = (text[after : ends[i]], ids[i])
         return self.incremental
+
+    def remember(self, prompt: str, reply: list[int], text: str) -> None:
+        """`prompt` (a text `encode` was given) was answered with the ids `reply`, which decode
+        to `text`, the reply as it is kept: the prompt, the reply and the end of the turn are
+        remembered with those ids, for the next turn to reuse. Nothing is remembered when
+        prompts are tokenized whole, when `reply` holds a special token, or when `text` is not
+        exactly what it decodes to (whitespace the kept reply lost, a character cut in two)."""
+        if not self.incremental or self.turn_end is None or not reply:
+            return
+        with self._lock:
+            known = self._recent.get(prompt)
+        if known is None or any(token in self.special_ids for token in reply):
+            return
+        decoded = self.tokenizer.decode(
+            reply, skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+        if decoded != text:
+            return
+        ids, ends = known
+        end_text, end_id = self.turn_end
+        whole = prompt + text + end_text
+        # (Only where each special token ends matters: a prompt is only ever cut after one. The
+        # reply's tokens are all said to end where the reply does.)
+        ends = ends + [len(prompt) + len(text)] * len(reply) + [len(whole)]
+        with self._lock:
+            self._recent.pop(prompt, None)  # the longer text holds all it could give
+            self._keep(whole, (ids + reply + [end_id], ends))
 
     def encode(self, text: str) -> list[int]:
         ids, ends = self._encode(text)
         with self._lock:
-            self._recent[text] = (ids, ends)
-            self._recent.move_to_end(text)
-            while len(self._recent) > self.kept:
-                self._recent.popitem(last=False)
+            self._keep(text, (ids, ends))
         return list(ids)
+
+    def _keep(self, text: str, encoded: tuple[list[int], list[int]]) -> None:
+        self._recent[text] = encoded
+        self._recent.move_to_end(text)
+        while len(self._recent) > self.kept:
+            self._recent.popitem(last=False)
 
     def _encode(self, text: str) -> tuple[list[int], list[int]]:
         if self.incremental:
