@@ -243,3 +243,20 @@ def test_the_model_thread_ends_when_stopped_even_while_it_waits_to_free_memory(
     started = time.monotonic()
     engine._scheduler.stop()
     assert not engine._scheduler._thread.is_alive() and time.monotonic() - started < 5
+
+
+def test_a_reply_whose_ids_cannot_be_remembered_still_ends_whole(tiny_dir, tmp_path, caplog):
+    engine = Engine(model=str(tiny_dir), cache_dir=tmp_path)
+    engine.load()
+
+    def fail(*args):
+        raise RuntimeError("no")
+
+    engine._prompts.remember = fail
+    history = [{"role": "system", "content": "be good"}, {"role": "user", "content": "hello"}]
+    stream = turn(engine, history, key="chat")
+    assert stream.result.finish_reason in ("stop", "length") and stream.result.completion_tokens
+    assert "Could not remember the ids of a reply" in caplog.text
+    # The next turn is tokenized as usual and reuses what the prefix cache holds.
+    follow = turn(engine, follow_up(history, stream.result.text, "again"), key="chat")
+    assert follow.reused_tokens > 0 and follow.result.completion_tokens
