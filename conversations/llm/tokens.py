@@ -14,7 +14,8 @@ always write the ids the tokenizer would give its text (SmolLM2 writes "\n\n" as
 before "1." where its tokenizer makes two "\n": 7 of 41 replies to the benchmarks'
 questions, all numbered lists), and the next prompt then holds the ids the model computed keys
 and values for, so a prefix cache reuses the whole reply instead of stopping where the ids first
-differ.
+differ. (Once a conversation's last turn is no longer among the remembered prompts, after a
+restart say, its history is tokenized as the tokenizer does it: the same text in other ids.)
 """
 
 from __future__ import annotations
