@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-from conversations import services
+from conversations import runtime, services
 from conversations.context import build_context
 from conversations.llm.engine import Engine, GenerationParams
 from conversations.llm.loading import BUNDLED_MODEL_NAME, bundled_cache_dir
@@ -211,3 +211,30 @@ def test_a_follow_up_reuses_every_position_of_the_reply_the_model_wrote(real_eng
     computed = first.result.prompt_tokens + first.result.completion_tokens - 1
     assert "1." in first.result.text
     assert follow_up.reused_tokens == computed, (follow_up.reused_tokens, computed)
+
+
+def test_a_saved_reply_is_reused_whole_by_the_follow_up(db, owner, settings, real_engine):
+    """The same through the database, as the server does it: the reply saved, the history
+    rebuilt from the stored messages, the follow-up's prompt tokenized from that text."""
+    settings.CHATBOT_AUTO_TITLE = False
+    streams = []
+    stream = real_engine.stream
+
+    def recorded(*args, **kwargs):
+        streams.append(stream(*args, **kwargs))
+        return streams[-1]
+
+    previous = runtime.set_engine(real_engine)
+    real_engine.stream = recorded
+    try:
+        conversation, first = services.start_conversation(
+            owner=owner, content="Name three animals that live in the ocean, as a list."
+        )
+        services.post_message(conversation=conversation, content="Which one is the largest?")
+    finally:
+        del real_engine.stream
+        runtime.set_engine(previous)
+    reply = Message.objects.get(pk=first.reply.pk)
+    assert "1." in reply.content and reply.content == streams[0].result.text
+    computed = first.reply.prompt_tokens + first.reply.completion_tokens - 1
+    assert streams[1].reused_tokens == computed, (streams[1].reused_tokens, computed)
