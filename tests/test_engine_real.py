@@ -206,11 +206,22 @@ def test_a_follow_up_reuses_every_position_of_the_reply_the_model_wrote(real_eng
     follow_up = real_engine.stream(history, GenerationParams(max_new_tokens=8), cache_key="list")
     for _ in follow_up:
         pass
-    # Every position the first turn computed: its prompt and its reply, but the token it
-    # wrote last (a stop token or the last of the budget), which it never read.
-    computed = first.result.prompt_tokens + first.result.completion_tokens - 1
     assert "1." in first.result.text
-    assert follow_up.reused_tokens == computed, (follow_up.reused_tokens, computed)
+    assert follow_up.reused_tokens == reply_positions(real_engine, first)
+
+
+def reply_positions(engine, stream) -> int:
+    """The positions a follow-up can reuse of a turn: its prompt and the reply's tokens up to
+    the end of the text kept (not the trailing whitespace a reply cut at its limit may end in,
+    nor the token written last, a stop token or the last of the budget, which was never read)."""
+    written = list(stream._request.generated)
+    tokenizer = engine.load().tokenizer
+    kept = next(
+        k
+        for k in range(len(written) + 1)
+        if tokenizer.decode(written[:k], skip_special_tokens=True) == stream.result.text
+    )
+    return stream.result.prompt_tokens + min(kept, len(written) - 1)
 
 
 def test_a_saved_reply_is_reused_whole_by_the_follow_up(db, owner, settings, real_engine):
@@ -236,5 +247,4 @@ def test_a_saved_reply_is_reused_whole_by_the_follow_up(db, owner, settings, rea
         runtime.set_engine(previous)
     reply = Message.objects.get(pk=first.reply.pk)
     assert "1." in reply.content and reply.content == streams[0].result.text
-    computed = first.reply.prompt_tokens + first.reply.completion_tokens - 1
-    assert streams[1].reused_tokens == computed, (streams[1].reused_tokens, computed)
+    assert streams[1].reused_tokens == reply_positions(real_engine, streams[0])

@@ -122,14 +122,14 @@ def test_a_long_reply_is_decoded_a_few_tokens_at_a_time(tokenizer):
     assert len(ids) > 600 and max(lengths) <= 8, max(lengths)
 
 
-def list_reply(tokenizer):
+def list_reply(tokenizer, fish="Tuna"):
     """A numbered list as the model writes it: "\\n\\n" as one token before "1", where the
     tokenizer makes two "\\n" tokens of that text."""
-    text = "Three:\n\n1. Tuna"
+    text = f"Three:\n\n1. {fish}"
     written = [
         *tokenizer("Three:", add_special_tokens=False)["input_ids"],
         tokenizer.convert_tokens_to_ids("ĊĊ"),
-        *tokenizer("1. Tuna", add_special_tokens=False)["input_ids"],
+        *tokenizer(f"1. {fish}", add_special_tokens=False)["input_ids"],
     ]
     assert tokenizer.decode(written) == text
     assert written != tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -145,7 +145,7 @@ def test_the_next_prompt_holds_the_ids_the_model_wrote_its_reply_in(tokenizer):
     prompt = render(tokenizer, messages)
     prompt_ids = prompts.encode(prompt)
     text, written = list_reply(tokenizer)
-    prompts.remember(prompt, written, text)
+    prompts.remember(prompt, prompt_ids, written, text)
 
     follow_up = [
         *messages,
@@ -159,8 +159,36 @@ def test_the_next_prompt_holds_the_ids_the_model_wrote_its_reply_in(tokenizer):
     rest = render(tokenizer, follow_up)[len(prompt + text + "<|im_end|>") :]
     assert rest.startswith("\n<|im_start|>user\nMore")
     assert ids[len(prompt_ids) + len(written) + 1 :] == tokenizer(rest)["input_ids"]
-    # Regenerating the reply reuses the prompt's ids: the longer text holds them.
+    # Regenerating the reply reuses the prompt's ids: the longer text holds them. And the
+    # new reply is remembered too, though the prompt is no longer remembered on its own.
     assert prompts.encode(prompt) == prompt_ids
+    text, again = list_reply(tokenizer, "Cod")
+    prompts.remember(prompt, prompt_ids, again, text)
+    follow_up[1]["content"] = text
+    ids = prompts.encode(render(tokenizer, follow_up))
+    assert ids[: len(prompt_ids) + len(again) + 1] == [*prompt_ids, *again, end]
+
+
+def test_trailing_whitespace_the_kept_reply_lost_is_left_out_with_its_tokens(tokenizer):
+    """A reply cut at its length limit may end in a line break, which the kept text drops: the
+    tokens before it are remembered."""
+    prompts = PromptTokenizer(tokenizer)
+    prompts.check(render(tokenizer, SAMPLE_CONVERSATION), SAMPLE_CONVERSATION[2]["content"])
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    messages = [{"role": "user", "content": "Name three fish."}]
+    prompt = render(tokenizer, messages)
+    prompt_ids = prompts.encode(prompt)
+    text, written = list_reply(tokenizer)
+    newline = tokenizer.convert_tokens_to_ids("ĊĊ")
+    prompts.remember(prompt, prompt_ids, [*written, newline, newline], text)
+    follow_up = [
+        *messages,
+        {"role": "assistant", "content": text},
+        {"role": "user", "content": "More"},
+    ]
+    ids = prompts.encode(render(tokenizer, follow_up))
+    assert ids[: len(prompt_ids) + len(written) + 1] == [*prompt_ids, *written, end]
+    assert tokenizer.decode(ids) == render(tokenizer, follow_up)
 
 
 def test_a_reply_kept_other_than_the_model_wrote_it_is_tokenized_again(tokenizer):
@@ -172,11 +200,10 @@ def test_a_reply_kept_other_than_the_model_wrote_it_is_tokenized_again(tokenizer
     text, written = list_reply(tokenizer)
     for kept in (text.replace("Tuna", "Cod"), text.strip("Th"), text + " "):
         prompt = render(tokenizer, messages)
-        prompts.encode(prompt)
-        prompts.remember(
-            prompt, [*tokenizer(" ", add_special_tokens=False)["input_ids"], *written], kept
-        )
-        prompts.remember(prompt, written, kept)
+        prompt_ids = prompts.encode(prompt)
+        space = tokenizer(" ", add_special_tokens=False)["input_ids"]
+        prompts.remember(prompt, prompt_ids, [*space, *written], kept)
+        prompts.remember(prompt, prompt_ids, written, kept)
         follow_up = [
             *messages,
             {"role": "assistant", "content": kept},
@@ -186,3 +213,20 @@ def test_a_reply_kept_other_than_the_model_wrote_it_is_tokenized_again(tokenizer
             follow_up, add_generation_prompt=True, tokenize=True
         )
         assert prompts.encode(render(tokenizer, follow_up)) == list(expected["input_ids"]), kept
+
+
+def test_a_reply_to_a_prompt_fed_other_ids_than_its_own_is_not_remembered(tokenizer):
+    prompts = PromptTokenizer(tokenizer)
+    prompts.check(render(tokenizer, SAMPLE_CONVERSATION), SAMPLE_CONVERSATION[2]["content"])
+    messages = [{"role": "user", "content": "Name three fish."}]
+    prompt = render(tokenizer, messages)
+    prompt_ids = prompts.encode(prompt)
+    text, written = list_reply(tokenizer)
+    prompts.remember(prompt, [*prompt_ids[:-1], 0], written, text)
+    follow_up = [
+        *messages,
+        {"role": "assistant", "content": text},
+        {"role": "user", "content": "More"},
+    ]
+    expected = tokenizer.apply_chat_template(follow_up, add_generation_prompt=True, tokenize=True)
+    assert prompts.encode(render(tokenizer, follow_up)) == list(expected["input_ids"])

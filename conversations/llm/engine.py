@@ -163,7 +163,7 @@ class ReplyStream:
                 text.ids, len(input_ids), budget, started, first_at, finished
             )
             if prompt_text is not None:  # the next turn's prompt holds the ids written here
-                engine._remember(prompt_text, text.ids, self.result.text)
+                engine._remember(prompt_text, input_ids, text.ids, self.result.text)
 
     def _generate(self, input_ids: list[int], config, streamer: _TokenQueue) -> None:
         """`generate`, for models the decoder does not run (on the model thread)."""
@@ -399,14 +399,14 @@ class Engine:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return text, self._prompts.encode(text)
 
-    def _remember(self, prompt: str, written: list[int], text: str) -> None:
+    def _remember(self, prompt: str, prompt_ids: list[int], written: list[int], text: str) -> None:
         """Let the next turn's prompt hold the ids the reply to `prompt` was written in (see
         tokens.PromptTokenizer.remember). Only ever a saving: should it fail, the reply is
         still whole and the next prompt is tokenized as usual."""
         if written and written[-1] in self._stop_ids():
             written = written[:-1]
         try:
-            self._prompts.remember(prompt, written, text)
+            self._prompts.remember(prompt, prompt_ids, written, text)
         except Exception:
             logger.exception("Could not remember the ids of a reply; the next turn reads it again")
 

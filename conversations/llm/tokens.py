@@ -66,22 +66,32 @@ class PromptTokenizer:
                 self.turn_end = (text[after : ends[i]], ids[i])
         return self.incremental
 
-    def remember(self, prompt: str, reply: list[int], text: str) -> None:
-        """`prompt` (a text `encode` was given) was answered with the ids `reply`, which decode
-        to `text`, the reply as it is kept: the prompt, the reply and the end of the turn are
-        remembered with those ids, for the next turn to reuse. Nothing is remembered when
-        prompts are tokenized whole, when `reply` holds a special token, or when `text` is not
-        exactly what it decodes to (whitespace the kept reply lost, a character cut in two)."""
+    def remember(self, prompt: str, prompt_ids: list[int], reply: list[int], text: str) -> None:
+        """`prompt` (a text `encode` gave `prompt_ids`) was answered with the ids `reply`,
+        which decode to `text`, the reply as it is kept: the prompt, the reply and the end of
+        the turn are remembered with those ids, for the next turn to reuse. Trailing whitespace
+        the kept reply lost is left out with the tokens that wrote it (a reply cut at its
+        length limit often ends in a line break). Nothing is remembered when prompts are
+        tokenized whole, when `reply` holds a special token, when no run of its first tokens
+        decodes to exactly `text` (leading whitespace lost, a character cut in two), or when
+        `prompt` would now be tokenized otherwise than `prompt_ids`."""
         if not self.incremental or self.turn_end is None or not reply:
+            return
+        if any(token in self.special_ids for token in reply):
             return
         with self._lock:
             known = self._recent.get(prompt)
-        if known is None or any(token in self.special_ids for token in reply):
+        if known is None:  # no longer remembered on its own (its reply was, say, regenerated)
+            known = self._encode(prompt)
+        if known[0] != list(prompt_ids):
             return
-        decoded = self.tokenizer.decode(
-            reply, skip_special_tokens=False, clean_up_tokenization_spaces=False
-        )
-        if decoded != text:
+        decoded = self._decode(reply)
+        while decoded != text and len(decoded) > len(text) and decoded.startswith(text):
+            if not decoded[len(text) :].isspace():
+                return
+            reply = reply[:-1]
+            decoded = self._decode(reply)
+        if decoded != text or not reply:
             return
         ids, ends = known
         end_text, end_id = self.turn_end
@@ -92,6 +102,11 @@ class PromptTokenizer:
         with self._lock:
             self._recent.pop(prompt, None)  # the longer text holds all it could give
             self._keep(whole, (ids + reply + [end_id], ends))
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(
+            ids, skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
 
     def encode(self, text: str) -> list[int]:
         ids, ends = self._encode(text)
