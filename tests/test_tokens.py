@@ -122,6 +122,18 @@ def test_a_long_reply_is_decoded_a_few_tokens_at_a_time(tokenizer):
     assert len(ids) > 600 and max(lengths) <= 8, max(lengths)
 
 
+QUESTION = [{"role": "user", "content": "Name three fish."}]
+
+
+@pytest.fixture
+def prompts(tokenizer):
+    """A PromptTokenizer checked on the sample conversation, QUESTION's prompt encoded."""
+    prompts = PromptTokenizer(tokenizer)
+    assert prompts.check(render(tokenizer, SAMPLE_CONVERSATION), SAMPLE_CONVERSATION[2]["content"])
+    prompts.encode(render(tokenizer, QUESTION))
+    return prompts
+
+
 def list_reply(tokenizer, fish="Tuna"):
     """A numbered list as the model writes it: "\\n\\n" as one token before "1", where the
     tokenizer makes two "\\n" tokens of that text."""
@@ -136,27 +148,32 @@ def list_reply(tokenizer, fish="Tuna"):
     return text, written
 
 
-def test_the_next_prompt_holds_the_ids_the_model_wrote_its_reply_in(tokenizer):
-    prompts = PromptTokenizer(tokenizer)
-    assert prompts.check(render(tokenizer, SAMPLE_CONVERSATION), SAMPLE_CONVERSATION[2]["content"])
+def answered(reply):
+    """QUESTION answered with `reply`, and a follow-up."""
+    return [*QUESTION, {"role": "assistant", "content": reply}, {"role": "user", "content": "More"}]
+
+
+def tokenized_whole(tokenizer, messages):
+    return list(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)[
+            "input_ids"
+        ]
+    )
+
+
+def test_the_next_prompt_holds_the_ids_the_model_wrote_its_reply_in(tokenizer, prompts):
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert prompts.turn_end == ("<|im_end|>", end)
-    messages = [{"role": "user", "content": "Name three fish."}]
-    prompt = render(tokenizer, messages)
+    prompt = render(tokenizer, QUESTION)
     prompt_ids = prompts.encode(prompt)
     text, written = list_reply(tokenizer)
     prompts.remember(prompt, prompt_ids, written, text)
 
-    follow_up = [
-        *messages,
-        {"role": "assistant", "content": text},
-        {"role": "user", "content": "More"},
-    ]
-    ids = prompts.encode(render(tokenizer, follow_up))
+    ids = prompts.encode(render(tokenizer, answered(text)))
     assert ids[: len(prompt_ids) + len(written) + 1] == [*prompt_ids, *written, end]
-    assert tokenizer.decode(ids) == render(tokenizer, follow_up), "the same text"
+    assert tokenizer.decode(ids) == render(tokenizer, answered(text)), "the same text"
     # The rest is tokenized as the tokenizer does it.
-    rest = render(tokenizer, follow_up)[len(prompt + text + "<|im_end|>") :]
+    rest = render(tokenizer, answered(text))[len(prompt + text + "<|im_end|>") :]
     assert rest.startswith("\n<|im_start|>user\nMore")
     assert ids[len(prompt_ids) + len(written) + 1 :] == tokenizer(rest)["input_ids"]
     # Regenerating the reply reuses the prompt's ids: the longer text holds them. And the
@@ -164,69 +181,42 @@ def test_the_next_prompt_holds_the_ids_the_model_wrote_its_reply_in(tokenizer):
     assert prompts.encode(prompt) == prompt_ids
     text, again = list_reply(tokenizer, "Cod")
     prompts.remember(prompt, prompt_ids, again, text)
-    follow_up[1]["content"] = text
-    ids = prompts.encode(render(tokenizer, follow_up))
+    ids = prompts.encode(render(tokenizer, answered(text)))
     assert ids[: len(prompt_ids) + len(again) + 1] == [*prompt_ids, *again, end]
 
 
-def test_trailing_whitespace_the_kept_reply_lost_is_left_out_with_its_tokens(tokenizer):
+def test_trailing_whitespace_the_kept_reply_lost_is_left_out_with_its_tokens(tokenizer, prompts):
     """A reply cut at its length limit may end in a line break, which the kept text drops: the
     tokens before it are remembered."""
-    prompts = PromptTokenizer(tokenizer)
-    prompts.check(render(tokenizer, SAMPLE_CONVERSATION), SAMPLE_CONVERSATION[2]["content"])
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    messages = [{"role": "user", "content": "Name three fish."}]
-    prompt = render(tokenizer, messages)
+    prompt = render(tokenizer, QUESTION)
     prompt_ids = prompts.encode(prompt)
     text, written = list_reply(tokenizer)
     newline = tokenizer.convert_tokens_to_ids("ĊĊ")
     prompts.remember(prompt, prompt_ids, [*written, newline, newline], text)
-    follow_up = [
-        *messages,
-        {"role": "assistant", "content": text},
-        {"role": "user", "content": "More"},
-    ]
-    ids = prompts.encode(render(tokenizer, follow_up))
+    ids = prompts.encode(render(tokenizer, answered(text)))
     assert ids[: len(prompt_ids) + len(written) + 1] == [*prompt_ids, *written, end]
-    assert tokenizer.decode(ids) == render(tokenizer, follow_up)
+    assert tokenizer.decode(ids) == render(tokenizer, answered(text))
 
 
-def test_a_reply_kept_other_than_the_model_wrote_it_is_tokenized_again(tokenizer):
+def test_a_reply_kept_other_than_the_model_wrote_it_is_tokenized_again(tokenizer, prompts):
     """Text the ids do not decode to exactly (whitespace stripped, the reply edited): the next
     prompt has the tokenizer's ids for it."""
-    prompts = PromptTokenizer(tokenizer)
-    prompts.check(render(tokenizer, SAMPLE_CONVERSATION), SAMPLE_CONVERSATION[2]["content"])
-    messages = [{"role": "user", "content": "Name three fish."}]
+    prompt = render(tokenizer, QUESTION)
     text, written = list_reply(tokenizer)
+    space = tokenizer(" ", add_special_tokens=False)["input_ids"]
     for kept in (text.replace("Tuna", "Cod"), text.strip("Th"), text + " "):
-        prompt = render(tokenizer, messages)
         prompt_ids = prompts.encode(prompt)
-        space = tokenizer(" ", add_special_tokens=False)["input_ids"]
         prompts.remember(prompt, prompt_ids, [*space, *written], kept)
         prompts.remember(prompt, prompt_ids, written, kept)
-        follow_up = [
-            *messages,
-            {"role": "assistant", "content": kept},
-            {"role": "user", "content": "More"},
-        ]
-        expected = tokenizer.apply_chat_template(
-            follow_up, add_generation_prompt=True, tokenize=True
-        )
-        assert prompts.encode(render(tokenizer, follow_up)) == list(expected["input_ids"]), kept
+        ids = prompts.encode(render(tokenizer, answered(kept)))
+        assert ids == tokenized_whole(tokenizer, answered(kept)), kept
 
 
-def test_a_reply_to_a_prompt_fed_other_ids_than_its_own_is_not_remembered(tokenizer):
-    prompts = PromptTokenizer(tokenizer)
-    prompts.check(render(tokenizer, SAMPLE_CONVERSATION), SAMPLE_CONVERSATION[2]["content"])
-    messages = [{"role": "user", "content": "Name three fish."}]
-    prompt = render(tokenizer, messages)
+def test_a_reply_to_a_prompt_fed_other_ids_than_its_own_is_not_remembered(tokenizer, prompts):
+    prompt = render(tokenizer, QUESTION)
     prompt_ids = prompts.encode(prompt)
     text, written = list_reply(tokenizer)
     prompts.remember(prompt, [*prompt_ids[:-1], 0], written, text)
-    follow_up = [
-        *messages,
-        {"role": "assistant", "content": text},
-        {"role": "user", "content": "More"},
-    ]
-    expected = tokenizer.apply_chat_template(follow_up, add_generation_prompt=True, tokenize=True)
-    assert prompts.encode(render(tokenizer, follow_up)) == list(expected["input_ids"])
+    ids = prompts.encode(render(tokenizer, answered(text)))
+    assert ids == tokenized_whole(tokenizer, answered(text))
