@@ -28,6 +28,7 @@ def get_engine():
                     prefix_cache_bytes=settings.CHATBOT_PREFIX_CACHE_MB * 2**20,
                     weights=settings.CHATBOT_WEIGHTS,
                     max_batch=settings.CHATBOT_BATCH_SIZE,
+                    native_kernels=settings.CHATBOT_NATIVE_KERNELS,
                 )
     return _engine
 

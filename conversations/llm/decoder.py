@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from . import layers
+from . import layers, native
 
 logger = logging.getLogger(__name__)
 
@@ -343,12 +344,15 @@ class LlamaDecoder:
         limit: int = 2048,
         release: bool = False,
         calibration: list[int] | None = None,
+        kernels: Path | str | None = None,
     ):
         """With `release`, each layer's own linear weights are dropped from `model` once the
         decoder holds them in its format (the model can no longer run its forward pass): the
         memory peaks at one layer's worth of copies, and hundreds of MB are given back.
         `calibration`: token ids (CALIBRATION, encoded) the model reads first, to smooth the
-        int8 copies of batched steps (int4 only); without, they are not smoothed."""
+        int8 copies of batched steps (int4 only); without, they are not smoothed.
+        `kernels`: where the decode-attention kernel is built and kept (native.py), for the
+        bf16 formats; None: decode steps attend with torch's kernel."""
         if fmt not in WEIGHT_FORMATS:
             raise ValueError(f"weight format must be one of {', '.join(WEIGHT_FORMATS)}")
         config = model.config
@@ -379,6 +383,15 @@ class LlamaDecoder:
         else:
             self.head = _Linear(model.lm_head.weight, fmt)
         self.cache = SlotCache(len(self.layers), self.kv_heads, self.head_dim, self.dtype, limit)
+        # Decode steps attend with our own kernel where it runs this model (bf16 keys and
+        # values, its head sizes and groups) and could be built here.
+        self.native_attention = (
+            kernels is not None
+            and self.dtype == torch.bfloat16
+            and self.head_dim in (64, 128)
+            and 1 <= self.heads // self.kv_heads <= 4
+            and native.load_decode_attention(kernels)
+        )
         self._stack = layers.script(self._layer_stack())
         self._warm_up()
 
@@ -484,6 +497,7 @@ class LlamaDecoder:
             mask=mask,
             runs=[(row, start, len(tokens)) for row, tokens, start in runs],
             rows=rows,
+            lengths=None,
         )
         last = torch.tensor([len(tokens) - 1 for _, tokens, _ in runs])
         logits = self._forward(
@@ -497,9 +511,11 @@ class LlamaDecoder:
         where = torch.tensor(positions, dtype=torch.long)
         length = max(positions) + 1
         self.cache.reserve(n, length)
-        # Row i sees its own positions only: 0..positions[i].
-        mask = None
-        if min(positions) != length - 1:
+        # Row i sees its own positions only: 0..positions[i] (our kernel takes their count).
+        mask, lengths = None, None
+        if self.native_attention:
+            lengths = where + 1
+        elif min(positions) != length - 1:
             mask = self._mask(torch.arange(length).unsqueeze(0) <= where.unsqueeze(1))[
                 :, None, None, :
             ]
@@ -509,11 +525,7 @@ class LlamaDecoder:
         row_heads = torch.arange(n * self.kv_heads).view(n, self.kv_heads)
         slots = (row_heads * self.cache.positions + where.unsqueeze(1)).view(-1)
         attention = layers.Attention(
-            slots=slots,
-            length=length,
-            mask=mask,
-            runs=[],
-            rows=None,
+            slots=slots, length=length, mask=mask, runs=[], rows=None, lengths=lengths
         )
         ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(1)
         return self._forward(ids, where.unsqueeze(1), attention)[:, 0]

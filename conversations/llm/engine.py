@@ -225,6 +225,7 @@ class Engine:
         prefix_cache_bytes: int = 256 * 2**20,
         weights: str = "int4",
         max_batch: int = 8,
+        native_kernels: bool = True,
     ) -> None:
         self.model_setting = model
         self.cache_dir = Path(cache_dir)
@@ -233,6 +234,7 @@ class Engine:
         self.prefix_cache_bytes = prefix_cache_bytes
         self.weights = weights
         self.max_batch = max_batch
+        self.native_kernels = native_kernels
         self._prefix_cache = PrefixCache(prefix_cache_bytes)
         self.model_name = describe_source(model)
         self._loaded: LoadedModel | None = None
@@ -279,6 +281,7 @@ class Engine:
                 calibration=self._prompts.encode(
                     loaded.tokenizer.apply_chat_template(decoder.CALIBRATION, tokenize=False)
                 ),
+                kernels=self.cache_dir if self.native_kernels else None,
             )
             self._scheduler.decoder = self._decoder
             _return_freed_memory()

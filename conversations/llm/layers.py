@@ -18,6 +18,8 @@ from typing import Final, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import native  # noqa: F401 (defines chat::decode_attention, which the layers name)
+
 logger = logging.getLogger(__name__)
 
 
@@ -97,13 +99,18 @@ class Attention(NamedTuple):
     run: shaped (group * count, start + count) (None: a causal run from position 0, or one
     token). Several runs attend in one call: `rows` holds their slot rows, `mask` all of their
     masks, (runs, 1, group * longest run, `length`), `length` being the furthest position a run
-    reaches."""
+    reaches.
+
+    `lengths` (decoding only): how many positions each row sees, for the decode-attention kernel
+    of our own (native.py), which then attends instead of scaled_dot_product_attention and needs
+    no mask; None: that kernel is not used."""
 
     slots: torch.Tensor | None
     length: int
     mask: torch.Tensor | None
     runs: list[tuple[int, int, int]]
     rows: torch.Tensor | None
+    lengths: torch.Tensor | None
 
 
 class Linear(torch.nn.Module):
@@ -205,7 +212,7 @@ class Layer(torch.nn.Module):
         slots = attention.slots
         if slots is not None:
             attended = _attend_decoding(
-                q, k, v, keys, values, slots, attention.length, attention.mask
+                q, k, v, keys, values, slots, attention.length, attention.mask, attention.lengths
             )
         else:
             attended = _attend_runs(
@@ -262,12 +269,15 @@ def _attend_decoding(
     slots: torch.Tensor,
     length: int,
     mask: torch.Tensor | None,
+    lengths: torch.Tensor | None,
 ) -> torch.Tensor:
     """q: (rows, heads, head size), k and v: (rows, key-value heads, head size); returns
     (rows, heads * head size)."""
     rows, head_dim = q.size(0), q.size(2)
     keys.view(-1, head_dim).index_copy_(0, slots, k.reshape(-1, head_dim))
     values.view(-1, head_dim).index_copy_(0, slots, v.reshape(-1, head_dim))
+    if lengths is not None:
+        return torch.ops.chat.decode_attention(q, keys, values, lengths)
     attended = F.scaled_dot_product_attention(
         q.unsqueeze(2),
         keys[:rows, :, :length],
