@@ -23,6 +23,17 @@
 
 namespace {
 
+// How far ahead the loops ask for keys and values (positions): the rows come from memory, and
+// the hardware's own prefetching alone left an eight-row layer's attention ~20% slower.
+constexpr int64_t kKeysAhead = 32;
+constexpr int64_t kValuesAhead = 16;
+
+// Ask for the `bytes` at `p` to be brought into the cache (never faults, even past the end).
+inline void prefetch(const uint16_t* p, int bytes) {
+  for (int offset = 0; offset < bytes; offset += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(p) + offset, _MM_HINT_T0);
+}
+
 // r[i] = the sum of the 16 floats of v[i]: 16 horizontal sums in 15 shuffles and adds.
 inline __m512 sums16(const __m512* v) {
   __m512 pairs[8], quads[4];
@@ -83,6 +94,7 @@ void attend(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t k_st
     __m512 products[G][16];
     for (int i = 0; i < 16; ++i) {
       const uint16_t* key = k + std::min<int64_t>(first + i, length - 1) * k_stride;
+      prefetch(key + kKeysAhead * k_stride, 2 * D);
       for (int j = 0; j < G; ++j) products[j][i] = _mm512_setzero_ps();
       for (int c = 0; c < kChunks; ++c) {
         const __m512bh part = (__m512bh)_mm512_loadu_si512(key + 32 * c);
@@ -120,6 +132,8 @@ void attend(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t k_st
     for (int h = 0; h < 2 * kChunks; ++h) acc[j][h] = _mm512_setzero_ps();
   for (int64_t p = 0; p < length; p += 2) {
     const uint16_t* a = v + p * v_stride;
+    prefetch(a + kValuesAhead * v_stride, 2 * D);
+    prefetch(a + (kValuesAhead + 1) * v_stride, 2 * D);
     const bool pair = p + 1 < length;
     __m512bh rows[2 * kChunks];
     for (int c = 0; c < kChunks; ++c) {
