@@ -49,7 +49,8 @@ def load_decode_attention(cache_root: Path | str) -> bool:
         if not supported():
             logger.info("This CPU has no AVX-512 BF16: decode steps attend with torch's kernel")
             return False
-        directory = Path(cache_root) / "kernels" / TARGET
+        # (Resolved: ninja builds again for another spelling of the same folder.)
+        directory = Path(cache_root).resolve() / "kernels" / TARGET
         try:
             from torch.utils import cpp_extension
 
