@@ -10,6 +10,7 @@ scaled_dot_product_attention instead, as it does for the other steps; the log sa
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -61,14 +62,20 @@ def load_decode_attention(cache_root: Path | str) -> bool:
 
                 os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
             directory.mkdir(parents=True, exist_ok=True)
-            path = cpp_extension.load(
-                name="chat_decode_attention",
-                sources=[str(SOURCE)],
-                extra_cflags=FLAGS,
-                extra_ldflags=["-fopenmp"],
-                build_directory=str(directory),
-                is_python_module=False,
-            )
+            # One process builds at a time. torch's own lock is a file that a process killed
+            # mid-build leaves behind, and every later start would wait for it forever: ours
+            # is released with its process, and while we hold it theirs can only be stale.
+            with open(directory / "build.lock", "w") as held:
+                fcntl.flock(held, fcntl.LOCK_EX)
+                (directory / "lock").unlink(missing_ok=True)
+                path = cpp_extension.load(
+                    name="chat_decode_attention",
+                    sources=[str(SOURCE)],
+                    extra_cflags=FLAGS,
+                    extra_ldflags=["-fopenmp"],
+                    build_directory=str(directory),
+                    is_python_module=False,
+                )
         except Exception:
             logger.warning(
                 "Could not build the decode-attention kernel (it needs a C++ compiler and "
