@@ -37,7 +37,8 @@ _loaded: Path | None = None
 
 def supported() -> bool:
     """Whether this CPU runs the kernel (AVX-512 with its bf16 dot products)."""
-    return torch.cpu._is_avx512_bf16_supported()
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # (torch's, not public)
+    return bool(check and check())
 
 
 def load_decode_attention(cache_root: Path | str) -> bool:
