@@ -144,7 +144,8 @@ void attend(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t k_st
       rows[2 * c + 1] = (__m512bh)_mm512_unpackhi_epi16(x, y);
     }
     for (int j = 0; j < G; ++j) {
-      // (scores has room past the end: the second of a last, lone position's pair is 0.)
+      // (A last, lone position's pair reads one score past the end: padding, whose numerator
+      // is 0. An odd length always has padding.)
       const float* s = scores + j * padded + p;
       const __m128bh both = _mm_cvtneps_pbh(_mm_setr_ps(s[0], s[1], 0.f, 0.f));
       const __m512bh weights = (__m512bh)_mm512_set1_epi32(_mm_cvtsi128_si32((__m128i)both));
@@ -217,8 +218,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / kv_heads, h = task % kv_heads;
-      // Room for the padding to 16 and for one more (see the values' loop).
-      scores.resize(group * ((length[r] + 15) / 16 * 16 + 16));
+      scores.resize(group * ((length[r] + 15) / 16 * 16));  // (padded to 16, as `attend` reads)
       kernel(q_data + r * q.stride(0) + h * group * q.stride(1), q.stride(1),
              k_data + r * keys.stride(0) + h * keys.stride(1), keys.stride(2),
              v_data + r * values.stride(0) + h * values.stride(1), values.stride(2), length[r],

@@ -383,13 +383,10 @@ class LlamaDecoder:
         else:
             self.head = _Linear(model.lm_head.weight, fmt)
         self.cache = SlotCache(len(self.layers), self.kv_heads, self.head_dim, self.dtype, limit)
-        # Decode steps attend with our own kernel where it runs this model (bf16 keys and
-        # values, its head sizes and groups) and could be built here.
+        # Decode steps attend with our own kernel where it takes this model and could be built.
         self.native_attention = (
             kernels is not None
-            and self.dtype == torch.bfloat16
-            and self.head_dim in (64, 128)
-            and 1 <= self.heads // self.kv_heads <= 4
+            and native.fits(self.dtype, self.heads, self.kv_heads, self.head_dim)
             and native.load_decode_attention(kernels)
         )
         self._stack = layers.script(self._layer_stack())

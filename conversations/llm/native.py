@@ -41,6 +41,17 @@ def supported() -> bool:
     return bool(check and check())
 
 
+def fits(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether the kernel takes a model of this shape: bf16 keys and values, heads of 64 or
+    128 values, one to four query heads to a key-value head (decode_attention.cpp's `pick`)."""
+    return (
+        dtype == torch.bfloat16
+        and head_dim in (64, 128)
+        and heads % kv_heads == 0
+        and 1 <= heads // kv_heads <= 4
+    )
+
+
 def load_decode_attention(cache_root: Path | str) -> bool:
     """Build the kernel into `cache_root` (once: later calls find it built) and load it into
     this process. False, with the reason logged, where it cannot be."""
