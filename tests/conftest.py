@@ -9,6 +9,18 @@ from tests.fakes import FakeEngine
 PASSWORD = "a-Long-test-passw0rd"
 
 
+@pytest.fixture(scope="session")
+def real_engine():
+    """The bundled model on the product's engine, loaded once for every test that reads it."""
+    from django.conf import settings
+
+    from conversations.llm.engine import Engine
+
+    engine = Engine(model="", cache_dir=settings.CHATBOT_MODEL_CACHE)
+    engine.load()
+    return engine
+
+
 @pytest.fixture(autouse=True)
 def _fast_passwords(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -317,11 +317,10 @@ def test_a_failing_step_ends_the_replies_in_flight_and_the_next_reply_works(
 # The bundled model
 
 
-@pytest.fixture(scope="module")
-def bundled_int4():
-    engine = Engine(model="", cache_dir=settings.CHATBOT_MODEL_CACHE, weights="int4")
-    engine.load()
-    return engine
+@pytest.fixture
+def bundled_int4(real_engine):
+    assert real_engine.weights == "int4"
+    return real_engine
 
 
 def test_cancelling_one_reply_leaves_the_others_writing(bundled_int4):

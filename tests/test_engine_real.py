@@ -25,13 +25,6 @@ QUESTION = "What is my favourite colour?"
 ANSWER = "Your favourite colour is turquoise."
 
 
-@pytest.fixture(scope="session")
-def real_engine():
-    engine = Engine(model="", cache_dir=settings.CHATBOT_MODEL_CACHE)
-    engine.load()
-    return engine
-
-
 def test_bundled_model_is_cached_as_plain_safetensors(real_engine):
     cache = bundled_cache_dir(settings.CHATBOT_MODEL_CACHE)
     assert real_engine.load().source_dir == str(cache)

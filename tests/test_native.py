@@ -36,14 +36,14 @@ def slot_rows(rows, kv_heads, head_dim, positions=300):
     return cache.keys[1], cache.values[1]
 
 
-def reference(q, keys, values, lengths):
-    """torch's attention, one row at a time over its own positions, in fp32."""
+def reference(q, keys, values, lengths, dtype=torch.float32):
+    """torch's attention, one row at a time over its own positions, in `dtype`."""
     return torch.cat(
         [
             F.scaled_dot_product_attention(
-                q[row : row + 1].float().unsqueeze(2),
-                keys[row : row + 1, :, :length].float(),
-                values[row : row + 1, :, :length].float(),
+                q[row : row + 1].to(dtype).unsqueeze(2),
+                keys[row : row + 1, :, :length].to(dtype),
+                values[row : row + 1, :, :length].to(dtype),
                 enable_gqa=True,
             ).view(1, -1)
             for row, length in enumerate(lengths.tolist())
@@ -69,17 +69,7 @@ def test_the_kernel_computes_what_torch_attention_computes(kernel, heads, kv_hea
         expected = reference(q, keys, values, lengths)
         torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
         # As close to the exact result as torch's own bf16 attention (what it replaces) is.
-        torch_bf16 = torch.cat(
-            [
-                F.scaled_dot_product_attention(
-                    q[row : row + 1].unsqueeze(2),
-                    keys[row : row + 1, :, :length],
-                    values[row : row + 1, :, :length],
-                    enable_gqa=True,
-                ).view(1, -1)
-                for row, length in enumerate(lengths.tolist())
-            ]
-        )
+        torch_bf16 = reference(q, keys, values, lengths, torch.bfloat16)
         ours = (out.float() - expected).abs().max()
         theirs = (torch_bf16.float() - expected).abs().max()
         assert ours <= 2 * theirs + 1e-3, (ours, theirs)
@@ -164,24 +154,17 @@ def test_where_the_kernel_cannot_be_built_the_decoder_uses_torch_attention(
     assert native.load_decode_attention(tmp_path) is False
 
 
-@pytest.fixture(scope="module")
-def bundled():
-    engine = Engine(model="", cache_dir=settings.CHATBOT_MODEL_CACHE)
-    engine.load()
-    return engine
-
-
 @needs_cpu
 @pytest.mark.model
-def test_decode_steps_of_the_real_model_score_a_text_as_with_torch_attention(bundled):
+def test_decode_steps_of_the_real_model_score_a_text_as_with_torch_attention(real_engine):
     """Eight rows read eight parts of a text one token a step, as eight replies are written:
     the scores with the kernel are those with torch's attention but for rounding. (Rounding
     alone moves this model's top token at about one step in ten, whichever way attention is
     rounded: with attention computed exactly in fp32, torch's bf16 kernel agreed at 91% of
     these steps and ours at 89%, perplexity 46.32 and 46.51 against 46.55.)"""
-    decoder, scheduler = bundled._decoder, bundled._scheduler
+    decoder, scheduler = real_engine._decoder, real_engine._scheduler
     assert decoder.native_attention, "built and loaded on this CPU"
-    ids = bundled._prompts.encode(SCORED_TEXT)
+    ids = real_engine._prompts.encode(SCORED_TEXT)
     part = len(ids) // 8
     parts = [ids[row * part : (row + 1) * part] for row in range(8)]
     targets = torch.tensor([[tokens[step + 1] for tokens in parts] for step in range(part - 1)])
@@ -214,7 +197,7 @@ def test_decode_steps_of_the_real_model_score_a_text_as_with_torch_attention(bun
 
 
 @pytest.mark.model
-def test_the_setting_turns_the_kernel_off(bundled):
+def test_the_setting_turns_the_kernel_off(real_engine):
     from torch.profiler import profile
 
     off = Engine(model="", cache_dir=settings.CHATBOT_MODEL_CACHE, native_kernels=False)
@@ -234,4 +217,4 @@ def test_the_setting_turns_the_kernel_off(bundled):
 
     assert off._scheduler.call(lambda: attention_calls(off)).result() == (0, 1)
     if native.supported():
-        assert bundled._scheduler.call(lambda: attention_calls(bundled)).result() == (1, 0)
+        assert real_engine._scheduler.call(lambda: attention_calls(real_engine)).result() == (1, 0)
