@@ -21,6 +21,19 @@ def real_engine():
     return engine
 
 
+@pytest.fixture(scope="session")
+def torch_kernels_engine():
+    """The bundled model with our own kernels turned off (CHATBOT_NATIVE_KERNELS=false): what
+    runs on CPUs that cannot run them, on torch's kernels alone."""
+    from django.conf import settings
+
+    from conversations.llm.engine import Engine
+
+    engine = Engine(model="", cache_dir=settings.CHATBOT_MODEL_CACHE, native_kernels=False)
+    engine.load()
+    return engine
+
+
 @pytest.fixture(autouse=True)
 def _fast_passwords(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

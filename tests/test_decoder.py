@@ -377,22 +377,25 @@ def test_int4_weights_keep_perplexity_within_3_percent_of_fp32(bundled_int4):
     assert bundled_int4._decoder.decode_weight_bytes < fp32._decoder.decode_weight_bytes / 3
 
 
-def test_steps_of_five_or_more_replies_multiply_in_int8_with_smoothed_inputs(bundled_int4):
-    """From BATCH_INT8_ROWS rows on, the query-key-value and gate-up products take int8 inputs
-    (FBGEMM's dynamic kernel, which the output head uses at every step), smoothed by what the
-    engine's calibration measured; each reply's scores stay those of its own int4 step but for
-    rounding."""
+def test_steps_of_five_or_more_replies_multiply_in_int8_with_smoothed_inputs(
+    torch_kernels_engine,
+):
+    """On torch's kernels alone: from BATCH_INT8_ROWS rows on, the query-key-value and gate-up
+    products take int8 inputs (FBGEMM's dynamic kernel, which the output head uses at every
+    step), smoothed by what the engine's calibration measured; each reply's scores stay those
+    of its own int4 step but for rounding."""
     from torch.profiler import profile
 
     from conversations.llm.decoder import BATCH_INT8_ROWS
 
-    decoder, scheduler = bundled_int4._decoder, bundled_int4._scheduler
+    engine = torch_kernels_engine
+    decoder, scheduler = engine._decoder, engine._scheduler
     for layer in decoder.layers:
         for linear in (layer.qkv, layer.gate_up):
             assert linear.batch is not None, "x86 has FBGEMM"
             assert linear.smoothing is not None and bool((linear.smoothing > 0).all())
         assert layer.out.batch is None and layer.down.batch is None
-    prompts = [bundled_int4._encode(chat(f"Tell me about the number {i}.")) for i in range(8)]
+    prompts = [engine._encode(chat(f"Tell me about the number {i}.")) for i in range(8)]
 
     def step(rows):
         with torch.inference_mode():

@@ -187,7 +187,10 @@ def test_a_follow_up_reuses_every_position_of_the_reply_the_model_wrote(real_eng
     first differ."""
     history = [
         {"role": "system", "content": "You are a helpful AI assistant."},
-        {"role": "user", "content": "Name three animals that live in the ocean, as a list."},
+        {
+            "role": "user",
+            "content": "Name three animals that live in the ocean, as a list. Number them.",
+        },
     ]
     first = real_engine.stream(history, GenerationParams(max_new_tokens=96), cache_key="list")
     for _ in first:
@@ -199,7 +202,11 @@ def test_a_follow_up_reuses_every_position_of_the_reply_the_model_wrote(real_eng
     follow_up = real_engine.stream(history, GenerationParams(max_new_tokens=8), cache_key="list")
     for _ in follow_up:
         pass
-    assert "1." in first.result.text
+    written = list(first._request.generated)
+    text_ids = real_engine.load().tokenizer(first.result.text, add_special_tokens=False)[
+        "input_ids"
+    ]
+    assert "1." in first.result.text and text_ids != written[: len(text_ids)]
     assert follow_up.reused_tokens == reply_positions(real_engine, first)
 
 

@@ -4,14 +4,18 @@ transformers model, rewritten for serving many conversations on a CPU.
 What it does differently from `model.generate`:
 - Weights are read as few bytes as the chosen format allows: "int4" (the default) keeps the
   layers' linear weights as int4 in groups of 32 and the output head as int8; "int8" keeps all of
-  them as int8 with one scale per output row; both multiply with torch's weight-only kernels
-  (`aten._weight_int4pack_mm_for_cpu`, `aten._weight_int8pack_mm`) on bf16 activations. "bf16"
-  and "fp32" keep plain weights. The residual stream and the norms stay in fp32 in every format.
+  them as int8 with one scale per output row. "bf16" and "fp32" keep plain weights. The residual
+  stream and the norms stay in fp32 in every format.
+- int4 layers multiply with a kernel of our own where the CPU has AVX-512 VNNI
+  (int4_linear.cpp, built by native.py): the inputs rounded to int8 in groups of 32, integer dot
+  products straight from the 4-bit levels, the weights read once for up to eight rows. Elsewhere
+  torch's weight-only kernels (`aten._weight_int4pack_mm_for_cpu`, `aten._weight_int8pack_mm`)
+  multiply on bf16 inputs, and from five rows on each layer's query-key-value and gate-up
+  matrices multiply as int8 x int8 with FBGEMM, their inputs smoothed per channel (see
+  BATCH_INT8_ROWS and CALIBRATION).
 - The keys and values live in preallocated slot tensors, one row per conversation being
   answered, so a decode step appends in place instead of concatenating.
-- One decode step runs every row at once: the weights are read once for all of them (from five
-  rows on, each layer's query-key-value and gate-up matrices multiply as int8 x int8, FBGEMM,
-  their inputs smoothed per channel: see BATCH_INT8_ROWS and CALIBRATION).
+- One decode step runs every row at once: the weights are read once for all of them.
 - The query, key and value projections are one matrix, and so are the gate and up projections.
 
 Rotary position embeddings come from the model's own module, so its rope scaling applies.
@@ -41,8 +45,9 @@ INT4_GROUP = 32
 DENSE_ROWS = 16
 # Without FBGEMM, the output head multiplies with a bf16 copy from this many rows on (_Head).
 HEAD_DENSE_ROWS = 5
-# From this many rows on (below DENSE_ROWS: a decode step of five or more replies, a short
-# prompt), the gate-up and query-key-value matrices multiply as int8 x int8 with FBGEMM's
+# On torch's kernels (our own int4 product takes every size below DENSE_ROWS): from this many
+# rows on (below DENSE_ROWS: a decode step of five or more replies, a short prompt), the gate-up
+# and query-key-value matrices multiply as int8 x int8 with FBGEMM's
 # dynamic kernel, the fp32 input quantized in the same call (layers.BatchedLinear): the int4
 # kernel's cost doubles from four rows to eight (gate-up alone, eight rows: 200 -> 55 us). An
 # eight-reply step took 4-6% less with the gate-up product so than with oneDNN's int8 product
@@ -111,29 +116,37 @@ class _Linear:
         dense_from: int = 0,
         batch_int8: bool = False,
         peaks: torch.Tensor | None = None,
+        native_int4: bool = False,
     ) -> None:
         weight = weight.detach().float()
         self.dense = _dense_copy(weight) if dense_from and fmt in ("int4", "int8") else None
         self.dense_from = dense_from
-        # With `batch_int8`, an int4 matrix also keeps an int8 copy packed for FBGEMM, for
-        # BATCH_INT8_ROWS rows or more (layers.BatchedLinear); None where FBGEMM is missing.
-        # With the `peaks` of its input channels, that copy is smoothed: its column j scaled by
-        # `smoothing[j]`, by which the input is then divided.
-        self.batch = self.smoothing = None
-        if batch_int8 and fmt == "int4":
-            smoothing = None if peaks is None else _smoothing(peaks, weight)
-            scaled = weight if smoothing is None else weight * smoothing
-            self.batch = _fbgemm_pack(*_int8_rows(scaled))
-            self.smoothing = smoothing if self.batch is not None else None
         if fmt == "int4" and weight.shape[1] % INT4_GROUP:
             fmt = "int8"
-        self.fmt = fmt
         if fmt == "int4":
             rows, columns = weight.shape
             groups = weight.view(rows, columns // INT4_GROUP, INT4_GROUP)
             low, high = groups.amin(dim=-1), groups.amax(dim=-1)
             scale = ((high - low) / 15).clamp(min=1e-8)
             levels = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
+            # With `native_int4`, our own kernel multiplies it at every size below dense_from.
+            if native_int4 and native.int4_fits(weight.shape, scale, low):
+                fmt = "int4-vnni"
+        self.fmt = fmt
+        # With `batch_int8`, an int4 matrix for torch's kernel also keeps an int8 copy packed
+        # for FBGEMM, for BATCH_INT8_ROWS rows or more (layers.BatchedLinear); None where FBGEMM
+        # is missing. With the `peaks` of its input channels, that copy is smoothed: its column
+        # j scaled by `smoothing[j]`, by which the input is then divided.
+        self.batch = self.smoothing = None
+        if batch_int8 and fmt == "int4":
+            smoothing = None if peaks is None else _smoothing(peaks, weight)
+            scaled = weight if smoothing is None else weight * smoothing
+            self.batch = _fbgemm_pack(*_int8_rows(scaled))
+            self.smoothing = smoothing if self.batch is not None else None
+        if fmt == "int4-vnni":
+            self.weight = native.pack_int4(levels.view(rows, columns), scale, low)
+            self.scale = None
+        elif fmt == "int4":
             # The kernel reads w = (level - 8) * scale + zero, so zero = low + 8 * scale.
             self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 levels.to(torch.int32).view(rows, columns), 1
@@ -247,7 +260,9 @@ def _fbgemm_pack(weight: torch.Tensor, scale: torch.Tensor):
 
 
 class _Layer:
-    def __init__(self, layer: Any, fmt: str, peaks: tuple | None = None) -> None:
+    def __init__(
+        self, layer: Any, fmt: str, peaks: tuple | None = None, *, native_int4: bool = False
+    ) -> None:
         """`peaks`: the input peaks of its query-key-value and gate-up products (see
         _input_peaks), to smooth their int8 copies; None: not smoothed."""
         attention, mlp = layer.self_attn, layer.mlp
@@ -258,19 +273,25 @@ class _Layer:
             torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]),
             fmt,
             dense_from=DENSE_ROWS,
+            native_int4=native_int4,
             # Unsmoothed, int8 inputs here cost 2% perplexity: only with the peaks.
             batch_int8=attention_peaks is not None,
             peaks=attention_peaks,
         )
-        self.out = _Linear(attention.o_proj.weight, fmt, dense_from=DENSE_ROWS)
+        self.out = _Linear(
+            attention.o_proj.weight, fmt, dense_from=DENSE_ROWS, native_int4=native_int4
+        )
         self.gate_up = _Linear(
             torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
             fmt,
             dense_from=DENSE_ROWS,
+            native_int4=native_int4,
             batch_int8=True,
             peaks=mlp_peaks,
         )
-        self.down = _Linear(mlp.down_proj.weight, fmt, dense_from=DENSE_ROWS)
+        self.down = _Linear(
+            mlp.down_proj.weight, fmt, dense_from=DENSE_ROWS, native_int4=native_int4
+        )
 
 
 class SlotCache:
@@ -350,9 +371,10 @@ class LlamaDecoder:
         decoder holds them in its format (the model can no longer run its forward pass): the
         memory peaks at one layer's worth of copies, and hundreds of MB are given back.
         `calibration`: token ids (CALIBRATION, encoded) the model reads first, to smooth the
-        int8 copies of batched steps (int4 only); without, they are not smoothed.
-        `kernels`: where the decode-attention kernel is built and kept (native.py), for the
-        bf16 formats; None: decode steps attend with torch's kernel."""
+        int8 copies of batched steps (int4 on torch's kernels only); without, they are not
+        smoothed.
+        `kernels`: where our own kernels are built and kept (native.py), for the bf16 formats
+        (int4 products and decode-step attention); None: torch's kernels only."""
         if fmt not in WEIGHT_FORMATS:
             raise ValueError(f"weight format must be one of {', '.join(WEIGHT_FORMATS)}")
         config = model.config
@@ -364,12 +386,14 @@ class LlamaDecoder:
         self.eps = config.rms_norm_eps
         self.rotary = model.model.rotary_emb
         self._cos = self._sin = torch.empty(0)
+        # Our own kernels, where they can be built (int4 products and decode-step attention).
+        self.native = kernels is not None and self.dtype == torch.bfloat16 and native.load(kernels)
         peaks = [None] * len(model.model.layers)
-        if calibration and fmt == "int4":
+        if calibration and fmt == "int4" and not self.native:
             peaks = _input_peaks(model, calibration)
         self.layers = []
         for layer, layer_peaks in zip(model.model.layers, peaks, strict=True):
-            self.layers.append(_Layer(layer, fmt, layer_peaks))
+            self.layers.append(_Layer(layer, fmt, layer_peaks, native_int4=self.native))
             if release:
                 _release_linear_weights(layer)
         self.embed = model.model.embed_tokens.weight.detach().float()
@@ -384,10 +408,8 @@ class LlamaDecoder:
             self.head = _Linear(model.lm_head.weight, fmt)
         self.cache = SlotCache(len(self.layers), self.kv_heads, self.head_dim, self.dtype, limit)
         # Decode steps attend with our own kernel where it takes this model and could be built.
-        self.native_attention = (
-            kernels is not None
-            and native.fits(self.dtype, self.heads, self.kv_heads, self.head_dim)
-            and native.load_decode_attention(kernels)
+        self.native_attention = self.native and native.attention_fits(
+            self.dtype, self.heads, self.kv_heads, self.head_dim
         )
         self._stack = layers.script(self._layer_stack())
         self._warm_up()

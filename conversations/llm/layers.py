@@ -18,7 +18,7 @@ from typing import Final, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import native  # noqa: F401 (defines chat::decode_attention, which the layers name)
+from . import native  # noqa: F401 (defines the chat:: operations, which the layers name)
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +49,15 @@ def multiply(
     scales (int4: one scale and minimum per group of inputs, shaped (groups, outputs, 2); int8:
     one per output) and its bf16 copy, used from `dense_rows` rows on (empty tensors where
     absent; 0: never)."""
-    if fmt != "int4" and fmt != "int8":
+    if fmt != "int4" and fmt != "int8" and fmt != "int4-vnni":
         return F.linear(x, weight)
     if dense_rows > 0 and dense.numel() > 0 and x.size(0) >= dense_rows:
         if dense.is_mkldnn:  # packed by oneDNN (decoder._dense_copy)
             no_post_op: list[int | float | complex | None] = []  # ("Scalar?[]")
             return torch.ops.mkldnn._linear_pointwise(x, dense, None, "none", no_post_op, "")
         return F.linear(x, dense)
+    if fmt == "int4-vnni":  # packed for our kernel (native.pack_int4)
+        return torch.ops.chat.int4_linear(x, weight)
     if fmt == "int4":
         group = x.size(1) // scale.size(0)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, group, scale)

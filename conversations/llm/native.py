@@ -1,11 +1,13 @@
-"""A kernel of our own, compiled on this machine: `chat::decode_attention` (decode_attention.cpp),
-the attention of a decode step, for CPUs with AVX-512 BF16.
+"""Kernels of our own, compiled on this machine, for CPUs with AVX-512 BF16 and VNNI:
+`chat::decode_attention` (decode_attention.cpp), the attention of a decode step, and
+`chat::int4_linear` (int4_linear.cpp), the int4 matrix products of decode steps and short
+prompts.
 
-It is built the first time a model loads (about 15 s with the C++ compiler that pip needs for
+They are built the first time a model loads (about 20 s with the C++ compiler that pip needs for
 packages that compile; `prepare_model` does it at install) into a folder of the model cache
-named after the instruction sets it was built for, then loaded from there in milliseconds.
-Where the CPU lacks those instructions, or the build fails, the decoder attends with torch's
-scaled_dot_product_attention instead, as it does for the other steps; the log says why.
+named after the instruction sets they were built for, then loaded from there in milliseconds.
+Where the CPU lacks those instructions, or the build fails, the decoder uses torch's kernels
+instead (scaled_dot_product_attention, the int4 and FBGEMM int8 products); the log says why.
 """
 
 from __future__ import annotations
@@ -21,27 +23,44 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("decode_attention.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("decode_attention.cpp", "int4_linear.cpp")]
 # What the build targets: the folder it goes to is named after it, so that a model cache
 # copied to another machine never loads code for instructions that machine lacks.
-TARGET = "avx512bf16"
-FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
+TARGET = "avx512-bf16-vnni"
+FLAGS = [
+    "-O3",
+    "-fopenmp",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512bf16",
+    "-mavx512vnni",
+    "-mfma",
+]
+# int4_linear's layout (see pack_int4): groups of INT4_GROUP inputs, blocks of INT4_BLOCK outputs.
+INT4_GROUP = 32
+INT4_BLOCK = 16
+FP16_MAX = 65504.0
 
-# Scripted code names the operation, so its schema exists whether or not the kernel is built.
+# Scripted code names the operations, so their schemas exist whether or not the kernels are built.
 _library = torch.library.Library("chat", "DEF")
 _library.define("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor lengths) -> Tensor")
+_library.define("int4_linear(Tensor x, Tensor packed) -> Tensor")
 
 _lock = threading.Lock()
 _loaded: Path | None = None
 
 
 def supported() -> bool:
-    """Whether this CPU runs the kernel (AVX-512 with its bf16 dot products)."""
-    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # (torch's, not public)
-    return bool(check and check())
+    """Whether this CPU runs the kernels (AVX-512 with its bf16 and int8 dot products)."""
+    checks = [
+        getattr(torch.cpu, name, None)  # (torch's, not public)
+        for name in ("_is_avx512_bf16_supported", "_is_vnni_supported")
+    ]
+    return all(check is not None and check() for check in checks)
 
 
-def fits(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
+def attention_fits(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
     """Whether the kernel takes a model of this shape: bf16 keys and values, heads of 64 or
     128 values, one to four query heads to a key-value head (decode_attention.cpp's `pick`)."""
     return (
@@ -52,15 +71,49 @@ def fits(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
     )
 
 
-def load_decode_attention(cache_root: Path | str) -> bool:
-    """Build the kernel into `cache_root` (once: later calls find it built) and load it into
-    this process. False, with the reason logged, where it cannot be."""
+def int4_fits(shape: torch.Size, scale: torch.Tensor, minimum: torch.Tensor) -> bool:
+    """Whether int4_linear takes a matrix of this shape (outputs, inputs), with these scales and
+    minimums (see pack_int4)."""
+    outputs, inputs = shape
+    return (
+        outputs % INT4_BLOCK == 0
+        and inputs % INT4_GROUP == 0
+        and max(scale.abs().max().item(), minimum.abs().max().item()) <= FP16_MAX
+    )
+
+
+def pack_int4(levels: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    """A matrix w = levels * scale + minimum, as int4_linear reads it: `levels` (outputs,
+    inputs), 0..15; `scale` and `minimum` (outputs, inputs / INT4_GROUP), one per group of
+    inputs, kept as fp16. Returns uint8 (outputs / INT4_BLOCK, groups, 320): for each block of
+    16 outputs and group of 32 inputs, four runs of 64 bytes (byte 4i + t of run c: output i's
+    levels of inputs 4c + t in its low four bits and 16 + 4c + t in its high four), then the
+    16 scales and the 16 minimums."""
+    outputs, inputs = levels.shape
+    if not int4_fits(levels.shape, scale, minimum):
+        raise ValueError(f"int4_linear takes no {outputs} x {inputs} matrix with these scales")
+    blocks, groups = outputs // INT4_BLOCK, inputs // INT4_GROUP
+    # (block, output i, group, half, run c, t) -> (block, group, half, run c, output i, t)
+    order = levels.to(torch.uint8).view(blocks, INT4_BLOCK, groups, 2, 4, 4)
+    order = order.permute(0, 2, 3, 4, 1, 5)
+    runs = (order[:, :, 0] | (order[:, :, 1] << 4)).reshape(blocks, groups, 256)
+
+    def per_group(values: torch.Tensor) -> torch.Tensor:
+        values = values.to(torch.float16).view(blocks, INT4_BLOCK, groups).transpose(1, 2)
+        return values.contiguous().view(torch.uint8)
+
+    return torch.cat([runs, per_group(scale), per_group(minimum)], dim=-1).contiguous()
+
+
+def load(cache_root: Path | str) -> bool:
+    """Build the kernels into `cache_root` (once: later calls find them built) and load them
+    into this process. False, with the reason logged, where they cannot be."""
     global _loaded
     with _lock:
         if _loaded is not None:
             return True
         if not supported():
-            logger.info("This CPU has no AVX-512 BF16: decode steps attend with torch's kernel")
+            logger.info("This CPU has no AVX-512 BF16 and VNNI: the decoder uses torch's kernels")
             return False
         # (Resolved: ninja builds again for another spelling of the same folder.)
         directory = Path(cache_root).resolve() / "kernels" / TARGET
@@ -81,8 +134,8 @@ def load_decode_attention(cache_root: Path | str) -> bool:
                 fcntl.flock(held, fcntl.LOCK_EX)
                 (directory / "lock").unlink(missing_ok=True)
                 path = cpp_extension.load(
-                    name="chat_decode_attention",
-                    sources=[str(SOURCE)],
+                    name="chat_kernels",
+                    sources=[str(source) for source in SOURCES],
                     extra_cflags=FLAGS,
                     extra_ldflags=["-fopenmp"],
                     build_directory=str(directory),
@@ -90,11 +143,11 @@ def load_decode_attention(cache_root: Path | str) -> bool:
                 )
         except Exception:
             logger.warning(
-                "Could not build the decode-attention kernel (it needs a C++ compiler and "
-                "ninja); decode steps attend with torch's kernel",
+                "Could not build our kernels (they need a C++ compiler and ninja); the decoder "
+                "uses torch's",
                 exc_info=True,
             )
             return False
         _loaded = Path(path)
-        logger.info("Decode-attention kernel loaded from %s", path)
+        logger.info("Kernels loaded from %s", path)
         return True
