@@ -1,4 +1,5 @@
-"""The kernels of our own (conversations/llm/native.py, decode_attention.cpp, int4_linear.cpp):
+"""The kernels of our own (conversations/llm/native.py, decode_attention.cpp,
+quantized_linear.cpp):
 built once into the model cache, they compute what torch computes for the shapes and layouts the
 decoder hands them, a decode step of the real model writes the same tokens with them as without,
 and where they cannot be built the decoder uses torch's kernels."""
@@ -100,108 +101,128 @@ def test_the_kernel_refuses_what_it_cannot_compute_with_a_clear_error(kernel):
             kernel(*arguments)
 
 
-def int4_matrix(outputs, inputs, *, exact=False):
-    """An int4 matrix as decoder._Linear makes one: (levels, scales, minimums, the matrix they
-    stand for in fp32). With `exact`, scales and minimums are powers of two (fp16 keeps them
-    exactly)."""
-    groups = inputs // native.INT4_GROUP
-    levels = torch.randint(0, 16, (outputs, inputs))
-    scale = torch.rand(outputs, groups) * 0.02 + 1e-3
-    minimum = -8 * scale * (0.5 + torch.rand(outputs, groups))
+def quantized_matrix(outputs, inputs, bits, *, exact=False):
+    """A matrix as decoder._Linear (4 bits) or _Head (8 bits) quantizes one: (levels, scales,
+    minimums, the matrix they stand for in fp32). With `exact`, scales and minimums are powers
+    of two (fp16 keeps them exactly), small enough that fp32 sums of their products with int8
+    inputs are exact."""
+    groups = inputs // native.GROUP
+    top = 2**bits - 1
+    levels = torch.randint(0, top + 1, (outputs, inputs))
+    scale = (torch.rand(outputs, groups) * 0.02 + 1e-3) * 15 / top
+    minimum = -(top + 1) / 2 * scale * (0.5 + torch.rand(outputs, groups))
     if exact:
-        scale = 2.0 ** torch.randint(-9, -5, (outputs, groups)).float()
-        minimum = -(2.0 ** torch.randint(-6, -2, (outputs, groups)).float())
+        finest = -9 if bits == 4 else -12
+        scale = 2.0 ** torch.randint(finest, finest + 3, (outputs, groups)).float()
+        minimum = -(2.0 ** torch.randint(finest, finest + 3, (outputs, groups)).float())
     scale, minimum = scale.half().float(), minimum.half().float()
-    spread = native.INT4_GROUP
+    spread = native.GROUP
     dense = levels * scale.repeat_interleave(spread, 1) + minimum.repeat_interleave(spread, 1)
     return levels, scale, minimum, dense
 
 
-@pytest.fixture(scope="module")
-def int4_linear(kernel):
-    return torch.ops.chat.int4_linear
+def product(bits):
+    """The quantized product of `bits`, and the type of its results."""
+    if bits == 4:
+        return torch.ops.chat.int4_linear, torch.bfloat16
+    return torch.ops.chat.int8_linear, torch.float32
 
 
 def int8_rounded(x):
-    """x as the int4 product takes it: each group of 32 inputs of a row rounded to 255 levels,
-    its largest magnitude at 127 (in fp32, as the kernel computes it)."""
-    groups = x.float().view(x.size(0), -1, native.INT4_GROUP)
+    """x as the quantized products take it: each group of 32 inputs of a row rounded to 255
+    levels, its largest magnitude at 127 (in fp32, as the kernel computes it)."""
+    groups = x.float().view(x.size(0), -1, native.GROUP)
     peak = groups.abs().amax(dim=-1, keepdim=True)
     levels = torch.round(groups * torch.where(peak > 0, 127 / peak, 0))
     return (levels * (peak / 127)).view(x.shape)
 
 
 @needs_cpu
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize(("outputs", "inputs"), [(960, 576), (576, 1536), (16, 32)])
-def test_the_int4_product_computes_the_matrix_product(int4_linear, outputs, inputs):
+def test_the_quantized_products_compute_the_matrix_product(kernel, bits, outputs, inputs):
     """One to fifteen rows (a decode step, a short prompt; past eight the weights are read
     twice), fp32 or bf16 inputs, with a few inputs far larger than the rest, as a norm's output
     has: the product of the matrix with the inputs rounded to int8 in groups of 32, but for the
-    result's rounding to bf16; within a few percent of the exact product; and each row the same
-    whatever rows share its call."""
-    levels, scale, minimum, dense = int4_matrix(outputs, inputs)
-    packed = native.pack_int4(levels, scale, minimum)
+    result's rounding (int4: bf16 results, int8: fp32 ones); within a few percent of the exact
+    product; and each row the same whatever rows share its call."""
+    multiply, result_type = product(bits)
+    levels, scale, minimum, dense = quantized_matrix(outputs, inputs, bits)
+    packed = native.pack(levels, scale, minimum, bits)
     for rows in (1, 2, 7, 8, 9, 15):
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(rows, inputs)
             x[:, 3] *= 30
             x = x.to(dtype)
-            out = int4_linear(x, packed)
-            assert out.shape == (rows, outputs) and out.dtype == torch.bfloat16
+            out = multiply(x, packed)
+            assert out.shape == (rows, outputs) and out.dtype == result_type
 
             def error(out, expected):
                 return ((out.double() - expected).norm() / expected.norm()).item()
 
-            assert error(out, int8_rounded(x).double() @ dense.double().T) < 3e-3, (rows, dtype)
+            # (fp32 results: the level and minimum terms cancel, ~2e-4 of them is left.)
+            rounding = 3e-3 if result_type == torch.bfloat16 else 1e-3
+            assert error(out, int8_rounded(x).double() @ dense.double().T) < rounding
             assert error(out, x.double() @ dense.double().T) < 0.03, (rows, dtype)
-            alone = torch.cat([int4_linear(x[row : row + 1], packed) for row in range(rows)])
+            alone = torch.cat([multiply(x[row : row + 1], packed) for row in range(rows)])
             assert torch.equal(out, alone)
 
 
 @needs_cpu
-def test_the_int4_product_is_exact_where_int8_holds_the_inputs(int4_linear):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_quantized_products_are_exact_where_int8_holds_the_inputs(kernel, bits):
     """Inputs that int8 holds exactly (integers, each group's largest 127) and power-of-two
     scales: the integer sums and fp32 arithmetic lose nothing, so the result is the exact
-    product rounded to bf16. Every level, scale and minimum must sit where the kernel reads
-    it (native.pack_int4's layout) for this to hold."""
-    levels, scale, minimum, dense = int4_matrix(64, 96, exact=True)
-    packed = native.pack_int4(levels, scale, minimum)
+    product (rounded to bf16 for int4). Every level, scale and minimum must sit where the
+    kernel reads it (native.pack's layout) for this to hold."""
+    multiply, result_type = product(bits)
+    levels, scale, minimum, dense = quantized_matrix(64, 96, bits, exact=True)
+    packed = native.pack(levels, scale, minimum, bits)
     x = torch.randint(-127, 128, (8, 96)).float()
     x[:, ::32] = 127
-    out = int4_linear(x, packed)
-    assert torch.equal(out, (x.double() @ dense.double().T).to(torch.bfloat16))
+    out = multiply(x, packed)
+    assert torch.equal(out, (x.double() @ dense.double().T).to(result_type))
 
 
 @needs_cpu
-def test_the_int4_product_refuses_what_it_cannot_compute_with_a_clear_error(int4_linear):
-    levels, scale, minimum, _ = int4_matrix(32, 64)
-    packed = native.pack_int4(levels, scale, minimum)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_quantized_products_refuse_what_they_cannot_compute_with_a_clear_error(kernel, bits):
+    multiply, _ = product(bits)
+    levels, scale, minimum, _ = quantized_matrix(32, 64, bits)
+    packed = native.pack(levels, scale, minimum, bits)
+    other = native.pack(levels, scale, minimum, 12 - bits)
     cases = [
         ((torch.randn(2, 32), packed), "x has 32 inputs, the weights 64"),
         ((torch.randn(2, 64).half(), packed), "fp32 or bf16"),
         ((torch.randn(64), packed), "fp32 or bf16"),
-        ((torch.randn(2, 64), packed[:, :, :256]), "packed by native.pack_int4"),
-        ((torch.randn(2, 64), levels.to(torch.uint8)), "packed by native.pack_int4"),
+        ((torch.randn(2, 64), other), f"packed by native.pack with {bits} bits"),
+        ((torch.randn(2, 64), levels.to(torch.uint8)), f"packed by native.pack with {bits} bits"),
     ]
     for arguments, message in cases:
         with pytest.raises(RuntimeError, match=message):
-            int4_linear(*arguments)
-    with pytest.raises(ValueError, match="takes no 24 x 64 matrix"):
-        native.pack_int4(levels[:24], scale[:24], minimum[:24])
-    with pytest.raises(ValueError, match="takes no 32 x 64 matrix"):
-        native.pack_int4(levels, scale, minimum * 1e7)  # beyond fp16
+            multiply(*arguments)
+    with pytest.raises(ValueError, match=f"no {bits}-bit product of a 24 x 64 matrix"):
+        native.pack(levels[:24], scale[:24], minimum[:24], bits)
+    with pytest.raises(ValueError, match=f"no {bits}-bit product of a 32 x 64 matrix"):
+        native.pack(levels, scale, minimum * 1e7, bits)  # beyond fp16
+    with pytest.raises(ValueError, match="no 6-bit product"):
+        native.pack(levels, scale, minimum, 6)
 
 
-def test_a_matrix_the_int4_product_cannot_take_goes_to_torchs_kernel():
-    from conversations.llm.decoder import _Linear
+def test_a_matrix_the_quantized_products_cannot_take_goes_to_torchs_kernels():
+    from conversations.llm.decoder import _Head, _Linear
 
     weight = torch.randn(64, 64)
     assert _Linear(weight, "int4", native_int4=True).fmt == "int4-vnni"
     assert _Linear(weight, "int4").fmt == "int4"
+    assert _Head(weight, native_int8=True).native is not None
+    assert _Head(weight).native is None and _Head(weight).packed is not None  # FBGEMM's
     # (Inputs not in groups of 32: int8, as without the kernel.)
     assert _Linear(torch.randn(64, 48), "int4", native_int4=True).fmt == "int8"
-    weight[0, 0] = 1e6  # a scale beyond fp16
+    assert _Head(torch.randn(64, 48), native_int8=True).native is None
+    weight[0, 0] = 1e8  # a scale beyond fp16
     assert _Linear(weight, "int4", native_int4=True).fmt == "int4"
+    assert _Head(weight, native_int8=True).native is None
 
 
 @needs_cpu
@@ -290,9 +311,10 @@ def perplexity(scores, targets):
 def test_decode_steps_of_the_real_model_score_a_text_as_with_torch_attention(real_engine):
     """Eight rows read eight parts of a text one token a step: the scores with the kernel are
     those with torch's attention but for rounding. (Rounding alone moves this model's top token
-    at about one step in ten, whichever way attention is rounded: with attention computed
-    exactly in fp32, torch's bf16 kernel agreed at 91% of these steps and ours at 89%,
-    perplexity 46.32 and 46.51 against 46.55.)"""
+    at about one step in twenty, and its perplexity over these ~500 tokens by about 1%,
+    whichever way attention is rounded: with attention computed exactly in fp32, perplexity
+    46.01, torch's bf16 kernel gave 45.73 and ours 45.96, each agreeing with its top token at
+    95% of the steps.)"""
     decoder = real_engine._decoder
     assert decoder.native_attention, "built and loaded on this CPU"
     parts, targets = text_parts(real_engine)
@@ -303,7 +325,7 @@ def test_decode_steps_of_the_real_model_score_a_text_as_with_torch_attention(rea
     finally:
         decoder.native_attention = True
 
-    assert abs(perplexity(ours, targets) / perplexity(theirs, targets) - 1) < 0.01
+    assert abs(perplexity(ours, targets) / perplexity(theirs, targets) - 1) < 0.02
     assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() > 0.85
     similarity = F.cosine_similarity(ours.flatten(0, 1), theirs.flatten(0, 1), dim=-1)
     assert similarity.mean() > 0.998 and similarity.min() > 0.95
@@ -312,12 +334,13 @@ def test_decode_steps_of_the_real_model_score_a_text_as_with_torch_attention(rea
 @needs_cpu
 @pytest.mark.model
 @pytest.mark.parametrize("rows", [1, 8])
-def test_decode_steps_of_the_real_model_score_a_text_as_with_torchs_int4_kernels(
+def test_decode_steps_of_the_real_model_score_a_text_as_with_torchs_kernels(
     real_engine, torch_kernels_engine, rows
 ):
-    """One reply, or eight, read a text one token a step: with our int4 products (inputs
-    rounded to int8) the scores are those of torch's kernels (bf16 inputs at one row; FBGEMM's
-    int8 products of query-key-value and gate-up at eight) but for rounding."""
+    """One reply, or eight, read a text one token a step: with our quantized products (inputs
+    rounded to int8 in groups of 32) the scores are those of torch's kernels (int4 on bf16
+    inputs; FBGEMM's int8 for the head, and at eight rows for query-key-value and gate-up) but
+    for rounding."""
     assert real_engine._decoder.layers[0].qkv.fmt == "int4-vnni"
     assert torch_kernels_engine._decoder.layers[0].qkv.fmt == "int4"
     parts, targets = text_parts(real_engine, rows)
@@ -339,21 +362,27 @@ def test_the_setting_turns_the_kernels_off(real_engine, torch_kernels_engine):
     assert "Paris" in off.generate(messages, GenerationParams(max_new_tokens=16)).text
     assert off._decoder.native_attention is False
 
-    def calls_per_layer(engine):
-        """Per layer of a two-reply step: (our attention, torch's, our int4 products, torch's)."""
+    def calls(engine):
+        """Of a two-reply step, per layer: (our attention, torch's, our int4 products, torch's);
+        and (our head product, FBGEMM's)."""
         assert engine._scheduler.spare_row == 0  # rows 0 and 1 are free: none is parked
         with torch.inference_mode(), profile() as trace:
             engine._decoder.decode([42, 42], [3, 5])
-        calls = {event.key: event.count for event in trace.key_averages()}
-        names = [
+        counts = {event.key: event.count for event in trace.key_averages()}
+        per_layer = [
             "chat::decode_attention",
             "aten::scaled_dot_product_attention",
             "chat::int4_linear",
             "aten::_weight_int4pack_mm_for_cpu",
         ]
-        return tuple(calls.get(name, 0) // len(engine._decoder.layers) for name in names)
+        layers = len(engine._decoder.layers)
+        head = ["chat::int8_linear", "quantized::linear_dynamic"]
+        return (
+            tuple(counts.get(name, 0) // layers for name in per_layer),
+            tuple(counts.get(name, 0) for name in head),
+        )
 
-    assert off._scheduler.call(lambda: calls_per_layer(off)).result() == (0, 1, 0, 4)
+    assert off._scheduler.call(lambda: calls(off)).result() == ((0, 1, 0, 4), (0, 1))
     if native.supported():
-        on = real_engine._scheduler.call(lambda: calls_per_layer(real_engine)).result()
-        assert on == (1, 0, 4, 0)
+        on = real_engine._scheduler.call(lambda: calls(real_engine)).result()
+        assert on == ((1, 0, 4, 0), (1, 0))

@@ -6,13 +6,13 @@ What it does differently from `model.generate`:
   layers' linear weights as int4 in groups of 32 and the output head as int8; "int8" keeps all of
   them as int8 with one scale per output row. "bf16" and "fp32" keep plain weights. The residual
   stream and the norms stay in fp32 in every format.
-- int4 layers multiply with a kernel of our own where the CPU has AVX-512 VNNI
-  (int4_linear.cpp, built by native.py): the inputs rounded to int8 in groups of 32, integer dot
-  products straight from the 4-bit levels, the weights read once for up to eight rows. Elsewhere
-  torch's weight-only kernels (`aten._weight_int4pack_mm_for_cpu`, `aten._weight_int8pack_mm`)
-  multiply on bf16 inputs, and from five rows on each layer's query-key-value and gate-up
-  matrices multiply as int8 x int8 with FBGEMM, their inputs smoothed per channel (see
-  BATCH_INT8_ROWS and CALIBRATION).
+- int4 layers and the int8 head multiply with kernels of our own where the CPU has AVX-512
+  VNNI (quantized_linear.cpp, built by native.py): the inputs rounded to int8 in groups of 32,
+  integer dot products straight from the levels, the weights read once for up to eight rows.
+  Elsewhere torch's weight-only kernels (`aten._weight_int4pack_mm_for_cpu`,
+  `aten._weight_int8pack_mm`) multiply on bf16 inputs, the head with FBGEMM, and from five rows
+  on each layer's query-key-value and gate-up matrices multiply as int8 x int8 with FBGEMM,
+  their inputs smoothed per channel (see BATCH_INT8_ROWS and CALIBRATION).
 - The keys and values live in preallocated slot tensors, one row per conversation being
   answered, so a decode step appends in place instead of concatenating.
 - One decode step runs every row at once: the weights are read once for all of them.
@@ -130,7 +130,7 @@ class _Linear:
             scale = ((high - low) / 15).clamp(min=1e-8)
             levels = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
             # With `native_int4`, our own kernel multiplies it at every size below dense_from.
-            if native_int4 and native.int4_fits(weight.shape, scale, low):
+            if native_int4 and native.quantized_fits(weight.shape, scale, low):
                 fmt = "int4-vnni"
         self.fmt = fmt
         # With `batch_int8`, an int4 matrix for torch's kernel also keeps an int8 copy packed
@@ -144,7 +144,7 @@ class _Linear:
             self.batch = _fbgemm_pack(*_int8_rows(scaled))
             self.smoothing = smoothing if self.batch is not None else None
         if fmt == "int4-vnni":
-            self.weight = native.pack_int4(levels.view(rows, columns), scale, low)
+            self.weight = native.pack(levels.view(rows, columns), scale, low, bits=4)
             self.scale = None
         elif fmt == "int4":
             # The kernel reads w = (level - 8) * scale + zero, so zero = low + 8 * scale.
@@ -220,26 +220,52 @@ def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _Head:
-    """The output head, int8 with one scale per output row (as _Linear), multiplied by FBGEMM's
-    dynamic int8 kernel where torch has it: the hidden states are quantized to int8 on the fly
-    (one scale per call) and the product reads the int8 weights two to three times as fast as
-    `_weight_int8pack_mm`, which reads them again for every four rows (one row: 2.3 -> 1.0 ms,
-    eight: 6.0 -> 2.1 ms; perplexity 0.997 of fp32 against 1.000). Without FBGEMM, inputs of
-    HEAD_DENSE_ROWS rows or more multiply with a bf16 copy instead."""
+    """The output head, int8. With `native`, in groups of 32 inputs with a scale and a minimum
+    each, multiplied by our own kernel (native.pack, quantized_linear.cpp: the hidden states
+    rounded to int8 in groups of 32 of each row, so that a row's scores do not depend on the
+    rows beside it). Otherwise with one scale per output row (as _Linear), multiplied by
+    FBGEMM's dynamic int8 kernel where torch has it: the hidden states are quantized to int8 on
+    the fly (one scale per call) and the product reads the int8 weights two to three times as
+    fast as `_weight_int8pack_mm`, which reads them again for every four rows (one row: 2.3 ->
+    1.0 ms, eight: 6.0 -> 2.1 ms; perplexity 0.997 of fp32 against 1.000). Without FBGEMM,
+    inputs of HEAD_DENSE_ROWS rows or more multiply with a bf16 copy instead."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
-        quantized, scale = _int8_rows(weight.detach().float())
+    def __init__(self, weight: torch.Tensor, *, native_int8: bool = False) -> None:
+        weight = weight.detach().float()
+        self.native = self.packed = self.linear = None
+        if native_int8:
+            self.native = _native_int8(weight)
+        if self.native is not None:
+            self.weight_bytes = self.native.nbytes
+            return
+        quantized, scale = _int8_rows(weight)
         self.weight_bytes = quantized.nbytes
         # (The scale as _Linear keeps it, in bf16.) FBGEMM holds its own copy of the weights.
         self.packed = _fbgemm_pack(quantized, scale.to(torch.bfloat16))
-        self.linear = (
-            _Linear(weight, "int8", dense_from=HEAD_DENSE_ROWS) if self.packed is None else None
-        )
+        if self.packed is None:
+            self.linear = _Linear(weight, "int8", dense_from=HEAD_DENSE_ROWS)
 
     def __call__(self, x: torch.Tensor, *, dense: bool = True) -> torch.Tensor:
+        if self.native is not None:
+            return torch.ops.chat.int8_linear(x, self.native)
         if self.linear is not None:
             return self.linear(x, dense=dense)
         return torch.ops.quantized.linear_dynamic(x.float(), self.packed, False)
+
+
+def _native_int8(weight: torch.Tensor) -> torch.Tensor | None:
+    """`weight` in 8-bit levels, groups of 32 inputs with a scale and minimum each, packed for
+    chat::int8_linear; None if it does not take it."""
+    rows, columns = weight.shape
+    if columns % native.GROUP:
+        return None
+    groups = weight.view(rows, columns // native.GROUP, native.GROUP)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((high - low) / 255).clamp(min=1e-8)
+    if not native.quantized_fits(weight.shape, scale, low):
+        return None
+    levels = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 255)
+    return native.pack(levels.view(rows, columns), scale, low, bits=8)
 
 
 def _fbgemm_pack(weight: torch.Tensor, scale: torch.Tensor):
@@ -386,7 +412,7 @@ class LlamaDecoder:
         self.eps = config.rms_norm_eps
         self.rotary = model.model.rotary_emb
         self._cos = self._sin = torch.empty(0)
-        # Our own kernels, where they can be built (int4 products and decode-step attention).
+        # Our own kernels, where they can be built (quantized products, decode-step attention).
         self.native = kernels is not None and self.dtype == torch.bfloat16 and native.load(kernels)
         peaks = [None] * len(model.model.layers)
         if calibration and fmt == "int4" and not self.native:
@@ -403,7 +429,7 @@ class LlamaDecoder:
         # The output head turns each hidden state into 49k scores: int4 there costs measurably
         # more perplexity than in the layers, so it stays int8 (the GGUF's head is 8-bit too).
         if fmt in ("int4", "int8"):
-            self.head = _Head(model.lm_head.weight)
+            self.head = _Head(model.lm_head.weight, native_int8=self.native)
         else:
             self.head = _Linear(model.lm_head.weight, fmt)
         self.cache = SlotCache(len(self.layers), self.kv_heads, self.head_dim, self.dtype, limit)

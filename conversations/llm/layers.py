@@ -56,7 +56,7 @@ def multiply(
             no_post_op: list[int | float | complex | None] = []  # ("Scalar?[]")
             return torch.ops.mkldnn._linear_pointwise(x, dense, None, "none", no_post_op, "")
         return F.linear(x, dense)
-    if fmt == "int4-vnni":  # packed for our kernel (native.pack_int4)
+    if fmt == "int4-vnni":  # packed for our kernel (native.pack)
         return torch.ops.chat.int4_linear(x, weight)
     if fmt == "int4":
         group = x.size(1) // scale.size(0)

@@ -1,7 +1,7 @@
 """Kernels of our own, compiled on this machine, for CPUs with AVX-512 BF16 and VNNI:
 `chat::decode_attention` (decode_attention.cpp), the attention of a decode step, and
-`chat::int4_linear` (int4_linear.cpp), the int4 matrix products of decode steps and short
-prompts.
+`chat::int4_linear` and `chat::int8_linear` (quantized_linear.cpp), the layers' int4 and the
+output head's int8 matrix products for decode steps and short prompts.
 
 They are built the first time a model loads (about 20 s with the C++ compiler that pip needs for
 packages that compile; `prepare_model` does it at install) into a folder of the model cache
@@ -23,7 +23,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("decode_attention.cpp", "int4_linear.cpp")]
+SOURCES = [
+    Path(__file__).with_name(name) for name in ("decode_attention.cpp", "quantized_linear.cpp")
+]
 # What the build targets: the folder it goes to is named after it, so that a model cache
 # copied to another machine never loads code for instructions that machine lacks.
 TARGET = "avx512-bf16-vnni"
@@ -37,15 +39,16 @@ FLAGS = [
     "-mavx512vnni",
     "-mfma",
 ]
-# int4_linear's layout (see pack_int4): groups of INT4_GROUP inputs, blocks of INT4_BLOCK outputs.
-INT4_GROUP = 32
-INT4_BLOCK = 16
+# The quantized products' layout (see pack): groups of GROUP inputs, blocks of BLOCK outputs.
+GROUP = 32
+BLOCK = 16
 FP16_MAX = 65504.0
 
 # Scripted code names the operations, so their schemas exist whether or not the kernels are built.
 _library = torch.library.Library("chat", "DEF")
 _library.define("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor lengths) -> Tensor")
 _library.define("int4_linear(Tensor x, Tensor packed) -> Tensor")
+_library.define("int8_linear(Tensor x, Tensor packed) -> Tensor")
 
 _lock = threading.Lock()
 _loaded: Path | None = None
@@ -71,37 +74,47 @@ def attention_fits(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int)
     )
 
 
-def int4_fits(shape: torch.Size, scale: torch.Tensor, minimum: torch.Tensor) -> bool:
-    """Whether int4_linear takes a matrix of this shape (outputs, inputs), with these scales and
-    minimums (see pack_int4)."""
+def quantized_fits(shape: torch.Size, scale: torch.Tensor, minimum: torch.Tensor) -> bool:
+    """Whether the quantized products take a matrix of this shape (outputs, inputs), with these
+    scales and minimums (see pack)."""
     outputs, inputs = shape
     return (
-        outputs % INT4_BLOCK == 0
-        and inputs % INT4_GROUP == 0
+        outputs % BLOCK == 0
+        and inputs % GROUP == 0
         and max(scale.abs().max().item(), minimum.abs().max().item()) <= FP16_MAX
     )
 
 
-def pack_int4(levels: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
-    """A matrix w = levels * scale + minimum, as int4_linear reads it: `levels` (outputs,
-    inputs), 0..15; `scale` and `minimum` (outputs, inputs / INT4_GROUP), one per group of
-    inputs, kept as fp16. Returns uint8 (outputs / INT4_BLOCK, groups, 320): for each block of
-    16 outputs and group of 32 inputs, four runs of 64 bytes (byte 4i + t of run c: output i's
-    levels of inputs 4c + t in its low four bits and 16 + 4c + t in its high four), then the
-    16 scales and the 16 minimums."""
+def pack(
+    levels: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """A matrix w = levels * scale + minimum as int4_linear (bits=4, levels 0..15) or
+    int8_linear (bits=8, levels 0..255) reads it: `levels` (outputs, inputs); `scale` and
+    `minimum` (outputs, inputs / GROUP), one per group of inputs, kept as fp16. Returns uint8
+    (outputs / BLOCK, groups, 64 * bits + 64): for each block of 16 outputs and group of 32
+    inputs, `bits` runs of 64 bytes, then the 16 scales and the 16 minimums. 4 bits: byte
+    4i + t of run c holds output i's levels of inputs 4c + t in its low four bits and 16 + 4c + t
+    in its high four; 8 bits: byte 4i + t of run c, output i's level of input 4c + t."""
     outputs, inputs = levels.shape
-    if not int4_fits(levels.shape, scale, minimum):
-        raise ValueError(f"int4_linear takes no {outputs} x {inputs} matrix with these scales")
-    blocks, groups = outputs // INT4_BLOCK, inputs // INT4_GROUP
-    # (block, output i, group, half, run c, t) -> (block, group, half, run c, output i, t)
-    order = levels.to(torch.uint8).view(blocks, INT4_BLOCK, groups, 2, 4, 4)
-    order = order.permute(0, 2, 3, 4, 1, 5)
-    runs = (order[:, :, 0] | (order[:, :, 1] << 4)).reshape(blocks, groups, 256)
+    if bits not in (4, 8) or not quantized_fits(levels.shape, scale, minimum):
+        raise ValueError(
+            f"no {bits}-bit product of a {outputs} x {inputs} matrix with these scales"
+        )
+    blocks, groups = outputs // BLOCK, inputs // GROUP
+    levels = levels.to(torch.uint8)
+    if bits == 4:
+        # (block, output i, group, half, run c, t) -> (block, group, half, run c, output i, t)
+        order = levels.view(blocks, BLOCK, groups, 2, 4, 4).permute(0, 2, 3, 4, 1, 5)
+        runs = order[:, :, 0] | (order[:, :, 1] << 4)
+    else:
+        # (block, output i, group, run c, t) -> (block, group, run c, output i, t)
+        runs = levels.view(blocks, BLOCK, groups, 8, 4).permute(0, 2, 3, 1, 4)
 
     def per_group(values: torch.Tensor) -> torch.Tensor:
-        values = values.to(torch.float16).view(blocks, INT4_BLOCK, groups).transpose(1, 2)
+        values = values.to(torch.float16).view(blocks, BLOCK, groups).transpose(1, 2)
         return values.contiguous().view(torch.uint8)
 
+    runs = runs.reshape(blocks, groups, 64 * bits)
     return torch.cat([runs, per_group(scale), per_group(minimum)], dim=-1).contiguous()
 
 

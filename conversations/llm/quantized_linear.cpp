@@ -1,21 +1,23 @@
-// y = x @ W.T for decode steps and short prompts (a few rows of input), W int4 in groups of 32
-// inputs with a scale and a minimum each (as decoder._Linear quantizes it), for CPUs with
-// AVX-512 VNNI (built and loaded by native.py; the decoder multiplies with torch's int4 kernel
-// and FBGEMM's int8 one elsewhere).
+// y = x @ W.T for decode steps and short prompts (a few rows of input), W quantized in groups of
+// 32 inputs with a scale and a minimum each (w = level * scale + minimum): `int4_linear` for the
+// layers' matrices (levels 0..15, as decoder._Linear quantizes them; bf16 results) and
+// `int8_linear` for the output head (levels 0..255; fp32 scores). For CPUs with AVX-512 VNNI
+// (built and loaded by native.py; the decoder multiplies with torch's int4 kernel and FBGEMM's
+// int8 one elsewhere).
 //
 // Why: torch's int4 kernel turns the weights into floats and multiplies in floats, and reads
 // them again for every four rows of input: eight rows cost three times one. FBGEMM's int8
 // kernel, which eight-reply steps used instead, reads twice the bytes. Here each row of x is
 // quantized to int8 on the fly, one scale per group of 32 inputs (a few large inputs leave the
 // rest of their row its levels), and the products are taken in integer dot-product instructions
-// straight from the 4-bit levels, for up to eight rows per read of the weights: a layer stack's
-// query-key-value and gate-up products for eight rows in ~2.5 ms where FBGEMM took ~4.5, and for
-// one row in ~1.2 ms where torch's int4 kernel took ~2.5.
+// straight from the levels, for up to eight rows per read of the weights, asking for the weights
+// ahead of use: a layer stack's query-key-value and gate-up products for eight rows in ~2.5 ms
+// where FBGEMM took ~4.5, and for one row in ~1.2 ms where torch's int4 kernel took ~2.5.
 //
 // Per group g of 32 inputs, output o, row r: with w = level * scale + minimum and x ~= xq * step,
 //   sum_k x[k] w[o, k] ~= scale[o, g] * step[r, g] * sum_k xq[k] level[o, k]
 //                          + minimum[o, g] * step[r, g] * sum_k xq[k],
-// the integer sums exact (levels 0..15 times -127..127), the rest in fp32.
+// the integer sums exact (levels 0..255 times -127..127 over 32 inputs), the rest in fp32.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -24,17 +26,21 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kGroup = 32;    // inputs sharing a scale and minimum (and a step of x)
 constexpr int64_t kOutputs = 16;  // outputs to a block: one register of fp32 sums
-// A block's group, as native.pack_int4 lays it out: four runs of 64 bytes, byte 4i + t of run c
-// holding output i's levels of inputs 4c + t (low half) and 16 + 4c + t (high half); then 16
-// fp16 scales and 16 fp16 minimums.
-constexpr int64_t kRecord = 4 * 64 + 2 * 32;
+// A block's group, as native.pack lays it out: Bits runs of 64 bytes, then 16 fp16 scales and 16
+// fp16 minimums. 4 bits: byte 4i + t of run c holds output i's levels of inputs 4c + t (low
+// half) and 16 + 4c + t (high half); 8 bits: byte 4i + t of run c, output i's level of input
+// 4c + t.
+template <int Bits>
+constexpr int64_t kRecord = Bits * 64 + 2 * 32;
 constexpr int kRowsAPass = 8;
 // How far ahead (bytes) the loop asks for the weights: they come from memory, a layer's
 // matrices at a time, and the hardware's prefetching alone waits for each.
@@ -72,57 +78,74 @@ void quantize_row(const T* x, int64_t groups, int32_t* levels, float* steps, flo
   }
 }
 
-// Outputs o0..o0+15 (their block of `packed`, at w) for R rows of x: writes 16 bf16 to each
+inline void store16(float* out, __m512 y) { _mm512_storeu_ps(out, y); }
+inline void store16(at::BFloat16* out, __m512 y) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(y));
+}
+
+// Outputs o0..o0+15 (their block of `packed`, at w) for R rows of x: writes 16 results to each
 // row of out (row r at out + r * out_stride).
-template <int R>
-void block(const uint8_t* w, int64_t groups, const Quantized* x, at::BFloat16* out,
-           int64_t out_stride) {
+template <int Bits, int R, typename Out>
+void block(const uint8_t* w, int64_t groups, const Quantized* x, Out* out, int64_t out_stride) {
+  constexpr int64_t record = kRecord<Bits>;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g, w += kRecord) {
-    for (int64_t offset = 0; offset < kRecord; offset += 64)
+  for (int64_t g = 0; g < groups; ++g, w += record) {
+    for (int64_t offset = 0; offset < record; offset += 64)
       _mm_prefetch(reinterpret_cast<const char*>(w) + kAhead + offset, _MM_HINT_T0);
     __m512i dots[R];
     for (int r = 0; r < R; ++r) dots[r] = _mm512_setzero_si512();
-    for (int c = 0; c < 4; ++c) {
-      const __m512i both = _mm512_loadu_si512(w + 64 * c);
-      const __m512i low = _mm512_and_si512(both, nibble);
-      const __m512i high = _mm512_and_si512(_mm512_srli_epi16(both, 4), nibble);
-      for (int r = 0; r < R; ++r) {
-        const int32_t* levels = x[r].levels + g * 8;
-        dots[r] = _mm512_dpbusd_epi32(dots[r], low, _mm512_set1_epi32(levels[c]));
-        dots[r] = _mm512_dpbusd_epi32(dots[r], high, _mm512_set1_epi32(levels[c + 4]));
+    if constexpr (Bits == 4) {
+      for (int c = 0; c < 4; ++c) {
+        const __m512i both = _mm512_loadu_si512(w + 64 * c);
+        const __m512i low = _mm512_and_si512(both, nibble);
+        const __m512i high = _mm512_and_si512(_mm512_srli_epi16(both, 4), nibble);
+        for (int r = 0; r < R; ++r) {
+          const int32_t* levels = x[r].levels + g * 8;
+          dots[r] = _mm512_dpbusd_epi32(dots[r], low, _mm512_set1_epi32(levels[c]));
+          dots[r] = _mm512_dpbusd_epi32(dots[r], high, _mm512_set1_epi32(levels[c + 4]));
+        }
+      }
+    } else {
+      for (int c = 0; c < 8; ++c) {
+        const __m512i run = _mm512_loadu_si512(w + 64 * c);
+        for (int r = 0; r < R; ++r)
+          dots[r] = _mm512_dpbusd_epi32(dots[r], run, _mm512_set1_epi32(x[r].levels[g * 8 + c]));
       }
     }
-    const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 256)));
-    const __m512 minimum = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 288)));
+    const auto* halves = reinterpret_cast<const __m256i*>(w + Bits * 64);
+    const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(halves));
+    const __m512 minimum = _mm512_cvtph_ps(_mm256_loadu_si256(halves + 1));
     for (int r = 0; r < R; ++r) {
       const __m512 step = _mm512_mul_ps(scale, _mm512_set1_ps(x[r].steps[g]));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r]), step, acc[r]);
       acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r].sums[g]), minimum, acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * out_stride),
-                        (__m256i)_mm512_cvtneps_pbh(acc[r]));
+  for (int r = 0; r < R; ++r) store16(out + r * out_stride, acc[r]);
 }
 
-using Block = void (*)(const uint8_t*, int64_t, const Quantized*, at::BFloat16*, int64_t);
-constexpr Block kBlocks[kRowsAPass] = {block<1>, block<2>, block<3>, block<4>,
-                                       block<5>, block<6>, block<7>, block<8>};
+template <int Bits, typename Out>
+using Block = void (*)(const uint8_t*, int64_t, const Quantized*, Out*, int64_t);
 
-// x: (rows, inputs), fp32 or bf16; packed: (outputs / 16, inputs / 32, kRecord) uint8 (see
-// native.pack_int4). Returns (rows, outputs) bf16.
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed) {
+template <int Bits, typename Out, int... R>
+constexpr std::array<Block<Bits, Out>, sizeof...(R)> blocks(std::integer_sequence<int, R...>) {
+  return {block<Bits, R + 1, Out>...};
+}
+
+// x: (rows, inputs), fp32 or bf16; packed: (outputs / 16, inputs / 32, kRecord<Bits>) uint8 (see
+// native.pack). Returns (rows, outputs) of Out (bf16 or fp32).
+template <int Bits, typename Out>
+at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const char* name) {
   TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "int4_linear: x must be (rows, inputs), fp32 or bf16");
-  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kRecord &&
+              name, ": x must be (rows, inputs), fp32 or bf16");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kRecord<Bits> &&
                   packed.scalar_type() == at::kByte && packed.is_contiguous(),
-              "int4_linear: weights must be packed by native.pack_int4");
+              name, ": weights must be packed by native.pack with ", Bits, " bits");
   const int64_t rows = x.size(0), groups = packed.size(1), outputs = packed.size(0) * kOutputs;
-  TORCH_CHECK(x.size(1) == groups * kGroup, "int4_linear: x has ", x.size(1),
-              " inputs, the weights ", groups * kGroup);
+  TORCH_CHECK(x.size(1) == groups * kGroup, name, ": x has ", x.size(1), " inputs, the weights ",
+              groups * kGroup);
   const auto input = x.contiguous();
   auto levels = at::empty({rows, groups * 8}, at::kInt);
   auto steps = at::empty({rows, groups}, at::kFloat);
@@ -140,15 +163,16 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed) {
     quantized[r] = {l, s, t};
   }
 
-  auto out = at::empty({rows, outputs}, x.options().dtype(at::kBFloat16));
+  constexpr auto kernels = blocks<Bits, Out>(std::make_integer_sequence<int, kRowsAPass>());
+  auto out = at::empty({rows, outputs}, x.options().dtype(c10::CppTypeToScalarType<Out>::value));
   const uint8_t* weights = packed.data_ptr<uint8_t>();
-  at::BFloat16* result = out.data_ptr<at::BFloat16>();
+  Out* result = out.template data_ptr<Out>();
   at::parallel_for(0, packed.size(0), 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       // (Past eight rows, the block's weights are read again: from the cache by then.)
       for (int64_t first = 0; first < rows; first += kRowsAPass) {
         const int64_t count = std::min<int64_t>(kRowsAPass, rows - first);
-        kBlocks[count - 1](weights + b * groups * kRecord, groups, quantized.data() + first,
+        kernels[count - 1](weights + b * groups * kRecord<Bits>, groups, quantized.data() + first,
                            result + first * outputs + b * kOutputs, outputs);
       }
     }
@@ -156,6 +180,17 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed) {
   return out;
 }
 
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed) {
+  return linear<4, at::BFloat16>(x, packed, "int4_linear");
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed) {
+  return linear<8, float>(x, packed, "int8_linear");
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(chat, CPU, m) { m.impl("int4_linear", &int4_linear); }
+TORCH_LIBRARY_IMPL(chat, CPU, m) {
+  m.impl("int4_linear", &int4_linear);
+  m.impl("int8_linear", &int8_linear);
+}
