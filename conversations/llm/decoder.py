@@ -100,8 +100,9 @@ class _Linear:
 
     int8: one scale per output row, symmetric. int4: groups of INT4_GROUP weights along the
     input, each with its own scale and minimum, packed for torch's CPU kernel (the layout
-    torchao's int4 weight-only quantization uses). A matrix whose input size is not a multiple of
-    the group is kept as int8.
+    torchao's int4 weight-only quantization uses), or with `native_int4` for our own (format
+    "int4-vnni", native.pack). A matrix whose input size is not a multiple of the group is kept
+    as int8.
 
     Those kernels read the weights once for every four rows of input: right for decoding (a few
     rows), slow for a prompt (hundreds of rows, where a bf16 matrix product is 3x faster). With
@@ -124,11 +125,7 @@ class _Linear:
         if fmt == "int4" and weight.shape[1] % INT4_GROUP:
             fmt = "int8"
         if fmt == "int4":
-            rows, columns = weight.shape
-            groups = weight.view(rows, columns // INT4_GROUP, INT4_GROUP)
-            low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-            scale = ((high - low) / 15).clamp(min=1e-8)
-            levels = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
+            levels, scale, low = _in_groups(weight, 4)
             # With `native_int4`, our own kernel multiplies it at every size below dense_from.
             if native_int4 and native.quantized_fits(weight.shape, scale, low):
                 fmt = "int4-vnni"
@@ -144,12 +141,12 @@ class _Linear:
             self.batch = _fbgemm_pack(*_int8_rows(scaled))
             self.smoothing = smoothing if self.batch is not None else None
         if fmt == "int4-vnni":
-            self.weight = native.pack(levels.view(rows, columns), scale, low, bits=4)
+            self.weight = native.pack(levels, scale, low, bits=4)
             self.scale = None
         elif fmt == "int4":
             # The kernel reads w = (level - 8) * scale + zero, so zero = low + 8 * scale.
             self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                levels.to(torch.int32).view(rows, columns), 1
+                levels.to(torch.int32), 1
             )
             zero = low + 8 * scale
             self.scale = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16)
@@ -256,16 +253,25 @@ class _Head:
 def _native_int8(weight: torch.Tensor) -> torch.Tensor | None:
     """`weight` in 8-bit levels, groups of 32 inputs with a scale and minimum each, packed for
     chat::int8_linear; None if it does not take it."""
-    rows, columns = weight.shape
-    if columns % native.GROUP:
+    if weight.shape[1] % INT4_GROUP:
         return None
-    groups = weight.view(rows, columns // native.GROUP, native.GROUP)
-    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-    scale = ((high - low) / 255).clamp(min=1e-8)
+    levels, scale, low = _in_groups(weight, 8)
     if not native.quantized_fits(weight.shape, scale, low):
         return None
-    levels = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 255)
-    return native.pack(levels.view(rows, columns), scale, low, bits=8)
+    return native.pack(levels, scale, low, bits=8)
+
+
+def _in_groups(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`weight` (outputs, inputs) in groups of INT4_GROUP inputs, each spanned by 2^bits levels
+    from its smallest weight to its largest: (levels (outputs, inputs), scale and minimum
+    (outputs, groups)), w ~= level * scale + minimum."""
+    rows, columns = weight.shape
+    groups = weight.view(rows, columns // INT4_GROUP, INT4_GROUP)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    top = 2**bits - 1
+    scale = ((high - low) / top).clamp(min=1e-8)
+    levels = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, top)
+    return levels.view(rows, columns), scale, low
 
 
 def _fbgemm_pack(weight: torch.Tensor, scale: torch.Tensor):
@@ -400,7 +406,7 @@ class LlamaDecoder:
         int8 copies of batched steps (int4 on torch's kernels only); without, they are not
         smoothed.
         `kernels`: where our own kernels are built and kept (native.py), for the bf16 formats
-        (int4 products and decode-step attention); None: torch's kernels only."""
+        (quantized products and decode-step attention); None: torch's kernels only."""
         if fmt not in WEIGHT_FORMATS:
             raise ValueError(f"weight format must be one of {', '.join(WEIGHT_FORMATS)}")
         config = model.config
@@ -495,8 +501,8 @@ class LlamaDecoder:
         """Feed `tokens` to slot `row`, whose first `start` positions already hold the
         conversation's earlier tokens. Returns the logits after the last token: (vocab,), or
         with `every`, after each token: (len(tokens), vocab), read STEP_ROWS tokens a pass,
-        each computed as a decode step of as many replies computes it (no bf16 copies; the
-        int8 gate-up product), so that they measure what batched replies are written with."""
+        each computed as a decode step of as many replies computes it (the quantized products,
+        no bf16 copies), so that they measure what batched replies are written with."""
         if every:
             return torch.cat(
                 [

@@ -60,6 +60,8 @@ inline __m512 load16(const at::BFloat16* x) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
+// A row of x (groups * 32 inputs) as the products take it (see Quantized), each group's largest
+// magnitude at 127.
 template <typename T>
 void quantize_row(const T* x, int64_t groups, int32_t* levels, float* steps, float* sums) {
   for (int64_t g = 0; g < groups; ++g) {
@@ -73,7 +75,7 @@ void quantize_row(const T* x, int64_t groups, int32_t* levels, float* steps, flo
     _mm_storeu_si128(reinterpret_cast<__m128i*>(levels + g * 8 + 4), _mm512_cvtsepi32_epi8(qb));
     steps[g] = peak / 127.f;
     // The sum of the quantized inputs, not of x: each input's rounding then meets its weight
-    // w, not w - minimum (about 8 scales larger).
+    // w, not w - minimum (up to 2^Bits scales larger).
     sums[g] = steps[g] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)));
   }
 }
