@@ -54,6 +54,17 @@ def reference(q, keys, values, lengths, dtype=torch.float32):
     )
 
 
+def assert_like_torch_attention(out, q, keys, values, lengths):
+    """`out` is attention computed in fp32 but for rounding, and as close to it as torch's own
+    bf16 attention (what the kernel replaces) is."""
+    expected = reference(q, keys, values, lengths)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+    torch_bf16 = reference(q, keys, values, lengths, torch.bfloat16)
+    ours = (out.float() - expected).abs().max()
+    theirs = (torch_bf16.float() - expected).abs().max()
+    assert ours <= 2 * theirs + 1e-3, (ours, theirs)
+
+
 @needs_cpu
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim"),
@@ -69,18 +80,28 @@ def test_the_kernel_computes_what_torch_attention_computes(kernel, heads, kv_hea
         q = wide.to(torch.bfloat16)[:, :heads]
         out = kernel(q, keys, values, lengths)
         assert out.shape == (len(lengths), heads * head_dim) and out.dtype == torch.bfloat16
-        expected = reference(q, keys, values, lengths)
-        torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
-        # As close to the exact result as torch's own bf16 attention (what it replaces) is.
-        torch_bf16 = reference(q, keys, values, lengths, torch.bfloat16)
-        ours = (out.float() - expected).abs().max()
-        theirs = (torch_bf16.float() - expected).abs().max()
-        assert ours <= 2 * theirs + 1e-3, (ours, theirs)
+        assert_like_torch_attention(out, q, keys, values, lengths)
         # A row of one position is its value, exactly (bf16 in, bf16 out).
         group = heads // kv_heads
         first = out[0].view(heads, head_dim)
         for head in range(heads):
             assert torch.equal(first[head], values[0, head // group, 0])
+
+
+@needs_cpu
+@pytest.mark.parametrize("length", [1, 100, 257, 300, 2000])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 1)])
+def test_one_rows_positions_are_cut_into_runs_that_compute_the_same(
+    kernel, length, heads, kv_heads
+):
+    """One reply (fewer row and head pairs than twice the threads): its positions are cut into
+    runs of at least 256, attended to apart and combined, and the result is what torch's
+    attention computes, as for a whole row."""
+    keys, values = slot_rows(2, kv_heads, 64, positions=2048)
+    lengths = torch.tensor([length])
+    for sharpness in (1.0, 8.0):
+        q = (torch.randn(1, heads, 64) * sharpness).to(torch.bfloat16)
+        assert_like_torch_attention(kernel(q, keys, values, lengths), q, keys, values, lengths)
 
 
 @needs_cpu

@@ -10,7 +10,9 @@
 //
 // The computation is the flash kernel's: scores q.k / sqrt(D) in fp32, softmax in fp32, the
 // probabilities rounded to bf16 for their product with the values (as the flash kernel does
-// for bf16), accumulated in fp32, divided by the fp32 sum, rounded to bf16.
+// for bf16), accumulated in fp32, divided by the fp32 sum, rounded to bf16. A row's positions
+// may be cut into runs, each with its own largest score, combined at the end as the flash
+// kernel combines its blocks (see attend_all).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -18,6 +20,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -73,14 +76,26 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// One row and key-value head: the G query heads that share it (D values each, bf16, query j at
-// q + j * q_stride) over positions 0..length-1 of its keys and values (position p at
-// k + p * k_stride, v + p * v_stride). Writes G * D bf16 to out; `scores` holds G * (length
-// rounded up to 16) floats.
+// What a run of positions gives the G query heads of a key-value head: per head, the largest
+// score, the sum of exp(score - largest) and the values weighted by those, unnormalized (in the
+// order the dot products leave them: see `finish`). Runs of one row and head combine into its
+// attention.
+template <int G, int D>
+struct Partial {
+  static constexpr int kChunks = D / 32;  // 32 bf16 to a register
+  alignas(64) float acc[G][2 * kChunks][16];
+  float top[G];
+  float total[G];
+};
+
+// The G query heads of one row and key-value head (D values each, bf16, query j at
+// q + j * q_stride) over `length` positions of its keys and values (position p at
+// k + p * k_stride, v + p * v_stride). `scores` holds G * (length rounded up to 16) floats.
 template <int G, int D>
 void attend(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t k_stride,
-            const uint16_t* v, int64_t v_stride, int64_t length, float* scores, uint16_t* out) {
-  constexpr int kChunks = D / 32;  // 32 bf16 to a register
+            const uint16_t* v, int64_t v_stride, int64_t length, float* scores,
+            Partial<G, D>& part) {
+  constexpr int kChunks = Partial<G, D>::kChunks;
   const int64_t padded = (length + 15) / 16 * 16;
   const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(D)));
 
@@ -111,9 +126,9 @@ void attend(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t k_st
   }
 
   // Softmax's numerators (0 past the end) and their sums.
-  float total[G];
   for (int j = 0; j < G; ++j) {
-    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(peak[j]));
+    part.top[j] = _mm512_reduce_max_ps(peak[j]);
+    const __m512 top = _mm512_set1_ps(part.top[j]);
     float* s = scores + j * padded;
     __m512 sum = _mm512_setzero_ps();
     for (int64_t first = 0; first < padded; first += 16) {
@@ -123,7 +138,7 @@ void attend(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t k_st
       _mm512_storeu_ps(s + first, e);
       sum = _mm512_add_ps(sum, e);
     }
-    total[j] = _mm512_reduce_add_ps(sum);
+    part.total[j] = _mm512_reduce_add_ps(sum);
   }
 
   // Values, two positions at a time: their rows interleaved (bf16 pairs), so that one
@@ -153,16 +168,37 @@ void attend(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t k_st
     }
   }
 
-  // acc[j][2c + s], element 4 * lane + i, holds dimension 32c + 8 * lane + 4s + i.
+  for (int j = 0; j < G; ++j)
+    for (int h = 0; h < 2 * kChunks; ++h) _mm512_store_ps(part.acc[j][h], acc[j][h]);
+}
+
+// The attention of G query heads from the runs of positions they were split into: each run's
+// sums rescaled to the largest score of all, added, divided by the total. Writes G * D bf16 to
+// out.
+template <int G, int D>
+void finish(const Partial<G, D>* parts, int count, uint16_t* out) {
+  constexpr int kChunks = Partial<G, D>::kChunks;
   for (int j = 0; j < G; ++j) {
+    float top = parts[0].top[j];
+    for (int n = 1; n < count; ++n) top = std::max(top, parts[n].top[j]);
+    __m512 acc[2 * kChunks];
+    for (int h = 0; h < 2 * kChunks; ++h) acc[h] = _mm512_setzero_ps();
+    float total = 0.f;
+    for (int n = 0; n < count; ++n) {
+      const float rescale = count == 1 ? 1.f : std::exp(parts[n].top[j] - top);
+      total += rescale * parts[n].total[j];
+      for (int h = 0; h < 2 * kChunks; ++h)
+        acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(rescale), _mm512_load_ps(parts[n].acc[j][h]), acc[h]);
+    }
+    // acc[2c + s], element 4 * lane + i, holds dimension 32c + 8 * lane + 4s + i.
     alignas(64) float unordered[2 * kChunks][16];
     alignas(64) float ordered[D];
-    for (int h = 0; h < 2 * kChunks; ++h) _mm512_store_ps(unordered[h], acc[j][h]);
+    for (int h = 0; h < 2 * kChunks; ++h) _mm512_store_ps(unordered[h], acc[h]);
     for (int h = 0; h < 2 * kChunks; ++h)
       for (int lane = 0; lane < 4; ++lane)
         for (int i = 0; i < 4; ++i)
           ordered[32 * (h / 2) + 8 * lane + 4 * (h % 2) + i] = unordered[h][4 * lane + i];
-    const __m512 inverse = _mm512_set1_ps(1.0f / total[j]);
+    const __m512 inverse = _mm512_set1_ps(1.0f / total);
     for (int d = 0; d < D; d += 16) {
       const __m256bh result = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(ordered + d), inverse));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j * D + d), (__m256i)result);
@@ -170,16 +206,63 @@ void attend(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t k_st
   }
 }
 
-using Attend = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, const uint16_t*,
-                        int64_t, int64_t, float*, uint16_t*);
+// Where the work is cut: by row and key-value head, and when there are fewer of those pairs
+// than twice the threads, each row's positions into runs of at least kRunPositions (one
+// conversation's three key-value heads on two cores left one core idle a third of the time).
+constexpr int64_t kRunPositions = 256;
+
+struct Layout {
+  const uint16_t *q, *k, *v;
+  int64_t q_row, q_head, k_row, k_head, k_position, v_row, v_head, v_position;
+  int64_t rows, kv_heads;
+  const int64_t* lengths;
+  uint16_t* out;
+};
+
+template <int G, int D>
+void attend_all(const Layout& x) {
+  const int64_t pairs = x.rows * x.kv_heads;
+  const int64_t threads = at::get_num_threads();
+  const int64_t split = pairs < 2 * threads ? (2 * threads + pairs - 1) / pairs : 1;
+  auto run_length = [&](int64_t r) {
+    return std::max(kRunPositions, (x.lengths[r] + split - 1) / split);
+  };
+  auto runs = [&](int64_t r) { return (x.lengths[r] + run_length(r) - 1) / run_length(r); };
+  std::vector<Partial<G, D>> parts(pairs * split);
+  at::parallel_for(0, pairs * split, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t pair = item / split, n = item % split;
+      const int64_t r = pair / x.kv_heads, h = pair % x.kv_heads;
+      const int64_t first = n * run_length(r);
+      if (first >= x.lengths[r]) continue;
+      const int64_t count = std::min(run_length(r), x.lengths[r] - first);
+      scores.resize(G * ((count + 15) / 16 * 16));  // (padded to 16, as `attend` reads)
+      attend<G, D>(x.q + r * x.q_row + h * G * x.q_head, x.q_head,
+                   x.k + r * x.k_row + h * x.k_head + first * x.k_position, x.k_position,
+                   x.v + r * x.v_row + h * x.v_head + first * x.v_position, x.v_position, count,
+                   scores.data(), parts[item]);
+      if (split == 1) finish<G, D>(&parts[item], 1, x.out + (r * x.kv_heads + h) * G * D);
+    }
+  });
+  if (split == 1) return;
+  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t r = pair / x.kv_heads;
+      finish<G, D>(&parts[pair * split], runs(r), x.out + pair * G * D);
+    }
+  });
+}
+
+using Attend = void (*)(const Layout&);
 
 template <int D>
 Attend pick(int64_t group) {
   switch (group) {
-    case 1: return attend<1, D>;
-    case 2: return attend<2, D>;
-    case 3: return attend<3, D>;
-    case 4: return attend<4, D>;
+    case 1: return attend_all<1, D>;
+    case 2: return attend_all<2, D>;
+    case 3: return attend_all<3, D>;
+    case 4: return attend_all<4, D>;
     default: return nullptr;
   }
 }
@@ -210,21 +293,15 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
     TORCH_CHECK(length[r] >= 1 && length[r] <= keys.size(2), "decode_attention: length out of range");
 
   auto out = at::empty({rows, heads * dim}, q.options());
-  const auto* q_data = reinterpret_cast<const uint16_t*>(q.data_ptr());
-  const auto* k_data = reinterpret_cast<const uint16_t*>(keys.data_ptr());
-  const auto* v_data = reinterpret_cast<const uint16_t*>(values.data_ptr());
-  auto* out_data = reinterpret_cast<uint16_t*>(out.data_ptr());
-  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t r = task / kv_heads, h = task % kv_heads;
-      scores.resize(group * ((length[r] + 15) / 16 * 16));  // (padded to 16, as `attend` reads)
-      kernel(q_data + r * q.stride(0) + h * group * q.stride(1), q.stride(1),
-             k_data + r * keys.stride(0) + h * keys.stride(1), keys.stride(2),
-             v_data + r * values.stride(0) + h * values.stride(1), values.stride(2), length[r],
-             scores.data(), out_data + (r * heads + h * group) * dim);
-    }
-  });
+  const Layout layout{reinterpret_cast<const uint16_t*>(q.data_ptr()),
+                      reinterpret_cast<const uint16_t*>(keys.data_ptr()),
+                      reinterpret_cast<const uint16_t*>(values.data_ptr()),
+                      q.stride(0), q.stride(1),
+                      keys.stride(0), keys.stride(1), keys.stride(2),
+                      values.stride(0), values.stride(1), values.stride(2),
+                      rows, kv_heads, length,
+                      reinterpret_cast<uint16_t*>(out.data_ptr())};
+  kernel(layout);
   return out;
 }
 
