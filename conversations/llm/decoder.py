@@ -270,7 +270,8 @@ def _in_groups(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)
     top = 2**bits - 1
     scale = ((high - low) / top).clamp(min=1e-8)
-    levels = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, top)
+    # (In place: one copy of the matrix at a time; the head's is 113 MB in fp32.)
+    levels = (groups - low[..., None]).div_(scale[..., None]).round_().clamp_(0, top)
     return levels.view(rows, columns), scale, low
 
 
