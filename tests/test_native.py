@@ -250,15 +250,22 @@ def test_a_matrix_the_quantized_products_cannot_take_goes_to_torchs_kernels():
 def test_the_kernel_is_built_into_the_cache_once_and_loaded_from_there(tmp_path):
     """In fresh processes, as at a first start and the starts after it: two starting at once
     over the lock file a build killed midway left behind (torch's own lock would wait for it
-    forever), then a third, which builds nothing."""
-    script = "import sys; from conversations.llm import native; print(native.load(sys.argv[1]))"
+    forever), then a third, which builds nothing and loads the library without torch's
+    cpp_extension (which builds again whenever torch's headers are reached by another path);
+    then, the stamp not matching (as after a change of the sources), a fourth goes through
+    cpp_extension again and stamps what it loaded."""
+    script = (
+        "import sys; from conversations.llm import native; from torch.utils import cpp_extension;"
+        "cpp_extension.load = None if sys.argv[2] == 'no-build' else cpp_extension.load;"
+        "print(native.load(sys.argv[1]))"
+    )
     built = tmp_path / "kernels" / native.TARGET
     built.mkdir(parents=True)
     (built / "lock").touch()
 
-    def start():
+    def start(build="may build"):
         return subprocess.Popen(
-            [sys.executable, "-c", script, str(tmp_path)],
+            [sys.executable, "-c", script, str(tmp_path), build],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -272,11 +279,15 @@ def test_the_kernel_is_built_into_the_cache_once_and_loaded_from_there(tmp_path)
         return [out.strip() for out, _ in outputs]
 
     assert results([start(), start()]) == ["True", "True"]
-    library, objects = built / "chat_kernels.so", list(built.glob("*.o"))
+    library, objects = built / native.LIBRARY, list(built.glob("*.o"))
     assert library.is_file() and objects and not (built / "lock").exists()
     made = {path: path.stat().st_mtime_ns for path in [library, *objects]}
-    assert results([start()]) == ["True"]
+    assert results([start("no-build")]) == ["True"]
     assert {path: path.stat().st_mtime_ns for path in made} == made, "built again"
+    (built / "stamp").write_text("other sources")
+    assert results([start("no-build")]) == ["False"]  # (it would have to build)
+    assert results([start()]) == ["True"]  # (cpp_extension finds its build current)
+    assert (built / "stamp").read_text() == native._stamp()
 
 
 def test_where_the_kernels_cannot_be_built_the_decoder_uses_torchs(monkeypatch, tmp_path, caplog):

@@ -13,9 +13,11 @@ instead (scaled_dot_product_attention, the int4 and FBGEMM int8 products); the l
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -29,6 +31,7 @@ SOURCES = [
 # What the build targets: the folder it goes to is named after it, so that a model cache
 # copied to another machine never loads code for instructions that machine lacks.
 TARGET = "avx512-bf16-vnni"
+LIBRARY = "chat_kernels.so"
 FLAGS = [
     "-O3",
     "-fopenmp",
@@ -131,29 +134,13 @@ def load(cache_root: Path | str) -> bool:
         # (Resolved: ninja builds again for another spelling of the same folder.)
         directory = Path(cache_root).resolve() / "kernels" / TARGET
         try:
-            from torch.utils import cpp_extension
-
-            if shutil.which("ninja") is None:
-                # The ninja that pip installed, in a virtualenv not on PATH (a server started
-                # as .venv/bin/gunicorn).
-                import ninja
-
-                os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
             directory.mkdir(parents=True, exist_ok=True)
             # One process builds at a time. torch's own lock is a file that a process killed
             # mid-build leaves behind, and every later start would wait for it forever: ours
             # is released with its process, and while we hold it theirs can only be stale.
             with open(directory / "build.lock", "w") as held:
                 fcntl.flock(held, fcntl.LOCK_EX)
-                (directory / "lock").unlink(missing_ok=True)
-                path = cpp_extension.load(
-                    name="chat_kernels",
-                    sources=[str(source) for source in SOURCES],
-                    extra_cflags=FLAGS,
-                    extra_ldflags=["-fopenmp"],
-                    build_directory=str(directory),
-                    is_python_module=False,
-                )
+                path = _load_built(directory) or _build(directory)
         except Exception:
             logger.warning(
                 "Could not build our kernels (they need a C++ compiler and ninja); the decoder "
@@ -161,6 +148,51 @@ def load(cache_root: Path | str) -> bool:
                 exc_info=True,
             )
             return False
-        _loaded = Path(path)
+        _loaded = path
         logger.info("Kernels loaded from %s", path)
         return True
+
+
+
+def _stamp() -> str:
+    """What a build is made from: the sources, the flags, torch and Python."""
+    digest = hashlib.sha256()
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    digest.update(" ".join([*FLAGS, torch.__version__, sys.version]).encode())
+    return digest.hexdigest()
+
+
+def _load_built(directory: Path) -> Path | None:
+    """The library built before from these very sources, loaded; None if there is none. (Not
+    through torch's cpp_extension, which builds again whenever the path it includes torch's
+    headers from is spelled differently, as when the virtualenv is reached through a link.)"""
+    library, stamp = directory / LIBRARY, directory / "stamp"
+    if not library.is_file() or not stamp.is_file() or stamp.read_text() != _stamp():
+        return None
+    torch.ops.load_library(str(library))
+    return library
+
+
+def _build(directory: Path) -> Path:
+    """Build the library with torch's cpp_extension (which loads it), and stamp it."""
+    from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None:
+        # The ninja that pip installed, in a virtualenv not on PATH (a server started as
+        # .venv/bin/gunicorn).
+        import ninja
+
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+    (directory / "lock").unlink(missing_ok=True)
+    (directory / "stamp").unlink(missing_ok=True)
+    path = cpp_extension.load(
+        name=LIBRARY.removesuffix(".so"),
+        sources=[str(source) for source in SOURCES],
+        extra_cflags=FLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(directory),
+        is_python_module=False,
+    )
+    (directory / "stamp").write_text(_stamp())
+    return Path(path)
