@@ -153,7 +153,6 @@ def load(cache_root: Path | str) -> bool:
         return True
 
 
-
 def _stamp() -> str:
     """What a build is made from: the sources, the flags, torch and Python."""
     digest = hashlib.sha256()
