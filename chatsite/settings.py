@@ -239,9 +239,9 @@ CHATBOT_PREFIX_CACHE_MB = env_int("CHATBOT_PREFIX_CACHE_MB", 256)
 # groups of 32, output head int8; perplexity within 2% of fp32 on the bundled model), int8,
 # bf16 or fp32. Other models run as loaded.
 CHATBOT_WEIGHTS = env_choice("CHATBOT_WEIGHTS", "int4", ("int4", "int8", "bf16", "fp32"))
-# Kernels of our own for int4 matrix products and decode-step attention, compiled into the model
-# cache at first load, on CPUs with AVX-512 BF16 and VNNI (elsewhere, or off, or if they cannot
-# be built: torch's kernels).
+# Kernels of our own for the quantized matrix products (int4 layers, int8 head) and decode-step
+# attention, compiled into the model cache at first load, on CPUs with AVX-512 BF16 and VNNI
+# (elsewhere, or off, or if they cannot be built: torch's kernels).
 CHATBOT_NATIVE_KERNELS = env_bool("CHATBOT_NATIVE_KERNELS", True)
 # Conversations answered together, one token each per decode step; more wait their turn.
 CHATBOT_BATCH_SIZE = max(1, env_int("CHATBOT_BATCH_SIZE", 8))

@@ -226,6 +226,8 @@ def test_the_quantized_products_refuse_what_they_cannot_compute_with_a_clear_err
         native.pack(levels[:24], scale[:24], minimum[:24], bits)
     with pytest.raises(ValueError, match=f"no {bits}-bit product of a 32 x 64 matrix"):
         native.pack(levels, scale, minimum * 1e7, bits)  # beyond fp16
+    with pytest.raises(ValueError, match=f"no {bits}-bit product of a 32 x 64 matrix"):
+        native.pack(levels, scale[:, :1], minimum[:, :1], bits)  # one scale per 64 inputs
     with pytest.raises(ValueError, match="no 6-bit product"):
         native.pack(levels, scale, minimum, 6)
 

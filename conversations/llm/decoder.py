@@ -125,7 +125,7 @@ class _Linear:
         if fmt == "int4" and weight.shape[1] % INT4_GROUP:
             fmt = "int8"
         if fmt == "int4":
-            levels, scale, low = _in_groups(weight, 4)
+            levels, scale, low = _in_groups(weight, 4, INT4_GROUP)
             # With `native_int4`, our own kernel multiplies it at every size below dense_from.
             if native_int4 and native.quantized_fits(weight.shape, scale, low):
                 fmt = "int4-vnni"
@@ -253,20 +253,22 @@ class _Head:
 def _native_int8(weight: torch.Tensor) -> torch.Tensor | None:
     """`weight` in 8-bit levels, groups of 32 inputs with a scale and minimum each, packed for
     chat::int8_linear; None if it does not take it."""
-    if weight.shape[1] % INT4_GROUP:
+    if weight.shape[1] % native.GROUP:
         return None
-    levels, scale, low = _in_groups(weight, 8)
+    levels, scale, low = _in_groups(weight, 8, native.GROUP)
     if not native.quantized_fits(weight.shape, scale, low):
         return None
     return native.pack(levels, scale, low, bits=8)
 
 
-def _in_groups(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`weight` (outputs, inputs) in groups of INT4_GROUP inputs, each spanned by 2^bits levels
+def _in_groups(
+    weight: torch.Tensor, bits: int, group: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`weight` (outputs, inputs) in groups of `group` inputs, each spanned by 2^bits levels
     from its smallest weight to its largest: (levels (outputs, inputs), scale and minimum
     (outputs, groups)), w ~= level * scale + minimum."""
     rows, columns = weight.shape
-    groups = weight.view(rows, columns // INT4_GROUP, INT4_GROUP)
+    groups = weight.view(rows, columns // group, group)
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)
     top = 2**bits - 1
     scale = ((high - low) / top).clamp(min=1e-8)

@@ -79,11 +79,12 @@ def attention_fits(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int)
 
 def quantized_fits(shape: torch.Size, scale: torch.Tensor, minimum: torch.Tensor) -> bool:
     """Whether the quantized products take a matrix of this shape (outputs, inputs), with these
-    scales and minimums (see pack)."""
+    scales and minimums: one per GROUP inputs, within fp16's range (see pack)."""
     outputs, inputs = shape
     return (
         outputs % BLOCK == 0
         and inputs % GROUP == 0
+        and scale.shape == minimum.shape == (outputs, inputs // GROUP)
         and max(scale.abs().max().item(), minimum.abs().max().item()) <= FP16_MAX
     )
 
