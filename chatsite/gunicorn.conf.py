@@ -22,15 +22,16 @@ control_socket_disable = True
 
 
 def on_starting(server):
-    # Replies left "streaming" by a server that died mid-reply are marked "interrupted" before
-    # any worker starts, so nothing stays "streaming" forever.
+    # Replies whose server died mid-reply are marked "interrupted" by whoever next looks at their
+    # conversation (their lease ran out); this only tidies the log at start. Replies another
+    # server is still writing on the same database keep their live leases.
     import django
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatsite.settings")
     django.setup()
-    from conversations.services import mark_interrupted_replies
+    from conversations.services import interrupt_dead_replies
 
-    if count := mark_interrupted_replies():
+    if count := interrupt_dead_replies():
         server.log.info("Marked %d unfinished replies as interrupted.", count)
 
 

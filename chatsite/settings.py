@@ -245,6 +245,9 @@ CHATBOT_WEIGHTS = env_choice("CHATBOT_WEIGHTS", "int4", ("int4", "int8", "bf16",
 CHATBOT_NATIVE_KERNELS = env_bool("CHATBOT_NATIVE_KERNELS", True)
 # Conversations answered together, one token each per decode step; more wait their turn.
 CHATBOT_BATCH_SIZE = max(1, env_int("CHATBOT_BATCH_SIZE", 8))
+# A reply being written whose server has shown no sign of life for this long (its writer renews
+# a lease on the row every third of it) is taken as dead and marked interrupted.
+CHATBOT_STALE_REPLY_SECONDS = max(1.0, env_float("CHATBOT_STALE_REPLY_SECONDS", 15.0))
 # After the first exchange the model writes the conversation's title (else: the first message).
 CHATBOT_AUTO_TITLE = env_bool("CHATBOT_AUTO_TITLE", True)
 

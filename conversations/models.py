@@ -131,13 +131,25 @@ class Message(models.Model):
         null=True, blank=True, help_text="Earlier messages of the conversation the model saw."
     )
     generation_params = models.JSONField(default=dict, blank=True)
+    # The lease of a reply being written: its writer renews this while it lives (leases.py). A
+    # streaming reply whose lease is older than CHATBOT_STALE_REPLY_SECONDS, or that has none
+    # (written before leases existed), has lost its writer. (Nullable without a default, so that
+    # SQLite adds the column in place instead of rebuilding the table without its search
+    # triggers.)
+    lease_renewed_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     objects = MessageQuerySet.as_manager()
 
     class Meta:
         ordering = ["created_at"]
         indexes = [
-            models.Index(fields=["conversation", "created_at"], name="message_conversation_order")
+            models.Index(fields=["conversation", "created_at"], name="message_conversation_order"),
+            # Finds the replies being written (a handful) without reading the whole log.
+            models.Index(
+                fields=["lease_renewed_at"],
+                condition=models.Q(status="streaming"),
+                name="message_streaming_lease",
+            ),
         ]
 
     def __str__(self) -> str:

@@ -4,13 +4,13 @@ The reply row is reserved with the question (status "streaming", no text yet), s
 message to the same conversation sees it busy; its text is saved at the first token and every
 FLUSH_SECONDS while the model writes, and it ends as ok, cancelled or error, with the statistics
 of the run. Nothing about a running reply lives only in memory: a stop request from any process
-flips the row to "cancelled", and the writer notices at its next save.
+flips the row to "cancelled", and the writer notices at its next save. While it writes, the
+reply holds a lease on its row (leases.py), so a reply whose server died frees its conversation.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +21,7 @@ from django.utils import timezone
 
 from .context import build_context
 from .errors import ChatError, ContextOverflow, GenerationFailed
+from .leases import keeper
 from .models import Conversation, Message
 
 logger = logging.getLogger(__name__)
@@ -44,20 +45,6 @@ class ReplyEvent:
     detail: str = ""
 
 
-# Replies being written in this process, by conversation: the stop endpoint cancels them.
-_running: dict[Any, set] = {}
-_running_lock = threading.Lock()
-
-
-def cancel_running(conversation_id) -> bool:
-    """Cancel the replies this process is writing in a conversation; True if there were any."""
-    with _running_lock:
-        streams = list(_running.get(conversation_id, ()))
-    for stream in streams:
-        stream.cancel()
-    return bool(streams)
-
-
 def reserve_reply(question: Message, *, engine, params, new_question: bool = False) -> Message:
     """The row of the reply to `question`, before any text: status streaming, so the
     conversation counts as busy from the moment the question is saved (call it in the same
@@ -70,6 +57,7 @@ def reserve_reply(question: Message, *, engine, params, new_question: bool = Fal
         role=Message.Role.ASSISTANT,
         content="",
         status=Message.Status.STREAMING,
+        lease_renewed_at=timezone.now(),
         reply_to=question,
         version_group=question.pk,
         model=engine.model_name,
@@ -95,6 +83,7 @@ class ReplyWriter:
     error: ChatError | None = None
     _stream: Any = field(default=None, repr=False)
     _events: Any = field(default=None, repr=False)
+    _stopped: bool = field(default=False, repr=False)
 
     def __iter__(self) -> Iterator[ReplyEvent]:
         if self._events is None:
@@ -109,15 +98,27 @@ class ReplyWriter:
             raise self.error
         return Exchange(self.question, self.reply)
 
-    def cancel_and_finish(self) -> None:
-        """The listener went away: stop the model and save the partial reply as cancelled."""
+    def stop(self) -> None:
+        """Stop the model within a step; the reply ends with what was written (thread-safe)."""
+        self._stopped = True
         if self._stream is not None:
             self._stream.cancel()
+
+    def cancel_and_finish(self) -> None:
+        """The listener went away: stop the model and save the partial reply as cancelled."""
+        self.stop()
         if self._events is not None:
             for _ in self._events:
                 pass
 
     def _write(self) -> Iterator[ReplyEvent]:
+        keeper.hold(self)
+        try:
+            yield from self._write_held()
+        finally:
+            keeper.release(self)
+
+    def _write_held(self) -> Iterator[ReplyEvent]:
         try:
             context = build_context(
                 self.conversation, new_message=self.question, engine=self.engine, params=self.params
@@ -131,9 +132,9 @@ class ReplyWriter:
         except Exception as exc:
             yield self._fail_unexpected(exc, "")
             return
+        if self._stopped:  # stopped while the context was being built
+            self._stream.cancel()
 
-        with _running_lock:
-            _running.setdefault(self.conversation.pk, set()).add(self._stream)
         text, last_flush = "", 0.0  # (so the first piece of text is saved at once)
         try:
             for delta in self._stream:
@@ -145,12 +146,6 @@ class ReplyWriter:
         except Exception as exc:
             yield self._fail_unexpected(exc, text)
             return
-        finally:
-            with _running_lock:
-                running = _running.get(self.conversation.pk, set())
-                running.discard(self._stream)
-                if not running:
-                    _running.pop(self.conversation.pk, None)
         yield ReplyEvent("done", self._finish(context.context_turns))
         if self.after_done is not None and (extra := self.after_done(self)) is not None:
             yield extra
@@ -159,10 +154,12 @@ class ReplyWriter:
 
     def _flush(self, text: str) -> None:
         saved = Message.objects.filter(pk=self.reply.pk, status=Message.Status.STREAMING).update(
-            content=text
+            content=text, lease_renewed_at=timezone.now()
         )
-        if not saved:  # stopped from elsewhere (the stop endpoint, maybe in another process)
-            self._stream.cancel()
+        # Stopped from elsewhere (the stop endpoint, maybe in another process), or given up for
+        # dead while this process stood still (interrupted): write no more.
+        if not saved:
+            self.stop()
 
     def _finish(self, context_turns: int) -> Message:
         result = self._stream.result
@@ -177,10 +174,15 @@ class ReplyWriter:
             "context_turns": context_turns,
             "generation_params": {**self.params.as_dict(), "finish_reason": result.finish_reason},
         }
-        # Saved as is while the row still says streaming; a row stopped from elsewhere (the stop
-        # endpoint, maybe in another process) meanwhile ends cancelled.
+        # Saved as is while the row still says streaming; a row stopped (cancelled) or given up
+        # for dead (interrupted) meanwhile keeps that status, with all the text written.
         if not self._save(fields, only_streaming=True):
-            self._save({**fields, "status": Message.Status.CANCELLED})
+            del fields["status"]
+            self._save(fields)
+            row = Message.objects.filter(pk=self.reply.pk).values("status", "error").first()
+            self.reply.status, self.reply.error = (
+                (row["status"], row["error"]) if row else (Message.Status.CANCELLED, "")
+            )
         return self.reply
 
     def _fail(self, error: ChatError, reason: str) -> ReplyEvent:

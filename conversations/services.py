@@ -17,9 +17,10 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
+from . import leases
 from .errors import Conflict
 from .models import Conversation, Message
-from .replies import Exchange, ReplyEvent, ReplyWriter, cancel_running, reserve_reply
+from .replies import Exchange, ReplyEvent, ReplyWriter, reserve_reply
 from .runtime import default_generation_params, get_engine
 
 logger = logging.getLogger(__name__)
@@ -126,7 +127,9 @@ def activate_version(*, conversation: Conversation, message: Message) -> Message
     if not in_last_exchange:
         raise Conflict("Only the versions of the last message and its reply can be switched.")
     if message.status == Message.Status.STREAMING:
-        raise Conflict("This reply is still being written.")
+        if not interrupt_dead_replies(conversation=conversation):
+            raise Conflict("This reply is still being written.")
+        message.refresh_from_db(fields=["status", "error"])
     with transaction.atomic():
         Message.objects.filter(version_group=message.version_group).exclude(pk=message.pk).update(
             is_active=False
@@ -139,7 +142,7 @@ def activate_version(*, conversation: Conversation, message: Message) -> Message
 def stop_generation(*, conversation: Conversation) -> bool:
     """Stop the reply being written in this conversation, if any. The partial reply is kept
     with status cancelled. True if something was running."""
-    stopped_here = cancel_running(conversation.pk)
+    stopped_here = leases.keeper.stop_conversation(conversation.pk)
     # A reply written by another server process sees this at its next save and stops.
     marked = conversation.messages.filter(status=Message.Status.STREAMING).update(
         status=Message.Status.CANCELLED
@@ -147,11 +150,12 @@ def stop_generation(*, conversation: Conversation) -> bool:
     return stopped_here or bool(marked)
 
 
-def mark_interrupted_replies() -> int:
-    """At server start: replies left "streaming" by a process that died are "interrupted"."""
-    return Message.objects.filter(status=Message.Status.STREAMING).update(
-        status=Message.Status.INTERRUPTED
-    )
+def interrupt_dead_replies(*, conversation: Conversation | None = None) -> int:
+    """Mark the replies whose server stopped writing them (their lease ran out) as interrupted,
+    in one conversation or, at a server's start, in all. Their text is kept; a reply another
+    server is still writing is left alone. Returns how many were marked."""
+    messages = conversation.messages.all() if conversation else Message.objects.all()
+    return leases.interrupt_dead_replies(messages)
 
 
 # Internals
@@ -164,6 +168,7 @@ def _ensure_idle(conversation: Conversation) -> None:
     time the second sees the first one's reply and gets 409."""
     if connection.features.has_select_for_update:  # (SQLite has no row locks: no query)
         list(Conversation.objects.select_for_update().filter(pk=conversation.pk).values_list("pk"))
+    interrupt_dead_replies(conversation=conversation)
     if conversation.messages.filter(status=Message.Status.STREAMING).exists():
         raise Conflict(
             "A reply is still being written in this conversation. Wait for it or stop it."

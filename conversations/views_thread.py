@@ -38,6 +38,7 @@ def thread(request, conversation_id):
             lambda: services.open_message_stream(conversation=conversation, content=content),
         )
         return _back_to_thread(conversation)
+    services.interrupt_dead_replies(conversation=conversation)
     messages = list(conversation.messages.active_path().with_versions().order_by("created_at"))
     last_question = next((m for m in reversed(messages) if m.role == Message.Role.USER), None)
     last_reply = messages[-1] if messages and messages[-1].role == Message.Role.ASSISTANT else None

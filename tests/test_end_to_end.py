@@ -17,7 +17,8 @@ USERNAME, PASSWORD = "alice", "correct-Horse-battery-9"
 
 @pytest.fixture
 def server(tmp_path):
-    server = Server(tmp_path)
+    # A short lease, so a reply whose server was killed is free again within seconds.
+    server = Server(tmp_path, env={"CHATBOT_STALE_REPLY_SECONDS": "2"})
     server.prepare()
     server.start()
     yield server

@@ -13,6 +13,7 @@ from django.utils import timezone
 
 from conversations import replies, services
 from conversations.api.serializers import MessageSerializer, message_data
+from conversations.leases import keeper
 from conversations.llm.engine import Generation
 from conversations.models import Conversation, Message
 
@@ -237,14 +238,19 @@ def test_reply_row_is_reserved_with_the_question_and_has_text_from_the_first_tok
     assert rest[-1][1]["id"] == str(reply.pk)
 
 
-def test_streaming_reply_text_is_saved_while_it_is_written(api, owner, fake_engine, monkeypatch):
+def stream_saving_every_piece(api, owner, fake_engine, monkeypatch):
+    """A conversation and a reader of its reply of SCRIPTED words, each saved as it comes,
+    after the first word."""
     monkeypatch.setattr(replies, "FLUSH_SECONDS", 0)
     conversation = make_conversation(owner)
     fake_engine.replies = [SCRIPTED]
-
     reader = EventReader(stream_post(api, url(conversation), {"content": "Count"}))
-    reader.until("delta")
-    reader.next()
+    assert reader.until("delta") == ("delta", {"text": "one"})
+    return conversation, reader
+
+
+def test_streaming_reply_text_is_saved_while_it_is_written(api, owner, fake_engine, monkeypatch):
+    conversation, reader = stream_saving_every_piece(api, owner, fake_engine, monkeypatch)
     reader.next()
 
     reply = conversation.messages.get(role="assistant")
@@ -280,7 +286,7 @@ def test_stop_cancels_the_running_reply_and_keeps_its_text(api, owner, fake_engi
     assert 2 <= len(reply.content.split()) < len(SCRIPTED.split())
     assert SCRIPTED.startswith(reply.content)
     assert reply.generation_params["finish_reason"] == "cancelled"
-    assert conversation.pk not in replies._running
+    assert not keeper.stop_conversation(conversation.pk)  # nothing left running here
 
     # Stopped, the conversation takes the next message.
     post(api, conversation, "Next")
@@ -358,7 +364,7 @@ def test_closing_the_stream_early_saves_the_partial_reply_as_cancelled(api, owne
     assert 2 <= len(reply.content.split()) < len(SCRIPTED.split())
     assert SCRIPTED.startswith(reply.content)
     assert not conversation.messages.filter(status=Message.Status.STREAMING).exists()
-    assert conversation.pk not in replies._running
+    assert not keeper.stop_conversation(conversation.pk)  # nothing left running here
     post(api, conversation, "Next")
 
 
@@ -391,7 +397,7 @@ def test_failure_mid_stream_sends_an_error_event_and_keeps_the_rows(api, owner, 
     assert reply.content == "Echo: Tell"
     # The event shows the reply as stored.
     assert error["reply"]["content"] == reply.content
-    assert conversation.pk not in replies._running
+    assert not keeper.stop_conversation(conversation.pk)  # nothing left running here
 
     fake_engine.fail_with = None
     fake_engine.calls.clear()
@@ -615,6 +621,7 @@ def test_activating_a_streaming_reply_is_409(api, owner, fake_engine):
         conversation=conversation,
         role="assistant",
         status=Message.Status.STREAMING,
+        lease_renewed_at=timezone.now(),
         reply_to=question,
         version_group=question.pk,
         is_active=False,
@@ -712,7 +719,7 @@ def test_edit_on_an_empty_conversation_is_409(api, owner, fake_engine):
 # --- 9. a reply still being written; interrupted replies --------------------------------------
 
 
-def add_streaming_reply(conversation) -> Message:
+def add_streaming_reply(conversation, **fields) -> Message:
     question = Message.objects.create(conversation=conversation, role="user", content="Q")
     return Message.objects.create(
         conversation=conversation,
@@ -721,6 +728,7 @@ def add_streaming_reply(conversation) -> Message:
         status=Message.Status.STREAMING,
         reply_to=question,
         version_group=question.pk,
+        **{"lease_renewed_at": timezone.now(), **fields},  # (a live writer, unless told)
     )
 
 
@@ -760,22 +768,32 @@ def test_streaming_request_while_a_reply_is_streaming_gets_an_error_event(api, o
     assert conversation.messages.count() == 2
 
 
-def test_mark_interrupted_replies(owner, other_user):
-    mine = add_streaming_reply(make_conversation(owner))
-    theirs = add_streaming_reply(make_conversation(other_user))
+def test_interrupt_dead_replies_marks_only_expired_leases(owner, other_user, settings):
+    settings.CHATBOT_STALE_REPLY_SECONDS = 15
+    expired = timezone.now() - timedelta(seconds=16)
+    mine = add_streaming_reply(make_conversation(owner), lease_renewed_at=expired)
+    theirs = add_streaming_reply(make_conversation(other_user), lease_renewed_at=expired)
+    # Written before replies held leases.
+    older = add_streaming_reply(make_conversation(other_user), lease_renewed_at=None)
+    live = add_streaming_reply(
+        make_conversation(owner), lease_renewed_at=timezone.now() - timedelta(seconds=14)
+    )
     done = Message.objects.create(
         conversation=mine.conversation, role="assistant", content="x", status="ok"
     )
+    Message.objects.filter(pk=done.pk).update(lease_renewed_at=expired)
 
-    assert services.mark_interrupted_replies() == 2
+    assert services.interrupt_dead_replies() == 3
 
-    for row in (mine, theirs):
+    for row in (mine, theirs, older):
         row.refresh_from_db()
         assert row.status == Message.Status.INTERRUPTED
         assert row.content == "half an ans"
-    done.refresh_from_db()
-    assert done.status == Message.Status.OK
-    assert services.mark_interrupted_replies() == 0
+        assert "server stopped" in row.error
+    for row, status in ((live, Message.Status.STREAMING), (done, Message.Status.OK)):
+        row.refresh_from_db()
+        assert row.status == status
+    assert services.interrupt_dead_replies() == 0
 
 
 def test_interrupted_and_cancelled_replies_are_in_the_context_error_replies_are_not(
@@ -806,7 +824,10 @@ def test_interrupted_and_cancelled_replies_are_in_the_context_error_replies_are_
             **({"version_group": question.pk} if role == "assistant" else {}),
         )
         question = message if role == "user" else None
-    services.mark_interrupted_replies()
+    # The streaming reply's server died long ago: the next message marks it interrupted.
+    conversation.messages.filter(status="streaming").update(
+        lease_renewed_at=start - timedelta(hours=1)
+    )
 
     post(api, conversation, "q5")
 

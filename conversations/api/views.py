@@ -148,6 +148,7 @@ class ConversationViewSet(viewsets.ModelViewSet):
         if request.method == "GET":
             if request.accepted_renderer.media_type == EVENT_STREAM:
                 raise NotAcceptable("Only posting a message can answer as an event stream.")
+            services.interrupt_dead_replies(conversation=conversation)
             messages = conversation.messages.with_versions().order_by("created_at")
             if request.query_params.get("include", "active") != "all":
                 messages = messages.active_path()
