@@ -65,16 +65,22 @@ def messages_url(server, conversation: str) -> str:
 class Stream:
     """A reply streamed as Server-Sent Events, read one event at a time."""
 
-    def __init__(self, server, headers, conversation: str, content: str) -> None:
-        self.response = requests.post(
-            messages_url(server, conversation),
-            json={"content": content, "stream": True},
-            headers=headers,
-            stream=True,
-            timeout=300,
-        )
-        assert self.response.status_code == 200, self.response.text
+    def __init__(self, response: requests.Response) -> None:
+        assert response.status_code == 200, response.text
+        self.response = response
         self.events = self._events()
+
+    @classmethod
+    def post(cls, server, headers, conversation: str, content: str) -> "Stream":
+        return cls(
+            requests.post(
+                messages_url(server, conversation),
+                json={"content": content, "stream": True},
+                headers=headers,
+                stream=True,
+                timeout=300,
+            )
+        )
 
     def _events(self):
         kind = None
@@ -84,17 +90,15 @@ class Stream:
             elif line.startswith("data: "):
                 yield kind, json.loads(line[6:])
 
-    def first_delta(self) -> str:
+    def next(self, wanted: str) -> dict:
+        """The data of the next event of this kind."""
         for kind, data in self.events:
-            if kind == "delta":
-                return data["text"]
-        raise AssertionError("the stream ended before any text")
-
-    def done(self) -> dict:
-        for kind, data in self.events:
-            if kind == "done":
+            if kind == wanted:
                 return data
-        raise AssertionError("the stream ended without its reply")
+        raise AssertionError(f"the stream ended without a {wanted} event")
+
+    def first_delta(self) -> str:
+        return self.next("delta")["text"]
 
     def close(self) -> None:
         self.response.close()
@@ -106,26 +110,35 @@ def last_reply(server, headers, conversation: str) -> dict:
     return response.json()["results"][-1]
 
 
-def post_until_accepted(server, headers, conversation: str, *, within: float) -> float:
-    """Post a message every half second until the conversation takes it; the seconds it took.
-    Until the dead reply's lease runs out, each try is refused as busy (409)."""
-    short = {"max_new_tokens": 8, "temperature": None}  # (the answer itself does not matter)
+def shorten_replies(server, headers, conversation: str) -> None:
+    """Later replies short (the running one keeps its parameters): their text does not matter."""
+    short = {"max_new_tokens": 8, "temperature": None}
     response = requests.patch(
         f"{server.url}/api/conversations/{conversation}/", json=short, headers=headers, timeout=60
     )
     assert response.status_code == 200, response.text
+
+
+def post_until_accepted(server, headers, conversation: str, *, within: float) -> float:
+    """Post a message every half second until the conversation takes it; the seconds until it
+    did (its `user_message` event: the reply to it may still wait for a model loading). Until
+    the dead reply's lease runs out, each try is refused as busy (409)."""
     started = time.monotonic()
     while True:
         response = requests.post(
             messages_url(server, conversation),
-            json={"content": "Are you still there?"},
+            json={"content": "Are you still there?", "stream": True},
             headers=headers,
+            stream=True,
             timeout=300,
         )
-        if response.status_code == 201:
-            assert response.json()["reply"]["status"] == "ok"
-            return time.monotonic() - started
-        assert response.status_code in (409, 502, 503), response.text
+        if response.status_code == 200:
+            stream = Stream(response)
+            stream.next("user_message")
+            accepted = time.monotonic() - started
+            assert stream.next("done")["status"] == "ok"
+            return accepted
+        assert response.status_code == 409, response.text
         assert time.monotonic() - started < within, f"still refused: {response.text}"
         time.sleep(0.5)
 
@@ -140,14 +153,15 @@ def test_a_worker_killed_mid_reply_frees_its_conversation(servers):
     conversation = new_conversation(a, headers, **LONG_REPLY)
     worker = worker_of(a)
 
-    stream = Stream(a, headers, conversation, "Tell me a long story about the sea.")
+    stream = Stream.post(a, headers, conversation, "Tell me a long story about the sea.")
     written = stream.first_delta()
+    shorten_replies(a, headers, conversation)
     worker.send_signal(signal.SIGKILL)  # as the kernel's OOM killer would; the master lives on
     stream.close()
 
     # The master boots a new worker, which runs no start-up code of the master's: the dead
     # reply's lease alone frees the conversation.
-    took = post_until_accepted(a, headers, conversation, within=LEASE + 90)
+    took = post_until_accepted(a, headers, conversation, within=LEASE + 60)
     assert worker_of(a).pid != worker.pid
     replies = [
         m
@@ -159,7 +173,7 @@ def test_a_worker_killed_mid_reply_frees_its_conversation(servers):
     killed = replies[0]
     assert killed["status"] == "interrupted"
     assert killed["content"].lstrip().startswith(written.strip()), "the text written is kept"
-    print(f"conversation free again {took:.1f} s after the kill (lease {LEASE} s)")
+    print(f"conversation took a message {took:.1f} s after the kill (lease {LEASE} s)")
 
 
 def test_a_live_writer_waiting_for_the_model_keeps_its_lease(servers):
@@ -168,10 +182,10 @@ def test_a_live_writer_waiting_for_the_model_keeps_its_lease(servers):
     a, b, headers = servers
     first = new_conversation(a, headers, **LONG_REPLY)
     second = new_conversation(a, headers, max_new_tokens=8)
-    running = Stream(a, headers, first, "Tell me a long story about the mountains.")
+    running = Stream.post(a, headers, first, "Tell me a long story about the mountains.")
     running.first_delta()
     posted = time.monotonic()
-    waiting = Stream(a, headers, second, "Hello!")
+    waiting = Stream.post(a, headers, second, "Hello!")
 
     # Looking at both conversations through the other server marks a reply whose lease ran out.
     seen = set()
@@ -184,7 +198,7 @@ def test_a_live_writer_waiting_for_the_model_keeps_its_lease(servers):
     ).json()
     waiting.first_delta()
     waited = time.monotonic() - posted
-    done = waiting.done()
+    done = waiting.next("done")
     running.close()
 
     assert "interrupted" not in seen, "a reply whose writer lives was taken for dead"
@@ -198,8 +212,9 @@ def test_a_frozen_worker_finds_its_reply_interrupted_and_stops(servers):
     server frees the conversation, and the writer, when it wakes, writes no more."""
     a, b, headers = servers
     conversation = new_conversation(a, headers, **LONG_REPLY)
-    stream = Stream(a, headers, conversation, "Tell me a long story about a forest.")
+    stream = Stream.post(a, headers, conversation, "Tell me a long story about a forest.")
     stream.first_delta()
+    shorten_replies(a, headers, conversation)
     worker = worker_of(a)
 
     worker.send_signal(signal.SIGSTOP)
@@ -212,7 +227,7 @@ def test_a_frozen_worker_finds_its_reply_interrupted_and_stops(servers):
     finally:
         worker.send_signal(signal.SIGCONT)
 
-    done = stream.done()
+    done = stream.next("done")
     assert marked["status"] == done["status"] == "interrupted"
     assert done["content"].startswith(marked["content"])
     assert done["generation_params"]["finish_reason"] == "cancelled", "the writer went on"
@@ -223,13 +238,15 @@ def test_a_frozen_worker_finds_its_reply_interrupted_and_stops(servers):
 def test_a_server_that_died_frees_its_conversation_on_another_server(servers):
     a, b, headers = servers
     conversation = new_conversation(a, headers, **LONG_REPLY)
-    stream = Stream(a, headers, conversation, "Tell me a long story about a river.")
+    stream = Stream.post(a, headers, conversation, "Tell me a long story about a river.")
     written = stream.first_delta()
+    shorten_replies(a, headers, conversation)
 
     a.kill()  # master and worker: no code of A's runs again
     stream.close()
 
-    post_until_accepted(b, headers, conversation, within=LEASE + 30)
+    took = post_until_accepted(b, headers, conversation, within=LEASE + 30)
+    print(f"the other server took a message {took:.1f} s after the kill (lease {LEASE} s)")
     history = requests.get(messages_url(b, conversation), headers=headers, timeout=10).json()[
         "results"
     ]
