@@ -14,9 +14,10 @@ test: install-test
 	$(BIN)/python manage.py makemigrations --check --dry-run
 	$(BIN)/pytest
 
-# The search tests again on a real PostgreSQL (installs and starts it: needs root, Debian).
+# The search and reply-lease tests again on a real PostgreSQL (installs and starts it: needs
+# root, Debian).
 test-postgres: install-test
-	.ci/postgres-tests
+	.ci/postgres-tests tests/test_search.py tests/test_reply_leases.py -q
 
 install: $(VENV)/.installed
 
