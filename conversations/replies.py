@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,11 +114,14 @@ class ReplyWriter:
     def _write(self) -> Iterator[ReplyEvent]:
         keeper.hold(self)
         try:
-            yield from self._write_held()
+            finished = yield from self._write_held()
         finally:
             keeper.release(self)
+        if finished and self.after_done is not None and (extra := self.after_done(self)):
+            yield extra
 
-    def _write_held(self) -> Iterator[ReplyEvent]:
+    def _write_held(self) -> Generator[ReplyEvent, None, bool]:
+        """The reply's events while it holds its lease; True if it was saved as written."""
         try:
             context = build_context(
                 self.conversation, new_message=self.question, engine=self.engine, params=self.params
@@ -128,10 +131,10 @@ class ReplyWriter:
             )
         except ContextOverflow as exc:
             yield self._fail(exc, exc.detail)
-            return
+            return False
         except Exception as exc:
             yield self._fail_unexpected(exc, "")
-            return
+            return False
         if self._stopped:  # stopped while the context was being built
             self._stream.cancel()
 
@@ -145,10 +148,9 @@ class ReplyWriter:
                 yield ReplyEvent("delta", delta)
         except Exception as exc:
             yield self._fail_unexpected(exc, text)
-            return
+            return False
         yield ReplyEvent("done", self._finish(context.context_turns))
-        if self.after_done is not None and (extra := self.after_done(self)) is not None:
-            yield extra
+        return True
 
     # Rows
 

@@ -237,3 +237,24 @@ def test_stop_reaches_a_writer_still_building_its_context(api, owner, fake_engin
     reply = response.json()["reply"]
     assert reply["status"] == "cancelled"
     assert reply["content"] == ""
+
+
+def test_a_finished_reply_lets_go_of_its_lease_before_the_title_is_written(
+    api, owner, fake_engine, settings, monkeypatch
+):
+    """Writing the title takes the model a while after the reply is saved; a stop then finds
+    nothing running, and the keeper does not renew a reply that is no longer being written."""
+    settings.CHATBOT_AUTO_TITLE = True
+    conversation = make_conversation(owner, title="")
+    held_while_titling = []
+    original = fake_engine.generate
+
+    def generate(messages, params, **options):
+        held_while_titling.append(leases.keeper.stop_conversation(conversation.pk))
+        return original(messages, params, **options)
+
+    monkeypatch.setattr(fake_engine, "generate", generate)
+
+    post(api, conversation, "Hello")
+
+    assert held_while_titling == [False]
