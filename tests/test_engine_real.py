@@ -2,7 +2,6 @@
 loads it: converted once from GGUF into the cache, then loaded from there."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from conversations.context import build_context
 from conversations.llm.engine import Engine, GenerationParams
 from conversations.llm.loading import BUNDLED_MODEL_NAME, bundled_cache_dir
 from conversations.models import Message
+from tests.processes import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.model
@@ -122,14 +122,7 @@ def test_unavailable_model_fails_at_start_naming_the_setting(tmp_path, model, ex
         "CHATBOT_VAR_DIR": str(tmp_path),
         "HF_HUB_OFFLINE": "1",  # this machine has no network; make the hub say so at once
     }
-    result = subprocess.run(
-        [sys.executable, "manage.py", "prepare_model"],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_python("manage.py", "prepare_model", env=env, timeout=300)
     assert result.returncode != 0
     assert "CHATBOT_MODEL" in result.stderr
     assert expected in result.stderr
@@ -140,14 +133,7 @@ def test_prepare_model_command_reports_cache_and_load_time(tmp_path):
         "CHATBOT_VAR_DIR": str(tmp_path),
         "CHATBOT_MODEL_CACHE": str(settings.CHATBOT_MODEL_CACHE),
     }
-    result = subprocess.run(
-        [sys.executable, "manage.py", "prepare_model"],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_python("manage.py", "prepare_model", env=env)
     assert result.returncode == 0, result.stderr
     assert f"Model cache: {bundled_cache_dir(settings.CHATBOT_MODEL_CACHE)}" in result.stdout
     assert "Loaded SmolLM2-135M-Instruct" in result.stdout

@@ -4,6 +4,7 @@ built once into the model cache, they compute what torch computes for the shapes
 decoder hands them, a decode step of the real model writes the same tokens with them as without,
 and where they cannot be built the decoder uses torch's kernels."""
 
+import json
 import logging
 import subprocess
 import sys
@@ -18,10 +19,12 @@ from benchmarks.quality import SCORED_TEXT
 from conversations.llm import native
 from conversations.llm.decoder import SlotCache
 from conversations.llm.engine import GenerationParams
+from tests.processes import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_cpu = pytest.mark.skipif(
-    not native.supported(), reason="this CPU has no AVX-512 BF16 and VNNI"
+    not native.supported(),
+    reason="no AVX-512 BF16 and VNNI here (the CPU lacks them or torch is limited to less)",
 )
 
 
@@ -420,3 +423,46 @@ def test_the_setting_turns_the_kernels_off(real_engine, torch_kernels_engine):
     if native.supported():
         on = real_engine._scheduler.call(lambda: calls(real_engine)).result()
         assert on == ((1, 0, 4, 0), (1, 0))
+
+
+def test_torch_limited_to_less_than_avx512_rules_our_kernels_out(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not native.supported()
+    monkeypatch.setattr(native, "_loaded", None)
+    assert native.load(settings.CHATBOT_MODEL_CACHE) is False
+
+
+AVX2_ENGINE = """
+import json, sys, torch
+from conversations.llm import native
+from conversations.llm.engine import Engine, GenerationParams
+engine = Engine(model="", cache_dir=sys.argv[1])
+messages = [{"role": "user", "content": "What is the capital of France?"}]
+answer = engine.generate(messages, GenerationParams(max_new_tokens=16)).text
+decoder = engine._decoder
+print(json.dumps({
+    "capability": torch.backends.cpu.get_cpu_capability(),
+    "supported": native.supported(),
+    "loaded": native._loaded is not None,
+    "ours": [decoder.native, decoder.native_attention],
+    "formats": sorted({layer.qkv.fmt for layer in decoder.layers}),
+    "paris": "Paris" in answer,
+}))
+"""
+
+
+@pytest.mark.model
+def test_with_torch_limited_to_avx2_the_engine_answers_on_torchs_kernels():
+    """An operator who limits torch to AVX2 (or a CPU without AVX-512) gets torch's kernels
+    only, with the default setting, and the model answers."""
+    limited = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    result = run_python("-c", AVX2_ENGINE, str(settings.CHATBOT_MODEL_CACHE), env=limited)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {
+        "capability": "AVX2",
+        "supported": False,
+        "loaded": False,
+        "ours": [False, False],
+        "formats": ["int4"],
+        "paris": True,
+    }
