@@ -7,7 +7,6 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-from django.conf import settings
 
 from benchmarks.quality import SCORED_QUESTION, SCORED_TEXT
 from conversations.llm.decoder import LlamaDecoder, SlotCache
@@ -323,6 +322,7 @@ def bundled_int4(real_engine):
     return real_engine
 
 
+@pytest.mark.model
 def test_cancelling_one_reply_leaves_the_others_writing(bundled_int4):
     params = GenerationParams(max_new_tokens=48)
     streams = [
@@ -349,10 +349,11 @@ def test_cancelling_one_reply_leaves_the_others_writing(bundled_int4):
         assert len(other.text.split()) > 20
 
 
-def test_int4_weights_keep_perplexity_within_3_percent_of_fp32(bundled_int4):
+@pytest.mark.model
+def test_int4_weights_keep_perplexity_within_3_percent_of_fp32(bundled_int4, fp32_engine):
     """On the quality benchmark's text (~500 tokens: on a text of 100 the ratio moved by 4% with
     the rounding of one operation)."""
-    fp32 = Engine(model="", cache_dir=settings.CHATBOT_MODEL_CACHE, weights="fp32")
+    fp32 = fp32_engine
     question, text = chat(SCORED_QUESTION), SCORED_TEXT
     reply = bundled_int4.load().tokenizer(text, add_special_tokens=False)["input_ids"]
     ppl_fp32 = torch.exp(torch.tensor(-fp32.score_reply(question, text) / len(reply)))
@@ -377,6 +378,7 @@ def test_int4_weights_keep_perplexity_within_3_percent_of_fp32(bundled_int4):
     assert bundled_int4._decoder.decode_weight_bytes < fp32._decoder.decode_weight_bytes / 3
 
 
+@pytest.mark.model
 def test_steps_of_five_or_more_replies_multiply_in_int8_with_smoothed_inputs(
     torch_kernels_engine,
 ):

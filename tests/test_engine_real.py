@@ -48,14 +48,16 @@ def test_real_model_answers_a_factual_question(real_engine):
     assert "<|im_end|>" not in generation.text
 
 
-def test_memory_comes_from_the_database_after_a_restart(db, owner):
+def test_memory_comes_from_the_database_after_a_restart(db, owner, real_engine):
     conversation = services.create_conversation(owner=owner)
     Message.objects.create(conversation=conversation, role="user", content=FACT)
     Message.objects.create(conversation=conversation, role="assistant", content=ACK)
     follow_up = Message.objects.create(conversation=conversation, role="user", content=QUESTION)
 
     # A new engine, as in a freshly started process: all it knows comes from the database.
-    fresh = Engine(model="", cache_dir=settings.CHATBOT_MODEL_CACHE)
+    fresh = Engine(
+        model="", cache_dir=settings.CHATBOT_MODEL_CACHE, native_kernels=real_engine.native_kernels
+    )
     params = GenerationParams(max_new_tokens=32)
     context = build_context(conversation, new_message=follow_up, engine=fresh, params=params)
 
