@@ -57,6 +57,18 @@ def fp32_engine():
     return _bundled_engine(weights="fp32")
 
 
+ENGINE_FIXTURES = {"real_engine", "default_engine", "torch_kernels_engine", "fp32_engine"}
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that run the bundled model in this process are marked `engine`: `make test` runs
+    them again with torch limited to AVX2 (the path of a CPU without AVX-512), without the tests
+    of fresh processes and servers, which would double its time."""
+    for item in items:
+        if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.engine)
+
+
 def pytest_report_header(config):
     return (
         f"torch CPU capability: {torch.backends.cpu.get_cpu_capability()}; "
