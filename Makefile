@@ -13,6 +13,9 @@ test: install-test
 	$(BIN)/ruff format --check .
 	$(BIN)/python manage.py makemigrations --check --dry-run
 	$(BIN)/pytest
+	# The bundled model's engine tests again with torch limited to AVX2: the path of a CPU
+	# without AVX-512 (torch's kernels, none of ours), taken on every machine that runs them.
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/pytest -m engine
 
 # The search and reply-lease tests again on a real PostgreSQL (installs and starts it: needs
 # root, Debian).

@@ -1,37 +1,79 @@
 import pytest
+import torch
 from django.contrib.auth import get_user_model
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from conversations import runtime
+from conversations.llm import native
 from tests.fakes import FakeEngine
 
 PASSWORD = "a-Long-test-passw0rd"
 
 
-@pytest.fixture(scope="session")
-def real_engine():
-    """The bundled model on the product's engine, loaded once for every test that reads it."""
+# The kernel paths the bundled model's engine can take on this machine: ours (the default setting)
+# and torch's alone (CHATBOT_NATIVE_KERNELS=false). Where ours cannot run (no AVX-512 BF16 and
+# VNNI, or torch limited to less), the default setting takes torch's path: that one is tested,
+# its fallback included, and once.
+KERNEL_PATHS = ["ours", "torch"] if native.supported() else ["torch"]
+
+
+def _bundled_engine(**options):
     from django.conf import settings
 
     from conversations.llm.engine import Engine
 
-    engine = Engine(model="", cache_dir=settings.CHATBOT_MODEL_CACHE)
+    engine = Engine(model="", cache_dir=settings.CHATBOT_MODEL_CACHE, **options)
     engine.load()
     return engine
+
+
+@pytest.fixture(scope="session")
+def default_engine():
+    """The bundled model on the product's engine with its default settings (our kernels where
+    they run), loaded once for every test that reads it."""
+    return _bundled_engine()
 
 
 @pytest.fixture(scope="session")
 def torch_kernels_engine():
     """The bundled model with our own kernels turned off (CHATBOT_NATIVE_KERNELS=false): what
     runs on CPUs that cannot run them, on torch's kernels alone."""
-    from django.conf import settings
+    return _bundled_engine(native_kernels=False)
 
-    from conversations.llm.engine import Engine
 
-    engine = Engine(model="", cache_dir=settings.CHATBOT_MODEL_CACHE, native_kernels=False)
-    engine.load()
-    return engine
+@pytest.fixture(scope="session", params=KERNEL_PATHS, ids=[f"{p}-kernels" for p in KERNEL_PATHS])
+def real_engine(request):
+    """The bundled model on each kernel path (KERNEL_PATHS): a test of what the engine does
+    runs on each, as some CPU runs it."""
+    if request.param == "torch" and native.supported():
+        return request.getfixturevalue("torch_kernels_engine")
+    return request.getfixturevalue("default_engine")
+
+
+@pytest.fixture(scope="session")
+def fp32_engine():
+    """The bundled model in fp32 (no kernels of ours: they are for the bf16 formats)."""
+    return _bundled_engine(weights="fp32")
+
+
+ENGINE_FIXTURES = {"real_engine", "default_engine", "torch_kernels_engine", "fp32_engine"}
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that run the bundled model in this process are marked `engine`: `make test` runs
+    them again with torch limited to AVX2 (the path of a CPU without AVX-512), without the tests
+    of fresh processes and servers, which would double its time."""
+    for item in items:
+        if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.engine)
+
+
+def pytest_report_header(config):
+    return (
+        f"torch CPU capability: {torch.backends.cpu.get_cpu_capability()}; "
+        f"the bundled model's kernel paths: {', '.join(KERNEL_PATHS)}"
+    )
 
 
 @pytest.fixture(autouse=True)

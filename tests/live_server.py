@@ -93,7 +93,9 @@ class Server:
             try:
                 if requests.get(f"{self.url}/accounts/login/", timeout=2).status_code == 200:
                     return
-            except (requests.ConnectionError, requests.Timeout):  # (a busy machine: slow)
+            # (Not listening yet, or too busy starting to answer at once: a machine whose cores
+            # are busy may take longer than the 2 s of one try.)
+            except (requests.ConnectionError, requests.Timeout):
                 pass
             time.sleep(0.3)
         raise AssertionError("server did not start:\n" + self.log.read_text())

@@ -7,12 +7,12 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-from django.conf import settings
 
 from benchmarks.quality import SCORED_QUESTION, SCORED_TEXT
 from conversations.llm.decoder import LlamaDecoder, SlotCache
 from conversations.llm.engine import Engine, GenerationParams
 from conversations.llm.scheduler import PREFILL_CHUNK, ReplyRequest
+from tests.steering import steered
 from tests.tiny_models import WORDS, build_tiny_causal
 
 GREEDY = GenerationParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.1)
@@ -323,36 +323,41 @@ def bundled_int4(real_engine):
     return real_engine
 
 
+@pytest.mark.model
 def test_cancelling_one_reply_leaves_the_others_writing(bundled_int4):
+    """The model may not end its turn (its choices otherwise its own), so that a reply left
+    writing runs to its budget whatever words this CPU has it choose."""
     params = GenerationParams(max_new_tokens=48)
-    streams = [
-        bundled_int4.stream(chat(f"Write a long story about a {animal}."), params)
-        for animal in ("cat", "dog", "fox")
-    ]
-    results = [None] * len(streams)
+    with steered(bundled_int4, banned=frozenset(bundled_int4._stop_ids())):
+        streams = [
+            bundled_int4.stream(chat(f"Write a long story about a {animal}."), params)
+            for animal in ("cat", "dog", "fox")
+        ]
+        results = [None] * len(streams)
 
-    def read(i):
-        for n, _ in enumerate(streams[i]):
-            if i == 0 and n == 0:
-                streams[i].cancel()
-        results[i] = streams[i].result
+        def read(i):
+            for n, _ in enumerate(streams[i]):
+                if i == 0 and n == 0:
+                    streams[i].cancel()
+            results[i] = streams[i].result
 
-    threads = [threading.Thread(target=read, args=(i,)) for i in range(len(streams))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+        threads = [threading.Thread(target=read, args=(i,)) for i in range(len(streams))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
     cancelled, *others = results
     assert cancelled.finish_reason == "cancelled" and cancelled.completion_tokens <= 3
     for other in others:
         assert other.finish_reason == "length" and other.completion_tokens == 48
-        assert len(other.text.split()) > 20
+        assert other.text.strip()
 
 
-def test_int4_weights_keep_perplexity_within_3_percent_of_fp32(bundled_int4):
+@pytest.mark.model
+def test_int4_weights_keep_perplexity_within_3_percent_of_fp32(bundled_int4, fp32_engine):
     """On the quality benchmark's text (~500 tokens: on a text of 100 the ratio moved by 4% with
     the rounding of one operation)."""
-    fp32 = Engine(model="", cache_dir=settings.CHATBOT_MODEL_CACHE, weights="fp32")
+    fp32 = fp32_engine
     question, text = chat(SCORED_QUESTION), SCORED_TEXT
     reply = bundled_int4.load().tokenizer(text, add_special_tokens=False)["input_ids"]
     ppl_fp32 = torch.exp(torch.tensor(-fp32.score_reply(question, text) / len(reply)))
@@ -377,6 +382,7 @@ def test_int4_weights_keep_perplexity_within_3_percent_of_fp32(bundled_int4):
     assert bundled_int4._decoder.decode_weight_bytes < fp32._decoder.decode_weight_bytes / 3
 
 
+@pytest.mark.model
 def test_steps_of_five_or_more_replies_multiply_in_int8_with_smoothed_inputs(
     torch_kernels_engine,
 ):

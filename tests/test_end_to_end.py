@@ -173,12 +173,17 @@ def test_replies_stream_token_by_token_and_a_killed_server_leaves_no_reply_strea
                 arrivals.append(time.monotonic())
                 pieces.append(data["text"])
             elif kind == "done":
-                done = data
-    assert len(pieces) > 3
-    assert arrivals[-1] - arrivals[0] > 0.05, "pieces arrive as they are written, not at once"
+                done, done_at = data, time.monotonic()
     assert "Paris" in done["content"]
     assert "".join(pieces).strip() == done["content"]
     assert done["status"] == "ok"
+    # Pieces go out as the model writes them: the first came before the model wrote the rest,
+    # which took it a while by its own measure (a faster CPU shortens both sides); a reply sent
+    # whole would bring its first piece with the end. ("Paris" and the end of its turn: two
+    # tokens at the least.)
+    assert done["completion_tokens"] >= 2
+    writing = (done["total_ms"] - done["ttft_ms"]) / 1000
+    assert done_at - arrivals[0] > writing / 2, (done_at - arrivals[0], writing)
 
     # Kill the server in the middle of a long reply.
     response = requests.post(
@@ -192,9 +197,9 @@ def test_replies_stream_token_by_token_and_a_killed_server_leaves_no_reply_strea
     for kind, _ in _events(response):
         seen += kind == "delta"
         if seen == 5:
-            # Keep the stream open (closing it would stop the reply as "cancelled"), let the
-            # writer save the partial text at least once, then kill.
-            time.sleep(1.0)
+            # Kill with the stream open (closing it would stop the reply as "cancelled"). The
+            # partial text is saved: the writer saves a reply's first piece before sending it.
+            # (No waiting: on a fast CPU the reply would be finished.)
             server.kill()
             break
     response.close()

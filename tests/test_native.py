@@ -4,6 +4,7 @@ built once into the model cache, they compute what torch computes for the shapes
 decoder hands them, a decode step of the real model writes the same tokens with them as without,
 and where they cannot be built the decoder uses torch's kernels."""
 
+import json
 import logging
 import subprocess
 import sys
@@ -18,10 +19,12 @@ from benchmarks.quality import SCORED_TEXT
 from conversations.llm import native
 from conversations.llm.decoder import SlotCache
 from conversations.llm.engine import GenerationParams
+from tests.processes import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_cpu = pytest.mark.skipif(
-    not native.supported(), reason="this CPU has no AVX-512 BF16 and VNNI"
+    not native.supported(),
+    reason="no AVX-512 BF16 and VNNI here (the CPU lacks them or torch is limited to less)",
 )
 
 
@@ -342,20 +345,20 @@ def perplexity(scores, targets):
 
 @needs_cpu
 @pytest.mark.model
-def test_decode_steps_of_the_real_model_score_a_text_as_with_torch_attention(real_engine):
+def test_decode_steps_of_the_real_model_score_a_text_as_with_torch_attention(default_engine):
     """Eight rows read eight parts of a text one token a step: the scores with the kernel are
     those with torch's attention but for rounding. (Rounding alone moves this model's top token
     at about one step in twenty, and its perplexity over these ~500 tokens by about 1%,
     whichever way attention is rounded: with attention computed exactly in fp32, perplexity
     46.01, torch's bf16 kernel gave 45.73 and ours 45.96, each agreeing with its top token at
     95% of the steps.)"""
-    decoder = real_engine._decoder
+    decoder = default_engine._decoder
     assert decoder.native_attention, "built and loaded on this CPU"
-    parts, targets = text_parts(real_engine)
+    parts, targets = text_parts(default_engine)
     try:
-        ours = read_in_steps(real_engine, parts)
+        ours = read_in_steps(default_engine, parts)
         decoder.native_attention = False
-        theirs = read_in_steps(real_engine, parts)
+        theirs = read_in_steps(default_engine, parts)
     finally:
         decoder.native_attention = True
 
@@ -369,16 +372,16 @@ def test_decode_steps_of_the_real_model_score_a_text_as_with_torch_attention(rea
 @pytest.mark.model
 @pytest.mark.parametrize("rows", [1, 8])
 def test_decode_steps_of_the_real_model_score_a_text_as_with_torchs_kernels(
-    real_engine, torch_kernels_engine, rows
+    default_engine, torch_kernels_engine, rows
 ):
     """One reply, or eight, read a text one token a step: with our quantized products (inputs
     rounded to int8 in groups of 32) the scores are those of torch's kernels (int4 on bf16
     inputs; FBGEMM's int8 for the head, and at eight rows for query-key-value and gate-up) but
     for rounding."""
-    assert real_engine._decoder.layers[0].qkv.fmt == "int4-vnni"
+    assert default_engine._decoder.layers[0].qkv.fmt == "int4-vnni"
     assert torch_kernels_engine._decoder.layers[0].qkv.fmt == "int4"
-    parts, targets = text_parts(real_engine, rows)
-    ours = read_in_steps(real_engine, parts)
+    parts, targets = text_parts(default_engine, rows)
+    ours = read_in_steps(default_engine, parts)
     theirs = read_in_steps(torch_kernels_engine, parts)
 
     assert abs(perplexity(ours, targets) / perplexity(theirs, targets) - 1) < 0.02
@@ -388,7 +391,7 @@ def test_decode_steps_of_the_real_model_score_a_text_as_with_torchs_kernels(
 
 
 @pytest.mark.model
-def test_the_setting_turns_the_kernels_off(real_engine, torch_kernels_engine):
+def test_the_setting_turns_the_kernels_off(torch_kernels_engine, request):
     from torch.profiler import profile
 
     off = torch_kernels_engine
@@ -418,5 +421,62 @@ def test_the_setting_turns_the_kernels_off(real_engine, torch_kernels_engine):
 
     assert off._scheduler.call(lambda: calls(off)).result() == ((0, 1, 0, 4), (0, 1))
     if native.supported():
-        on = real_engine._scheduler.call(lambda: calls(real_engine)).result()
-        assert on == ((1, 0, 4, 0), (1, 0))
+        on = request.getfixturevalue("default_engine")
+        assert on._scheduler.call(lambda: calls(on)).result() == ((1, 0, 4, 0), (1, 0))
+
+
+@pytest.mark.model
+def test_each_kernel_path_tested_is_the_one_the_engine_runs(real_engine, request):
+    """The real-model tests run on each path of conftest.KERNEL_PATHS: ours (every layer's
+    products and decode attention) or torch's alone. With torch limited to less than AVX-512
+    (the run of `make test` with ATEN_CPU_CAPABILITY=avx2, as on a CPU without it), only
+    torch's, and no kernel of ours is loaded into the process."""
+    path = request.node.callspec.params["real_engine"]
+    decoder, ours = real_engine._decoder, path == "ours"
+    assert decoder.native is ours and decoder.native_attention is ours
+    assert {layer.qkv.fmt for layer in decoder.layers} == {"int4-vnni" if ours else "int4"}
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        assert path == "torch" and native._loaded is None
+
+
+def test_torch_limited_to_less_than_avx512_rules_our_kernels_out(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not native.supported()
+    monkeypatch.setattr(native, "_loaded", None)
+    assert native.load(settings.CHATBOT_MODEL_CACHE) is False
+
+
+AVX2_ENGINE = """
+import json, sys, torch
+from conversations.llm import native
+from conversations.llm.engine import Engine, GenerationParams
+engine = Engine(model="", cache_dir=sys.argv[1])
+messages = [{"role": "user", "content": "What is the capital of France?"}]
+answer = engine.generate(messages, GenerationParams(max_new_tokens=16)).text
+decoder = engine._decoder
+print(json.dumps({
+    "capability": torch.backends.cpu.get_cpu_capability(),
+    "supported": native.supported(),
+    "loaded": native._loaded is not None,
+    "ours": [decoder.native, decoder.native_attention],
+    "formats": sorted({layer.qkv.fmt for layer in decoder.layers}),
+    "paris": "Paris" in answer,
+}))
+"""
+
+
+@pytest.mark.model
+def test_with_torch_limited_to_avx2_the_engine_answers_on_torchs_kernels():
+    """An operator who limits torch to AVX2 (or a CPU without AVX-512) gets torch's kernels
+    only, with the default setting, and the model answers."""
+    limited = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    result = run_python("-c", AVX2_ENGINE, str(settings.CHATBOT_MODEL_CACHE), env=limited)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {
+        "capability": "AVX2",
+        "supported": False,
+        "loaded": False,
+        "ours": [False, False],
+        "formats": ["int4"],
+        "paris": True,
+    }

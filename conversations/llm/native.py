@@ -6,8 +6,9 @@ output head's int8 matrix products for decode steps and short prompts.
 They are built the first time a model loads (about 20 s with the C++ compiler that pip needs for
 packages that compile; `prepare_model` does it at install) into a folder of the model cache
 named after the instruction sets they were built for, then loaded from there in milliseconds.
-Where the CPU lacks those instructions, or the build fails, the decoder uses torch's kernels
-instead (scaled_dot_product_attention, the int4 and FBGEMM int8 products); the log says why.
+Where the CPU lacks those instructions, torch is limited to less (ATEN_CPU_CAPABILITY=avx2), or
+the build fails, the decoder uses torch's kernels instead (scaled_dot_product_attention, the int4
+and FBGEMM int8 products); the log says why.
 """
 
 from __future__ import annotations
@@ -58,7 +59,12 @@ _loaded: Path | None = None
 
 
 def supported() -> bool:
-    """Whether this CPU runs the kernels (AVX-512 with its bf16 and int8 dot products)."""
+    """Whether the kernels may run here: the CPU has AVX-512 with its bf16 and int8 dot products,
+    and torch is not limited to less. (An operator who sets ATEN_CPU_CAPABILITY=avx2 rules
+    AVX-512 out for torch's kernels; ours stay off too, as on a CPU without it. Torch's check of
+    the CPU's instructions does not see that limit.)"""
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
     checks = [
         getattr(torch.cpu, name, None)  # (torch's, not public)
         for name in ("_is_avx512_bf16_supported", "_is_vnni_supported")
@@ -130,7 +136,10 @@ def load(cache_root: Path | str) -> bool:
         if _loaded is not None:
             return True
         if not supported():
-            logger.info("This CPU has no AVX-512 BF16 and VNNI: the decoder uses torch's kernels")
+            logger.info(
+                "No AVX-512 BF16 and VNNI here (the CPU lacks them, or torch is limited to less: "
+                "ATEN_CPU_CAPABILITY): the decoder uses torch's kernels"
+            )
             return False
         # (Resolved: ninja builds again for another spelling of the same folder.)
         directory = Path(cache_root).resolve() / "kernels" / TARGET
