@@ -93,7 +93,7 @@ class Server:
             try:
                 if requests.get(f"{self.url}/accounts/login/", timeout=2).status_code == 200:
                     return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # (a busy machine: slow to answer)
                 pass
             time.sleep(0.3)
         raise AssertionError("server did not start:\n" + self.log.read_text())
