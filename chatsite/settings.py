@@ -245,6 +245,9 @@ CHATBOT_WEIGHTS = env_choice("CHATBOT_WEIGHTS", "int4", ("int4", "int8", "bf16",
 CHATBOT_NATIVE_KERNELS = env_bool("CHATBOT_NATIVE_KERNELS", True)
 # Conversations answered together, one token each per decode step; more wait their turn.
 CHATBOT_BATCH_SIZE = max(1, env_int("CHATBOT_BATCH_SIZE", 8))
+# Memory for the keys and values of the replies being written (every one as long as the longest
+# among them): a reply that would take them past it waits; one reply always runs (0: no limit).
+CHATBOT_BATCH_MEMORY_MB = env_int("CHATBOT_BATCH_MEMORY_MB", 512)
 # After the first exchange the model writes the conversation's title (else: the first message).
 CHATBOT_AUTO_TITLE = env_bool("CHATBOT_AUTO_TITLE", True)
 

@@ -223,6 +223,7 @@ class Engine:
         context_tokens: int = 0,
         torch_threads: int = 0,
         prefix_cache_bytes: int = 256 * 2**20,
+        batch_bytes: int = 512 * 2**20,
         weights: str = "int4",
         max_batch: int = 8,
         native_kernels: bool = True,
@@ -232,6 +233,7 @@ class Engine:
         self.context_tokens = context_tokens
         self.torch_threads = torch_threads
         self.prefix_cache_bytes = prefix_cache_bytes
+        self.batch_bytes = batch_bytes
         self.weights = weights
         self.max_batch = max_batch
         self.native_kernels = native_kernels
@@ -276,6 +278,7 @@ class Engine:
                 loaded.model,
                 fmt=self.weights,
                 limit=self._window(loaded),
+                slot_bytes=self.batch_bytes,
                 # fp32 shares the model's own tensors; other formats hold copies.
                 release=self.weights != "fp32",
                 calibration=self._prompts.encode(
