@@ -55,6 +55,21 @@ def test_least_recently_used_entries_leave_first_within_the_byte_budget():
     assert cache.take("huge", [4] * 51) == (None, 0)
 
 
+def test_the_budget_counts_the_bytes_entries_keep_alive_not_their_views():
+    cache = PrefixCache(max_bytes=1_000)
+    base = torch.zeros(100, 5)  # 2,000 bytes
+    cache.put("a", [1] * 5, base[:5])  # a view of 100 bytes into it
+    taken, _ = cache.take("a", [1] * 6)
+    assert taken.untyped_storage().nbytes() == taken.nbytes == 100, "its own copy, not the base"
+    assert torch.equal(taken, base[:5])
+    for key in "bcdefghijk":  # ten entries of 100 bytes: the last ten fit exactly
+        cache.put(key, [2] * 5, base[5:10])
+    cache.put("l", [3] * 5, kv(5))
+    assert len(cache) == 10 and cache.nbytes == 1_000
+    held = sum(e.cache.untyped_storage().nbytes() for e in cache._entries.values())
+    assert held == cache.nbytes
+
+
 def test_a_new_conversation_borrows_the_longest_shared_start_of_another():
     cache = PrefixCache(max_bytes=10_000)
     system = [7, 7, 1, 2, 3]  # e.g. the template's header and a system prompt
