@@ -28,7 +28,7 @@ import time
 
 import requests
 
-from .report import Report, fmt
+from .report import Report, fmt, fmt_ratio
 from .server import REQUEST_TIMEOUT, BenchServer
 
 KEY = "soak"
@@ -346,10 +346,11 @@ def run(report: Report, quick: bool) -> None:
     for label, value in summary(result):
         report.row(KEY, label, value)
     ratio = result["ratio"]
+    last = result["readings"][-1]["messages"] if result["readings"] else 0
     report.target(
-        f"Soak: RSS after {result['messages']} messages vs after {BASELINE}",
+        f"Soak: RSS after {last} messages vs after {BASELINE}",
         f"<= {TARGET:.2f}x",
-        f"{fmt(ratio, 3)}x (peak {fmt(result['peak_mb'], 0)} MiB)",
+        f"{fmt_ratio(ratio)} (peak {fmt(result['peak_mb'], 0)} MiB)",
         None if ratio is None else ratio <= TARGET,
     )
     report.sections[KEY].data.update(result)
