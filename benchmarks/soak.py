@@ -100,8 +100,11 @@ class Client:
             kind = self.rng.choices(kinds, weights)[0]
             if kind not in ("long_turn", "short_turn") and not self.short:
                 kind = "short_turn"  # the others need a conversation that has a reply
-            if getattr(self, kind)():
-                self.soak.count(kind)
+            try:
+                if getattr(self, kind)():
+                    self.soak.count(kind)
+            except requests.RequestException as exc:  # counted; the client goes on
+                self.soak.status(type(exc).__name__)
             if self.rng.random() < 0.15:
                 self.browse()
 
@@ -226,7 +229,7 @@ class Soak:
         self.tokens = tokens
         self.sent = 0  # messages asked for (replies written or begun)
         self.kinds: dict[str, int] = {}
-        self.statuses: dict[int, int] = {}
+        self.statuses: dict[int | str, int] = {}  # HTTP status, or the exception
         self.readings: list[dict] = []  # {"messages", "seconds", "VmRSS", "VmHWM"}
         self._lock = threading.Lock()
         self._started = time.perf_counter()
@@ -244,7 +247,7 @@ class Soak:
         if reading:
             self.read(sent)
 
-    def status(self, code: int) -> None:
+    def status(self, code: int | str) -> None:
         with self._lock:
             self.statuses[code] = self.statuses.get(code, 0) + 1
 
