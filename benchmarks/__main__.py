@@ -1,4 +1,4 @@
-"""python -m benchmarks [--only decode,ttft,quality,concurrency,memory,api] [--quick]
+"""python -m benchmarks [--only decode,ttft,quality,concurrency,memory,api,soak] [--quick]
 
 Runs the benchmarks (all by default), prints a table with the ratios and the targets, and writes
 var/bench/results-<timestamp>.json. Figures only: nothing here asserts a time.
@@ -23,6 +23,7 @@ BENCHMARKS = {
     "concurrency": "Concurrent conversations through the HTTP server",
     "memory": "Start-up time and peak memory of the server",
     "api": "API overhead without generation on 1k and 100k messages",
+    "soak": "The worker's memory over 1,000 messages of a mixed workload",
 }
 
 

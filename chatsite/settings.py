@@ -248,6 +248,11 @@ CHATBOT_BATCH_SIZE = max(1, env_int("CHATBOT_BATCH_SIZE", 8))
 # A reply being written whose server has shown no sign of life for this long (its writer renews
 # a lease on the row every third of it) is taken as dead and marked interrupted.
 CHATBOT_STALE_REPLY_SECONDS = max(1.0, env_float("CHATBOT_STALE_REPLY_SECONDS", 15.0))
+# Memory for the keys and values of the replies being written (every one as long as the longest
+# among them): a reply that would take them past it waits; one reply always runs (0: no limit).
+CHATBOT_BATCH_MEMORY_MB = env_int("CHATBOT_BATCH_MEMORY_MB", 512)
+# Memory for recent prompts' token ids, so that a growing history is not tokenized again.
+CHATBOT_TOKEN_CACHE_MB = env_int("CHATBOT_TOKEN_CACHE_MB", 32)
 # After the first exchange the model writes the conversation's title (else: the first message).
 CHATBOT_AUTO_TITLE = env_bool("CHATBOT_AUTO_TITLE", True)
 

@@ -26,6 +26,8 @@ def get_engine():
                     context_tokens=settings.CHATBOT_CONTEXT_TOKENS,
                     torch_threads=settings.CHATBOT_TORCH_THREADS,
                     prefix_cache_bytes=settings.CHATBOT_PREFIX_CACHE_MB * 2**20,
+                    batch_bytes=settings.CHATBOT_BATCH_MEMORY_MB * 2**20,
+                    token_cache_bytes=settings.CHATBOT_TOKEN_CACHE_MB * 2**20,
                     weights=settings.CHATBOT_WEIGHTS,
                     max_batch=settings.CHATBOT_BATCH_SIZE,
                     native_kernels=settings.CHATBOT_NATIVE_KERNELS,

@@ -483,3 +483,21 @@ def test_the_output_head_multiplies_with_fbgemm_or_falls_back(monkeypatch):
     for rows in (1, 6):
         got = fallback(x[:rows]).float()
         assert float((got - exact[:rows]).norm() / exact[:rows].norm()) < 0.02
+
+
+def test_the_slot_cache_doubles_its_positions_only_within_its_bytes_and_cuts_back():
+    # 16 bytes a position and row: 1 layer x (keys, values) x 1 head x 4 x bf16.
+    cache = SlotCache(layers=1, heads=1, head_dim=4, dtype=torch.bfloat16, limit=4096)
+    cache.max_bytes = cache.bytes_for(2, 768)
+    assert cache.position_bytes == 16 and cache.max_bytes == 2 * 768 * 16
+    assert cache.fits(2, 700) and not cache.fits(2, 800) and cache.fits(1, 4096)
+    cache.reserve(2, 300)
+    assert (cache.rows, cache.positions) == (2, 512)
+    cache.keys[0][1, 0, :300] = 1
+    cache.reserve(2, 600)  # doubling to 1,024 would pass max_bytes: 768, what is asked
+    assert (cache.rows, cache.positions, cache.nbytes) == (2, 768, cache.max_bytes)
+    assert cache.keys[0][1, 0, :300].eq(1).all() and cache.keys[0][1, 0, 300:].eq(0).all()
+    cache.resize(1, 300)  # cut back: row 0's first 512 positions stay, the rest is given back
+    assert (cache.rows, cache.positions, cache.nbytes) == (1, 512, 512 * 16)
+    cache.resize(2, 300)
+    assert cache.keys[0][1].eq(0).all(), "a row that comes back is zeros, not what it held"

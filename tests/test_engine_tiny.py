@@ -268,3 +268,20 @@ def test_a_reply_cancelled_before_it_begins_ends_at_once(
     assert not reader.is_alive(), "the stream never ended"
     assert stream.result.finish_reason == "cancelled"
     assert stream.result.completion_tokens == 0
+
+
+def test_remembered_encodings_stay_within_their_bytes(tiny_causal_dir, tmp_path):
+    from conversations.llm import engine as engine_module
+
+    engine = Engine(model=str(tiny_causal_dir), cache_dir=tmp_path, token_cache_bytes=8_000)
+    chats = [[{"role": "user", "content": "hello " * (i + 5)}] for i in range(12)]
+    for chat in chats:
+        engine.count_tokens(chat)
+        held = sum(
+            engine_module._encoding_bytes(key, text, ids)
+            for key, (text, ids) in engine._encoded.items()
+        )
+        assert engine._encoded_bytes == held <= 4_000  # half of them (the other: the prompts')
+        assert engine._prompts.nbytes <= 4_000
+    assert 1 < len(engine._encoded) < len(chats)
+    assert next(reversed(engine._encoded)) == (("user", chats[-1][0]["content"]),)

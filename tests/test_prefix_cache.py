@@ -55,6 +55,21 @@ def test_least_recently_used_entries_leave_first_within_the_byte_budget():
     assert cache.take("huge", [4] * 51) == (None, 0)
 
 
+def test_the_budget_counts_the_bytes_entries_keep_alive_not_their_views():
+    cache = PrefixCache(max_bytes=1_000)
+    base = torch.zeros(100, 5)  # 2,000 bytes
+    cache.put("a", [1] * 5, base[:5])  # a view of 100 bytes into it
+    taken, _ = cache.take("a", [1] * 6)
+    assert taken.untyped_storage().nbytes() == taken.nbytes == 100, "its own copy, not the base"
+    assert torch.equal(taken, base[:5])
+    for key in "bcdefghijk":  # ten entries of 100 bytes: the last ten fit exactly
+        cache.put(key, [2] * 5, base[5:10])
+    cache.put("l", [3] * 5, kv(5))
+    assert len(cache) == 10 and cache.nbytes == 1_000
+    held = sum(e.cache.untyped_storage().nbytes() for e in cache._entries.values())
+    assert held == cache.nbytes
+
+
 def test_a_new_conversation_borrows_the_longest_shared_start_of_another():
     cache = PrefixCache(max_bytes=10_000)
     system = [7, 7, 1, 2, 3]  # e.g. the template's header and a system prompt
@@ -260,3 +275,68 @@ def test_a_reply_whose_ids_cannot_be_remembered_still_ends_whole(tiny_dir, tmp_p
     # The next turn is tokenized as usual and reuses what the prefix cache holds.
     follow = turn(engine, follow_up(history, stream.result.text, "again"), key="chat")
     assert follow.reused_tokens > 0 and follow.result.completion_tokens
+
+
+@pytest.fixture(scope="module")
+def wide_dir(tmp_path_factory):
+    """A tiny model with room for long prompts: the slot tensors grow in steps of 256."""
+    return build_tiny_causal(tmp_path_factory.mktemp("tiny-wide"), context_window=1024)
+
+
+def long_chat(words=600):
+    from tests.tiny_models import WORDS
+
+    return [{"role": "user", "content": " ".join(WORDS[i % len(WORDS)] for i in range(words))}]
+
+
+def test_slot_rows_widened_by_a_long_conversation_are_cut_back_once_it_has_left(
+    wide_dir, tmp_path, monkeypatch
+):
+    """Every row has as many positions as the longest in flight needs; under steady load no
+    idle moment comes to free them, so they are cut back when the replies end."""
+    from conversations.llm import scheduler
+
+    monkeypatch.setattr(scheduler, "TRIM_BYTES", 0)  # the tiny model's rows are small
+    engine = Engine(model=str(wide_dir), cache_dir=tmp_path)
+    plain = Engine(model=str(wide_dir), cache_dir=tmp_path, prefix_cache_bytes=0)
+    params = GenerationParams(max_new_tokens=6)
+    turn(engine, long_chat())
+    cache = engine._decoder.cache
+    assert cache.positions >= 768
+    chats = [[{"role": "user", "content": f"hello number {i}"}] for i in range(3)]
+    streams = write_together(engine, chats, params, ["0", "1", "2"])
+    engine._scheduler.call(lambda: None).result()  # the model thread has let go of the rows
+    assert engine._scheduler.widest == 3
+    assert (cache.rows, cache.positions) == (3, 256), "cut back to what the short ones need"
+    # What the rows held is intact: the conversation parked in row 0 (or cached) goes on.
+    for i in range(3):
+        chat = follow_up(chats[i], streams[i].result.text, "and you")
+        again = turn(engine, chat, key=str(i))
+        assert again.reused_tokens > 0
+        assert again.result.text == turn(plain, chat).result.text
+
+
+def test_replies_wait_rather_than_take_the_slot_rows_past_their_bytes(wide_dir, tmp_path):
+    engine = Engine(model=str(wide_dir), cache_dir=tmp_path)
+    engine.load()
+    cache = engine._decoder.cache
+    cache.max_bytes = cache.bytes_for(2, 256)  # two short replies' rows
+    engine.batch_bytes = cache.max_bytes
+    sizes = []
+    real_resize = cache.resize
+
+    def resize(rows, positions):
+        real_resize(rows, positions)
+        sizes.append((cache.rows, cache.nbytes))
+
+    cache.resize = resize
+    params = GenerationParams(max_new_tokens=6)
+    chats = [[{"role": "user", "content": f"hello number {i}"}] for i in range(4)]
+    streams = write_together(engine, chats, params, ["0", "1", "2", "3"])
+    assert engine._scheduler.widest == 2, "two rows at a time: the others waited"
+    assert all(s.result.completion_tokens > 0 for s in streams)
+    # A long conversation with short ones: it runs, alone, though its one row passes the bytes.
+    streams = write_together(engine, [long_chat(), *chats[:2]], params, ["long", "0", "1"])
+    assert all(s.result.completion_tokens > 0 for s in streams)
+    assert sizes and all(nbytes <= cache.max_bytes for rows, nbytes in sizes if rows > 1)
+    assert max(nbytes for _, nbytes in sizes) > cache.max_bytes, "the long one ran"

@@ -244,3 +244,25 @@ def test_chat_command_rejects_unknown_or_foreign_conversations(db, owner, other_
     conversation = Conversation.objects.create(owner=owner)
     with pytest.raises(CommandError, match="does not belong"):
         call_command("chat", "--conversation", str(conversation.pk), "--user", other_user.username)
+
+
+SHOW_ENGINE_MEMORY = """
+import json, django
+django.setup()
+from conversations.runtime import get_engine
+engine = get_engine()  # built, not loaded
+print(json.dumps([engine.prefix_cache_bytes, engine.batch_bytes, engine.token_cache_bytes]))
+"""
+
+
+def test_the_engine_gets_its_memory_bounds_from_the_environment(tmp_path):
+    env = {"CHATBOT_VAR_DIR": str(tmp_path)}
+    shown = json.loads(run_python(SHOW_ENGINE_MEMORY, env).stdout)
+    assert shown == [256 * 2**20, 512 * 2**20, 32 * 2**20]
+    env |= {
+        "CHATBOT_PREFIX_CACHE_MB": "64",
+        "CHATBOT_BATCH_MEMORY_MB": "1024",
+        "CHATBOT_TOKEN_CACHE_MB": "8",
+    }
+    shown = json.loads(run_python(SHOW_ENGINE_MEMORY, env).stdout)
+    assert shown == [64 * 2**20, 1024 * 2**20, 8 * 2**20]

@@ -220,3 +220,25 @@ def test_a_reply_to_a_prompt_fed_other_ids_than_its_own_is_not_remembered(tokeni
     prompts.remember(prompt, [*prompt_ids[:-1], 0], written, text)
     ids = prompts.encode(render(tokenizer, answered(text)))
     assert ids == tokenized_whole(tokenizer, answered(text))
+
+
+def test_remembered_prompts_stay_within_their_bytes_and_keep_the_newest(tokenizer):
+    from conversations.llm.tokens import prompt_bytes
+
+    prompts = PromptTokenizer(tokenizer, max_bytes=40_000)
+    prompts.check(render(tokenizer, SAMPLE_CONVERSATION))
+    texts = [
+        render(tokenizer, [{"role": "user", "content": f"Number {i}. " * 40}]) for i in range(20)
+    ]
+    for text in texts:
+        prompts.encode(text)
+        held = sum(prompt_bytes(t, ids) for t, (ids, _) in prompts._recent.items())
+        assert prompts.nbytes == held <= 40_000
+    assert list(prompts._recent)[-1] == texts[-1] and 1 < len(prompts._recent) < 20
+    # A prompt larger than the bytes on its own is still kept (the newest always is) until the
+    # next one comes.
+    huge = render(tokenizer, [{"role": "user", "content": "word " * 20_000}])
+    prompts.encode(huge)
+    assert list(prompts._recent) == [huge] and prompts.nbytes > 40_000
+    prompts.encode(texts[0])
+    assert list(prompts._recent) == [texts[0]]

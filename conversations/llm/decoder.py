@@ -83,6 +83,10 @@ STEP_ROWS = 8
 CAPACITY_STEP = 256
 
 
+def _capacity(positions: int) -> int:
+    return -(-positions // CAPACITY_STEP) * CAPACITY_STEP
+
+
 def supports(model: Any) -> bool:
     """Whether this decoder can run `model` (a transformers causal LM)."""
     config = model.config
@@ -340,26 +344,51 @@ class SlotCache:
     One conversation's positions in every layer are one slice, so moving, exporting or loading
     a row is one copy (one per layer and kind was 60 for SmolLM2, each a call from Python that
     waits for the GIL while server threads hold it). Both sizes grow (by copying) as
-    conversations join or get longer."""
+    conversations join or get longer; every row has as many positions as the longest needs, so
+    `max_bytes` (0: none) bounds rows x positions: the scheduler admits no more rows than fit,
+    and cuts the positions back once the long conversation that needed them has left."""
 
-    def __init__(self, layers: int, heads: int, head_dim: int, dtype, limit: int):
+    def __init__(self, layers: int, heads: int, head_dim: int, dtype, limit: int, max_bytes=0):
         self.layers, self.heads, self.head_dim = layers, heads, head_dim
-        self.dtype, self.limit = dtype, limit
+        self.dtype, self.limit, self.max_bytes = dtype, limit, max_bytes
+        self.position_bytes = layers * 2 * heads * head_dim * torch.empty(0, dtype=dtype).itemsize
         self.clear()
 
+    def bytes_for(self, rows: int, positions: int) -> int:
+        """The tensor's size for `rows` rows of `positions` positions (rounded up as held)."""
+        return rows * _capacity(positions) * self.position_bytes
+
+    def fits(self, rows: int, positions: int) -> bool:
+        """Whether `rows` rows of `positions` positions stay within `max_bytes` (one row always
+        does: a conversation as long as the window must be answerable)."""
+        return rows <= 1 or not self.max_bytes or self.bytes_for(rows, positions) <= self.max_bytes
+
     def reserve(self, rows: int, positions: int) -> None:
+        """Room for `rows` rows of `positions` positions: grown (by copying) if short, never
+        cut. Positions double as they grow (fewer copies while a conversation gets longer),
+        where that stays within `max_bytes`."""
         if rows <= self.rows and positions <= self.positions:
             return
         rows = max(rows, self.rows)
         if positions > self.positions:
-            wanted = -(-positions // CAPACITY_STEP) * CAPACITY_STEP
-            positions = min(max(wanted, 2 * self.positions), max(self.limit, positions))
+            wanted = _capacity(positions)
+            roomy = min(max(wanted, 2 * self.positions), max(self.limit, wanted))
+            positions = roomy if self.fits(rows, roomy) else wanted
         else:
             positions = self.positions
+        self.resize(rows, positions)
+
+    def resize(self, rows: int, positions: int) -> None:
+        """Exactly `rows` rows of `positions` positions (rounded up), keeping what the rows
+        and positions they share hold: the caller knows that no row has more to keep."""
+        positions = _capacity(positions)
+        if (rows, positions) == (self.rows, self.positions):
+            return
         data = torch.zeros(
             (self.layers, 2, rows, self.heads, positions, self.head_dim), dtype=self.dtype
         )
-        data[:, :, : self.rows, :, : self.positions] = self.data
+        kept_rows, kept = min(rows, self.rows), min(positions, self.positions)
+        data[:, :, :kept_rows, :, :kept] = self.data[:, :, :kept_rows, :, :kept]
         self._hold(data)
 
     def _hold(self, data: torch.Tensor) -> None:
@@ -398,6 +427,7 @@ class LlamaDecoder:
         *,
         fmt: str = "int4",
         limit: int = 2048,
+        slot_bytes: int = 0,
         release: bool = False,
         calibration: list[int] | None = None,
         kernels: Path | str | None = None,
@@ -409,7 +439,9 @@ class LlamaDecoder:
         int8 copies of batched steps (int4 on torch's kernels only); without, they are not
         smoothed.
         `kernels`: where our own kernels are built and kept (native.py), for the bf16 formats
-        (quantized products and decode-step attention); None: torch's kernels only."""
+        (quantized products and decode-step attention); None: torch's kernels only.
+        `slot_bytes`: the most the slot rows' keys and values may take (SlotCache.max_bytes;
+        0: no limit)."""
         if fmt not in WEIGHT_FORMATS:
             raise ValueError(f"weight format must be one of {', '.join(WEIGHT_FORMATS)}")
         config = model.config
@@ -441,7 +473,9 @@ class LlamaDecoder:
             self.head = _Head(model.lm_head.weight, native_int8=self.native)
         else:
             self.head = _Linear(model.lm_head.weight, fmt)
-        self.cache = SlotCache(len(self.layers), self.kv_heads, self.head_dim, self.dtype, limit)
+        self.cache = SlotCache(
+            len(self.layers), self.kv_heads, self.head_dim, self.dtype, limit, slot_bytes
+        )
         # Decode steps attend with our own kernel where it takes this model and could be built.
         self.native_attention = self.native and native.attention_fits(
             self.dtype, self.heads, self.kv_heads, self.head_dim

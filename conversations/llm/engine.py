@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING
 from .loading import LoadedModel, describe_source, load_model
 from .prefix_cache import PrefixCache
 from .scheduler import Scheduler
-from .tokens import SAMPLE_CONVERSATION, PromptTokenizer, ReplyText
+from .tokens import ID_BYTES, SAMPLE_CONVERSATION, PromptTokenizer, ReplyText, prompt_bytes
 
 if TYPE_CHECKING:
     from .scheduler import ReplyRequest
@@ -36,7 +37,8 @@ PLAIN_TRANSCRIPT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
     "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
 )
-# Prompt encodings remembered (see Engine._encode).
+# Prompt encodings remembered (see Engine._prompt): at most this many, in at most half the
+# engine's `token_cache_bytes` (tokens.PromptTokenizer has the other half).
 ENCODINGS_KEPT = 16
 # Blenderbot separates dialogue turns by two spaces.
 SEQ2SEQ_TURN_SEPARATOR = "  "
@@ -223,6 +225,8 @@ class Engine:
         context_tokens: int = 0,
         torch_threads: int = 0,
         prefix_cache_bytes: int = 256 * 2**20,
+        batch_bytes: int = 512 * 2**20,
+        token_cache_bytes: int = 32 * 2**20,
         weights: str = "int4",
         max_batch: int = 8,
         native_kernels: bool = True,
@@ -232,6 +236,8 @@ class Engine:
         self.context_tokens = context_tokens
         self.torch_threads = torch_threads
         self.prefix_cache_bytes = prefix_cache_bytes
+        self.batch_bytes = batch_bytes
+        self.token_cache_bytes = token_cache_bytes
         self.weights = weights
         self.max_batch = max_batch
         self.native_kernels = native_kernels
@@ -244,6 +250,7 @@ class Engine:
         # decoding measured 40% slower when torch had run on another thread of the process.
         self._decoder = None
         self._encoded: OrderedDict[tuple, tuple[str | None, tuple[int, ...]]] = OrderedDict()
+        self._encoded_bytes = 0
         self._encoded_lock = threading.Lock()
         self._prompts: PromptTokenizer | None = None  # set by load() for chat models
         self._scheduler = Scheduler(None, self._prefix_cache, max(1, max_batch))
@@ -270,12 +277,13 @@ class Engine:
         if not loaded.is_seq2seq and not loaded.tokenizer.chat_template:
             loaded.tokenizer.chat_template = PLAIN_TRANSCRIPT_TEMPLATE
         if not loaded.is_seq2seq:
-            self._prompts = _prompt_tokenizer(loaded.tokenizer)
+            self._prompts = _prompt_tokenizer(loaded.tokenizer, self.token_cache_bytes // 2)
         if not loaded.is_seq2seq and decoder.supports(loaded.model):
             self._decoder = decoder.LlamaDecoder(
                 loaded.model,
                 fmt=self.weights,
                 limit=self._window(loaded),
+                slot_bytes=self.batch_bytes,
                 # fp32 shares the model's own tensors; other formats hold copies.
                 release=self.weights != "fp32",
                 calibration=self._prompts.encode(
@@ -388,9 +396,15 @@ class Engine:
                 return self._encoded[key]
         text, ids = self._tokenize(messages)
         with self._encoded_lock:
-            self._encoded[key] = (text, tuple(ids))
-            while len(self._encoded) > ENCODINGS_KEPT:
-                self._encoded.popitem(last=False)
+            if key not in self._encoded:
+                self._encoded[key] = (text, tuple(ids))
+                self._encoded_bytes += _encoding_bytes(key, text, ids)
+            while len(self._encoded) > 1 and (
+                len(self._encoded) > ENCODINGS_KEPT
+                or self._encoded_bytes > self.token_cache_bytes // 2
+            ):
+                old, (old_text, old_ids) = self._encoded.popitem(last=False)
+                self._encoded_bytes -= _encoding_bytes(old, old_text, old_ids)
         return text, tuple(ids)
 
     def _tokenize(self, messages: list[dict]) -> tuple[str | None, list[int]]:
@@ -455,9 +469,15 @@ class Engine:
         return config
 
 
-def _prompt_tokenizer(tokenizer) -> PromptTokenizer:
+def _encoding_bytes(key: tuple, text: str | None, ids) -> int:
+    """An encoding's memory, about: its messages, and its prompt with its ids."""
+    contents = sum(sys.getsizeof(content) for _, content in key)
+    return contents + prompt_bytes(text or "", ids, per_token=ID_BYTES)
+
+
+def _prompt_tokenizer(tokenizer, max_bytes: int) -> PromptTokenizer:
     """Prompt tokenization reusing the last prompts' ids, if this tokenizer allows (tokens.py)."""
-    prompts = PromptTokenizer(tokenizer)
+    prompts = PromptTokenizer(tokenizer, max_bytes=max_bytes)
     try:
         sample = tokenizer.apply_chat_template(
             SAMPLE_CONVERSATION, add_generation_prompt=True, tokenize=False

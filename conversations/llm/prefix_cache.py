@@ -23,7 +23,13 @@ class CachedPrefix:
 
     @property
     def nbytes(self) -> int:
-        return self.cache.nbytes
+        """What the entry keeps alive: its tensor's whole storage (a view's base included)."""
+        return held_bytes(self.cache)
+
+
+def held_bytes(tensor: Any) -> int:
+    storage = getattr(tensor, "untyped_storage", None)
+    return storage().nbytes() if storage is not None else tensor.nbytes
 
 
 def common_prefix_length(a: Sequence, b: Sequence) -> int:
@@ -83,7 +89,10 @@ class PrefixCache:
 
     def put(self, key: str, tokens: list[int], cache: Any) -> None:
         """Keep `cache` (holding `tokens`) for the key's next turn, evicting the least recently
-        used entries beyond the byte budget."""
+        used entries beyond the byte budget. A view into a larger tensor is kept as a copy of
+        its own, so that the budget counts what is really held."""
+        if held_bytes(cache) > cache.nbytes:
+            cache = cache.clone()
         entry = CachedPrefix(tokens=list(tokens), cache=cache)
         if self.max_bytes <= 0 or entry.nbytes > self.max_bytes:
             return

@@ -54,6 +54,12 @@ PREFILL_PADDING = 1.5
 # allocating and zeroing them again.
 IDLE_BYTES = 64 * 2**20
 IDLE_SECONDS = 2.0
+# Every slot row has as many positions as the longest conversation in flight needs: once that
+# one has left, the positions are cut back to what the rest need when that gives back more than
+# TRIM_BYTES and over half the tensor (one copy of what the rows hold; under steady load no idle
+# moment comes to free them, and one long conversation kept eight rows at 8,192 positions:
+# 1.5 GB for SmolLM2).
+TRIM_BYTES = 64 * 2**20
 # While several replies are written, each one's tokens are handed over at most this often (a
 # reply's first and last at once): every hand-over wakes a server thread, which then competes
 # with the model for the two cores. One reply alone gets every token as it comes.
@@ -201,12 +207,19 @@ class Scheduler:
 
     def _admit(self) -> None:
         decoder = self.decoder
+        cache = decoder.cache
         admitted = []
         while self._waiting and len(self._rows) < self.max_batch:
-            request = self._waiting.popleft()
+            request = self._waiting[0]
             if request.cancelled.is_set():
+                self._waiting.popleft()
                 self._finish(request)
                 continue
+            if self._rows and not cache.fits(
+                len(self._rows) + 1, max(_need(r) for r in [*self._rows, request])
+            ):
+                break  # it waits for rows to leave: the slot tensor stays within its bytes
+            self._waiting.popleft()
             if self._parked is not None and self._parked[0] == request.cache_key:
                 # Its conversation is parked in row 0, which it gets (no reply is in flight).
                 _, tokens = self._parked
@@ -220,14 +233,18 @@ class Scheduler:
         if not admitted:
             return
         # One reservation for all of them: the slot tensors are copied once, not once per row.
-        decoder.cache.reserve(
-            len(self._rows), max(len(r.prompt) + r.max_new_tokens for r in admitted)
-        )
+        # Rows or positions that nothing in flight needs are dropped if keeping them would take
+        # the tensor past its bytes.
+        rows, need = len(self._rows), max(_need(r) for r in self._rows)
+        if cache.fits(max(rows, cache.rows), max(need, cache.positions)):
+            cache.reserve(rows, need)
+        else:
+            cache.resize(rows, need)
         for request in admitted:
             if request.cache_key is not None and request.filled == 0:
                 stored, reuse = self.prefix_cache.take(request.cache_key, request.prompt)
                 if stored is not None:
-                    decoder.cache.load(request.row, stored, reuse)
+                    cache.load(request.row, stored, reuse)
                     request.filled = request.reused_tokens = reuse
 
     def _drop_cancelled(self) -> None:
@@ -315,7 +332,8 @@ class Scheduler:
     def _retire(self) -> None:
         """Let go of finished rows, moving the last row into each freed one. The last reply to
         leave parks its conversation in row 0; the others' rows go to the prefix cache."""
-        for request in [r for r in self._rows if r.finished]:
+        finished = [r for r in self._rows if r.finished]
+        for request in finished:
             if request.keep and len(self._rows) == 1 and not self._waiting:
                 self._parked = (request.cache_key, request.tokens[: request.filled])
             elif request.keep:
@@ -328,6 +346,21 @@ class Scheduler:
             self._rows.pop()
             request.row = -1
             request.done.set()
+        if finished:
+            self._trim()
+
+    def _trim(self) -> None:
+        """Cut the slot rows' positions back to what the replies in flight and the parked
+        conversation need, when that gives back enough (see TRIM_BYTES)."""
+        cache = self.decoder.cache
+        needs = [_need(r) for r in self._rows]
+        if self._parked is not None:
+            needs.append(len(self._parked[1]))
+        if not needs or not cache.rows:
+            return  # nothing to keep: an idle moment frees the whole tensor
+        kept = cache.bytes_for(cache.rows, max(needs))
+        if cache.nbytes - kept > max(TRIM_BYTES, kept):
+            cache.resize(cache.rows, max(needs))
 
     def _unpark(self) -> None:
         """Slot row 0 is wanted: copy the parked conversation to the prefix cache."""
@@ -338,6 +371,11 @@ class Scheduler:
 
     def _store(self, row: int, key: str, tokens: list[int]) -> None:
         self.prefix_cache.put(key, tokens, self.decoder.cache.export(row, len(tokens)))
+
+
+def _need(request: ReplyRequest) -> int:
+    """Positions a reply may fill: its prompt and its whole budget."""
+    return len(request.prompt) + request.max_new_tokens
 
 
 def _similar_lengths(runs: list[tuple]) -> list[list[tuple]]:

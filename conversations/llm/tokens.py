@@ -21,6 +21,7 @@ restart say, its history is tokenized as the tokenizer does it: the same text in
 from __future__ import annotations
 
 import bisect
+import sys
 import threading
 from collections import OrderedDict
 
@@ -34,12 +35,23 @@ SAMPLE_CONVERSATION = [
     {"role": "assistant", "content": "\nFine, thanks. Café, naïve, 東京, 🙂 "},
     {"role": "user", "content": "  And 1+1=?"},
 ]
+# A token id kept in a list or tuple: its slot (8 bytes) and its int object (32). A remembered
+# prompt keeps two numbers a token (its id and where it ends): 8,000 tokens take ~650 kB.
+ID_BYTES = 40
+
+
+def prompt_bytes(text: str, ids, per_token: int = 2 * ID_BYTES) -> int:
+    """The memory a remembered prompt and its numbers take, about."""
+    return sys.getsizeof(text) + per_token * len(ids)
 
 
 class PromptTokenizer:
-    def __init__(self, tokenizer, *, kept: int = 32) -> None:
+    def __init__(self, tokenizer, *, kept: int = 32, max_bytes: int = 16 * 2**20) -> None:
         self.tokenizer = tokenizer
-        self.kept = kept  # recent prompts remembered (a conversation's last turn takes one)
+        # Recent prompts remembered (a conversation's last turn takes one): at most `kept`, in
+        # at most `max_bytes` (prompt_bytes); the newest always.
+        self.kept, self.max_bytes = kept, max_bytes
+        self.nbytes = 0
         self.special_ids = frozenset(tokenizer.all_special_ids)
         self.incremental = False  # set by check()
         # The special token a chat template writes right after a reply's text, as (text, id),
@@ -100,7 +112,7 @@ class PromptTokenizer:
         # reply's tokens are all said to end where the reply does.)
         ends = ends + [len(prompt) + len(text)] * len(reply) + [len(whole)]
         with self._lock:
-            self._recent.pop(prompt, None)  # the longer text holds all it could give
+            self._forget(prompt)  # the longer text holds all it could give
             self._keep(whole, (ids + reply + [end_id], ends))
 
     def _decode(self, ids: list[int]) -> str:
@@ -115,10 +127,18 @@ class PromptTokenizer:
         return list(ids)
 
     def _keep(self, text: str, encoded: tuple[list[int], list[int]]) -> None:
+        self._forget(text)
         self._recent[text] = encoded
-        self._recent.move_to_end(text)
-        while len(self._recent) > self.kept:
-            self._recent.popitem(last=False)
+        self.nbytes += prompt_bytes(text, encoded[0])
+        while len(self._recent) > 1 and (
+            len(self._recent) > self.kept or self.nbytes > self.max_bytes
+        ):
+            self._forget(next(iter(self._recent)))
+
+    def _forget(self, text: str) -> None:
+        encoded = self._recent.pop(text, None)
+        if encoded is not None:
+            self.nbytes -= prompt_bytes(text, encoded[0])
 
     def _encode(self, text: str) -> tuple[list[int], list[int]]:
         if self.incremental:
