@@ -1,7 +1,8 @@
 """python -m benchmarks [--only decode,ttft,quality,concurrency,memory,api,soak] [--quick]
 
-Runs the benchmarks (all by default), prints a table with the ratios and the targets, and writes
-var/bench/results-<timestamp>.json. Figures only: nothing here asserts a time.
+Runs the benchmarks (all but the soak by default: it takes an hour or more), prints a table with
+the ratios and the targets, and writes var/bench/results-<timestamp>.json. Figures only: nothing
+here asserts a time.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ BENCHMARKS = {
     "api": "API overhead without generation on 1k and 100k messages",
     "soak": "The worker's memory over 1,000 messages of a mixed workload",
 }
+# Run only when named (`--only soak`, `make soak`): the rest of the suite takes minutes.
+LONG = {"soak"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="fewer rounds and requests")
     args = parser.parse_args(argv)
-    chosen = [name.strip() for name in args.only.split(",") if name.strip()] or list(BENCHMARKS)
+    chosen = [name.strip() for name in args.only.split(",") if name.strip()] or [
+        name for name in BENCHMARKS if name not in LONG
+    ]
     unknown = [name for name in chosen if name not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(unknown)}")
