@@ -13,12 +13,13 @@ from tests.live_server import Server
 pytestmark = pytest.mark.model
 
 USERNAME, PASSWORD = "alice", "correct-Horse-battery-9"
+LEASE = 2  # seconds: a reply whose server was killed is free again soon after
 
 
 @pytest.fixture
 def server(tmp_path):
     # A short lease, so a reply whose server was killed is free again within seconds.
-    server = Server(tmp_path, env={"CHATBOT_STALE_REPLY_SECONDS": "2"})
+    server = Server(tmp_path, env={"CHATBOT_STALE_REPLY_SECONDS": str(LEASE)})
     server.prepare()
     server.start()
     yield server
@@ -205,9 +206,16 @@ def test_replies_stream_token_by_token_and_a_killed_server_leaves_no_reply_strea
     response.close()
     server.start()
 
-    history = requests.get(
-        messages_url, params={"include": "all"}, headers=headers, timeout=10
-    ).json()["results"]
+    # The restarted server may answer before the dead reply's lease (LEASE s) has run out:
+    # until then the reply reads streaming, and the first look after it marks it interrupted.
+    deadline = time.monotonic() + LEASE + 30
+    while True:
+        history = requests.get(
+            messages_url, params={"include": "all"}, headers=headers, timeout=10
+        ).json()["results"]
+        if history[-1]["status"] != "streaming" or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
     statuses = [m["status"] for m in history]
     assert "streaming" not in statuses
     assert statuses[-1] == "interrupted"
