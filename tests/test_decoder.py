@@ -461,6 +461,26 @@ def test_prompts_multiply_with_a_bf16_copy_packed_by_onednn_which_computes_the_s
     assert not torch.equal(linear(x[:8]), plain[:8])  # 8 rows: the int4 kernel
 
 
+def test_bf16_products_come_in_a_few_sizes_and_give_every_row_its_product():
+    """oneDNN keeps what it builds for each input size for good: the rows are padded to one of
+    a few sizes, and the padding is cut off again."""
+    from conversations.llm import decoder, layers
+
+    sizes = {layers.padded_rows(rows) for rows in range(16, 769)}
+    assert len(sizes) <= 40, sorted(sizes)
+    for rows in range(1, 8193):
+        padded = layers.padded_rows(rows)
+        assert 0 <= padded - rows < max(8, rows / 8) and (rows >= 16 or padded == rows), rows
+    torch.manual_seed(0)
+    weight = torch.randn(192, 96) * 0.05
+    linear = decoder._Linear(weight, "int4", dense_from=16)
+    for rows in (17, 100, 300):
+        x = torch.randn(rows, 96).bfloat16()
+        product = linear(x)
+        assert product.shape == (rows, 192)
+        torch.testing.assert_close(product, F.linear(x, weight.bfloat16()), rtol=1e-2, atol=1e-2)
+
+
 def test_the_output_head_multiplies_with_fbgemm_or_falls_back(monkeypatch):
     from conversations.llm import decoder
 
