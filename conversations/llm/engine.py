@@ -17,7 +17,6 @@ import queue
 import sys
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import asdict, dataclass
@@ -27,7 +26,14 @@ from typing import TYPE_CHECKING
 from .loading import LoadedModel, describe_source, load_model
 from .prefix_cache import PrefixCache
 from .scheduler import Scheduler
-from .tokens import ID_BYTES, SAMPLE_CONVERSATION, PromptTokenizer, ReplyText, prompt_bytes
+from .tokens import (
+    ID_BYTES,
+    SAMPLE_CONVERSATION,
+    PromptTokenizer,
+    Recent,
+    ReplyText,
+    prompt_bytes,
+)
 
 if TYPE_CHECKING:
     from .scheduler import ReplyRequest
@@ -249,8 +255,7 @@ class Engine:
         # `generate`). The scheduler's one thread runs every torch call, loading included:
         # decoding measured 40% slower when torch had run on another thread of the process.
         self._decoder = None
-        self._encoded: OrderedDict[tuple, tuple[str | None, tuple[int, ...]]] = OrderedDict()
-        self._encoded_bytes = 0
+        self._encoded = Recent(ENCODINGS_KEPT, token_cache_bytes // 2)
         self._encoded_lock = threading.Lock()
         self._prompts: PromptTokenizer | None = None  # set by load() for chat models
         self._scheduler = Scheduler(None, self._prefix_cache, max(1, max_batch))
@@ -391,20 +396,12 @@ class Engine:
         history costs milliseconds."""
         key = tuple((m["role"], m["content"]) for m in messages)
         with self._encoded_lock:
-            if key in self._encoded:
-                self._encoded.move_to_end(key)
-                return self._encoded[key]
+            known = self._encoded.get(key)
+        if known is not None:
+            return known
         text, ids = self._tokenize(messages)
         with self._encoded_lock:
-            if key not in self._encoded:
-                self._encoded[key] = (text, tuple(ids))
-                self._encoded_bytes += _encoding_bytes(key, text, ids)
-            while len(self._encoded) > 1 and (
-                len(self._encoded) > ENCODINGS_KEPT
-                or self._encoded_bytes > self.token_cache_bytes // 2
-            ):
-                old, (old_text, old_ids) = self._encoded.popitem(last=False)
-                self._encoded_bytes -= _encoding_bytes(old, old_text, old_ids)
+            self._encoded.put(key, (text, tuple(ids)), _encoding_bytes(key, text, ids))
         return text, tuple(ids)
 
     def _tokenize(self, messages: list[dict]) -> tuple[str | None, list[int]]:

@@ -45,20 +45,64 @@ def prompt_bytes(text: str, ids, per_token: int = 2 * ID_BYTES) -> int:
     return sys.getsizeof(text) + per_token * len(ids)
 
 
+class Recent:
+    """The entries put last, at most `kept` of them in at most `max_bytes` (each one's size
+    given as it is put): the oldest go first, and the newest always stays, whatever its size.
+    Not locked: its owner holds a lock of its own."""
+
+    def __init__(self, kept: int, max_bytes: int) -> None:
+        self.kept, self.max_bytes = kept, max_bytes
+        self.nbytes = 0
+        self._entries: OrderedDict = OrderedDict()  # key: (value, size)
+
+    def get(self, key, default=None):
+        entry = self._entries.get(key)
+        if entry is None:
+            return default
+        self._entries.move_to_end(key)
+        return entry[0]
+
+    def put(self, key, value, size: int) -> None:
+        self.pop(key)
+        self._entries[key] = (value, size)
+        self.nbytes += size
+        while len(self._entries) > 1 and (
+            len(self._entries) > self.kept or self.nbytes > self.max_bytes
+        ):
+            self.pop(next(iter(self._entries)))
+
+    def pop(self, key) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.nbytes -= entry[1]
+
+    def items(self) -> list[tuple]:
+        """(key, value) pairs, oldest first."""
+        return [(key, value) for key, (value, _) in self._entries.items()]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self):
+        return iter(list(self._entries))
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0
+
+
 class PromptTokenizer:
     def __init__(self, tokenizer, *, kept: int = 32, max_bytes: int = 16 * 2**20) -> None:
         self.tokenizer = tokenizer
         # Recent prompts remembered (a conversation's last turn takes one): at most `kept`, in
         # at most `max_bytes` (prompt_bytes); the newest always.
-        self.kept, self.max_bytes = kept, max_bytes
-        self.nbytes = 0
+        self._recent = Recent(kept, max_bytes)
         self.special_ids = frozenset(tokenizer.all_special_ids)
         self.incremental = False  # set by check()
         # The special token a chat template writes right after a reply's text, as (text, id),
         # if check() found one: the end of a turn.
         self.turn_end: tuple[str, int] | None = None
         self.tokenized_chars = 0  # characters tokenized so far (read by tests)
-        self._recent: OrderedDict[str, tuple[list[int], list[int]]] = OrderedDict()
         self._lock = threading.Lock()
 
     def check(self, text: str, reply: str | None = None) -> bool:
@@ -112,8 +156,13 @@ class PromptTokenizer:
         # reply's tokens are all said to end where the reply does.)
         ends = ends + [len(prompt) + len(text)] * len(reply) + [len(whole)]
         with self._lock:
-            self._forget(prompt)  # the longer text holds all it could give
-            self._keep(whole, (ids + reply + [end_id], ends))
+            self._recent.pop(prompt)  # the longer text holds all it could give
+            ids = ids + reply + [end_id]
+            self._recent.put(whole, (ids, ends), prompt_bytes(whole, ids))
+
+    @property
+    def nbytes(self) -> int:
+        return self._recent.nbytes
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(
@@ -123,22 +172,8 @@ class PromptTokenizer:
     def encode(self, text: str) -> list[int]:
         ids, ends = self._encode(text)
         with self._lock:
-            self._keep(text, (ids, ends))
+            self._recent.put(text, (ids, ends), prompt_bytes(text, ids))
         return list(ids)
-
-    def _keep(self, text: str, encoded: tuple[list[int], list[int]]) -> None:
-        self._forget(text)
-        self._recent[text] = encoded
-        self.nbytes += prompt_bytes(text, encoded[0])
-        while len(self._recent) > 1 and (
-            len(self._recent) > self.kept or self.nbytes > self.max_bytes
-        ):
-            self._forget(next(iter(self._recent)))
-
-    def _forget(self, text: str) -> None:
-        encoded = self._recent.pop(text, None)
-        if encoded is not None:
-            self.nbytes -= prompt_bytes(text, encoded[0])
 
     def _encode(self, text: str) -> tuple[list[int], list[int]]:
         if self.incremental:
