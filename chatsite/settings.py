@@ -87,6 +87,10 @@ CSRF_COOKIE_SECURE = env_bool("DJANGO_CSRF_COOKIE_SECURE", False)
 if env_bool("DJANGO_BEHIND_PROXY", False):
     # A reverse proxy terminates TLS and says so in this header.
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# Reverse proxies in front of the server that each append the address they saw to
+# X-Forwarded-For. With 0 the header is ignored: a client can write anything in it, so rate
+# limits go by the address the server itself sees.
+CHATBOT_TRUSTED_PROXIES = max(0, env_int("CHATBOT_TRUSTED_PROXIES", 0))
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -228,7 +232,8 @@ CHATBOT_CONTEXT_TOKENS = env_int("CHATBOT_CONTEXT_TOKENS", 0)
 CHATBOT_SYSTEM_PROMPT = env_str("CHATBOT_SYSTEM_PROMPT", "You are a helpful AI assistant.")
 CHATBOT_MAX_MESSAGE_CHARS = env_int("CHATBOT_MAX_MESSAGE_CHARS", 16000)
 # Rate limits (0: none): messages a user may post (send, regenerate, edit) per minute, and
-# attempts to sign in, sign up or get an API token per client address per minute.
+# attempts to sign in, sign up or get an API token per client address, and per username, per
+# minute.
 CHATBOT_MESSAGES_PER_MINUTE = env_int("CHATBOT_MESSAGES_PER_MINUTE", 30)
 CHATBOT_LOGINS_PER_MINUTE = env_int("CHATBOT_LOGINS_PER_MINUTE", 10)
 CHATBOT_TORCH_THREADS = env_int("CHATBOT_TORCH_THREADS", 0)

@@ -9,7 +9,7 @@ from rest_framework.response import Response
 from .. import services
 from ..models import Conversation
 from ..search import search_conversations
-from ..throttles import LoginRateThrottle, MessageRateThrottle
+from ..throttles import SIGN_IN_THROTTLES, MessageRateThrottle
 from .serializers import (
     ActivateSerializer,
     ConversationSerializer,
@@ -257,6 +257,6 @@ class StartMessageView(generics.GenericAPIView):
 
 class TokenView(ObtainAuthToken):
     """Exchange a username and password for the API token; attempts are limited per client
-    address (CHATBOT_LOGINS_PER_MINUTE)."""
+    address and per username (CHATBOT_LOGINS_PER_MINUTE)."""
 
-    throttle_classes = [LoginRateThrottle]
+    throttle_classes = SIGN_IN_THROTTLES
