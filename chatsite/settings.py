@@ -4,6 +4,7 @@ Every setting reads the environment and falls back to a working local default, s
 `make run` needs no configuration: SQLite and the model cache live under var/.
 """
 
+import contextlib
 import os
 import secrets
 from pathlib import Path
@@ -46,7 +47,9 @@ def env_list(name: str, default: str = "") -> list[str]:
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("CHATBOT_VAR_DIR") or BASE_DIR / "var")
-VAR_DIR.mkdir(parents=True, exist_ok=True)
+# Private to the server's user: it holds the database and the secret key. (A directory that
+# already exists keeps its mode: it may be one the operator made for more than this.)
+VAR_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
 def _local_secret_key() -> str:
@@ -59,6 +62,18 @@ def _local_secret_key() -> str:
         tmp.chmod(0o600)
         os.replace(tmp, path)
     return path.read_text().strip()
+
+
+def _private_sqlite_file(path: Path) -> None:
+    # SQLite would create the file (and its -wal and -shm files, which take its mode) readable
+    # by everyone, and it holds sessions and password hashes. Files made before are tightened,
+    # unless they belong to another user (shared on purpose).
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))  # an empty file is a database
+    for file in (path, *path.parent.glob(f"{path.name}-*")):
+        if file.stat().st_mode & 0o077:
+            with contextlib.suppress(PermissionError):
+                file.chmod(0o600)
 
 
 DEBUG = env_bool("DJANGO_DEBUG", False)
@@ -149,6 +164,8 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    if str(DATABASES["default"]["NAME"]) not in ("", ":memory:"):
+        _private_sqlite_file(Path(DATABASES["default"]["NAME"]))
     # WAL lets pages read while a reply is being written; IMMEDIATE write transactions and a
     # busy timeout make concurrent writers wait their turn instead of failing with "locked".
     DATABASES["default"]["OPTIONS"] = {
@@ -156,6 +173,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "transaction_mode": "IMMEDIATE",
         "timeout": 20,
     }
+
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
