@@ -119,3 +119,15 @@ def test_tokens_from_before_api_keys_keep_working_after_the_migration(owner):
     finally:
         with connection.cursor() as cursor:
             cursor.execute("DROP TABLE authtoken_token")
+
+
+def test_staff_see_keys_by_name_and_prefix_and_can_revoke_them(admin_client, owner):
+    key = obtain()
+    api_key = ApiKey.objects.get(user=owner)
+    page = admin_client.get("/admin/accounts/apikey/")
+    assert page.status_code == 200
+    assert key[:8] in page.content.decode() and key not in page.content.decode()
+    assert admin_client.get("/admin/accounts/apikey/add/").status_code == 403
+    deleted = admin_client.post(f"/admin/accounts/apikey/{api_key.pk}/delete/", {"post": "yes"})
+    assert deleted.status_code == 302
+    assert not works(key)
