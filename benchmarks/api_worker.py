@@ -62,13 +62,13 @@ def seed(conversations: int, messages: int) -> dict:
     from django.contrib.auth import get_user_model
     from django.db import transaction
     from django.utils import timezone
-    from rest_framework.authtoken.models import Token
 
+    from accounts.keys import issue_key
     from conversations.models import Conversation, Message
 
     rng = random.Random(42)
     user = get_user_model().objects.create_user("bench")  # no password: nothing to hash
-    token = Token.objects.create(user=user)
+    _, token = issue_key(user=user, name="benchmark")
     start = timezone.now() - timedelta(days=365)
 
     started = time.perf_counter()
@@ -130,7 +130,7 @@ def seed(conversations: int, messages: int) -> dict:
         "seconds": seconds,
         "conversations_seconds": conversations_seconds,
         "messages_per_s": total / (seconds - conversations_seconds),
-        "token": token.key,
+        "token": token,
         "thread": str(middle.pk),
     }
 

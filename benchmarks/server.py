@@ -46,9 +46,9 @@ class BenchServer:
             "shell",
             "-c",
             "from django.contrib.auth import get_user_model; "
-            "from rest_framework.authtoken.models import Token; "
+            "from accounts.keys import issue_key; "
             f"user = get_user_model().objects.create_user({USERNAME!r}, password={PASSWORD!r}); "
-            f"Token.objects.create(user=user, key={self.token!r})",
+            f"issue_key(user=user, name='benchmark', key={self.token!r})",
         )
 
     def start(self) -> None:

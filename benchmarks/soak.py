@@ -268,11 +268,11 @@ def create_users(server: BenchServer, users: int) -> list[dict]:
     tokens = [secrets.token_hex(20) for _ in range(users)]
     code = (
         "from django.contrib.auth import get_user_model; "
-        "from rest_framework.authtoken.models import Token; "
+        "from accounts.keys import issue_key; "
         f"tokens = {tokens!r}\n"
         "for i, key in enumerate(tokens):\n"
         "    user = get_user_model().objects.create_user(f'soak{i}', password='soak-Passw0rd')\n"
-        "    Token.objects.create(user=user, key=key)\n"
+        "    issue_key(user=user, name='soak', key=key)\n"
     )
     server.server.manage("shell", "-c", code)
     return [{"Authorization": f"Token {token}"} for token in tokens]

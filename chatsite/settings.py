@@ -4,6 +4,7 @@ Every setting reads the environment and falls back to a working local default, s
 `make run` needs no configuration: SQLite and the model cache live under var/.
 """
 
+import contextlib
 import os
 import secrets
 from pathlib import Path
@@ -46,7 +47,9 @@ def env_list(name: str, default: str = "") -> list[str]:
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("CHATBOT_VAR_DIR") or BASE_DIR / "var")
-VAR_DIR.mkdir(parents=True, exist_ok=True)
+# Private to the server's user: it holds the database and the secret key. (A directory that
+# already exists keeps its mode: it may be one the operator made for more than this.)
+VAR_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
 def _local_secret_key() -> str:
@@ -59,6 +62,18 @@ def _local_secret_key() -> str:
         tmp.chmod(0o600)
         os.replace(tmp, path)
     return path.read_text().strip()
+
+
+def _private_sqlite_file(path: Path) -> None:
+    # SQLite would create the file (and its -wal and -shm files, which take its mode) readable
+    # by everyone, and it holds sessions and password hashes. Files made before are tightened,
+    # unless they belong to another user (shared on purpose).
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))  # an empty file is a database
+    for file in (path, *path.parent.glob(f"{path.name}-*")):
+        if file.stat().st_mode & 0o077:
+            with contextlib.suppress(PermissionError):
+                file.chmod(0o600)
 
 
 DEBUG = env_bool("DJANGO_DEBUG", False)
@@ -87,6 +102,10 @@ CSRF_COOKIE_SECURE = env_bool("DJANGO_CSRF_COOKIE_SECURE", False)
 if env_bool("DJANGO_BEHIND_PROXY", False):
     # A reverse proxy terminates TLS and says so in this header.
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# Reverse proxies in front of the server that each append the address they saw to
+# X-Forwarded-For. With 0 the header is ignored: a client can write anything in it, so rate
+# limits go by the address the server itself sees.
+CHATBOT_TRUSTED_PROXIES = max(0, env_int("CHATBOT_TRUSTED_PROXIES", 0))
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -99,9 +118,9 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "corsheaders",
     "rest_framework",
-    "rest_framework.authtoken",
     "drf_spectacular",
     "drf_spectacular_sidecar",
+    "accounts",
     "conversations",
 ]
 
@@ -145,6 +164,8 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    if str(DATABASES["default"]["NAME"]) not in ("", ":memory:"):
+        _private_sqlite_file(Path(DATABASES["default"]["NAME"]))
     # WAL lets pages read while a reply is being written; IMMEDIATE write transactions and a
     # busy timeout make concurrent writers wait their turn instead of failing with "locked".
     DATABASES["default"]["OPTIONS"] = {
@@ -153,6 +174,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "timeout": 20,
     }
 
+
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -160,6 +182,8 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+    # Not a rule: Django's hook for a password being changed, which revokes the user's API keys.
+    {"NAME": "accounts.passwords.RevokeKeysOnPasswordChange"},
 ]
 
 LOGIN_URL = "login"
@@ -184,7 +208,7 @@ CORS_ALLOWED_ORIGINS = env_list("CORS_ALLOWED_ORIGINS")
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         # Token first, so an unauthenticated request answers 401 with WWW-Authenticate.
-        "rest_framework.authentication.TokenAuthentication",
+        "accounts.authentication.ApiKeyAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -228,7 +252,8 @@ CHATBOT_CONTEXT_TOKENS = env_int("CHATBOT_CONTEXT_TOKENS", 0)
 CHATBOT_SYSTEM_PROMPT = env_str("CHATBOT_SYSTEM_PROMPT", "You are a helpful AI assistant.")
 CHATBOT_MAX_MESSAGE_CHARS = env_int("CHATBOT_MAX_MESSAGE_CHARS", 16000)
 # Rate limits (0: none): messages a user may post (send, regenerate, edit) per minute, and
-# attempts to sign in, sign up or get an API token per client address per minute.
+# attempts to sign in, sign up or get an API token per client address, and per username, per
+# minute.
 CHATBOT_MESSAGES_PER_MINUTE = env_int("CHATBOT_MESSAGES_PER_MINUTE", 30)
 CHATBOT_LOGINS_PER_MINUTE = env_int("CHATBOT_LOGINS_PER_MINUTE", 10)
 CHATBOT_TORCH_THREADS = env_int("CHATBOT_TORCH_THREADS", 0)

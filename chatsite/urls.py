@@ -2,8 +2,10 @@ from django.contrib import admin
 from django.urls import include, path
 
 from conversations.urls import auth_urlpatterns
+from conversations.views import admin_login
 
 urlpatterns = [
+    path("admin/login/", admin_login),  # before the admin's own route to it
     path("admin/", admin.site.urls),
     path("api/", include("conversations.api.urls")),
     path("accounts/", include(auth_urlpatterns)),

@@ -1,4 +1,5 @@
 from django.conf import settings
+from django.contrib import admin
 from django.contrib import messages as flash
 from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
@@ -6,6 +7,7 @@ from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
 from django.core.paginator import Paginator
 from django.shortcuts import redirect, render
+from django.utils.decorators import method_decorator
 from django.views.decorators.http import require_http_methods, require_POST
 
 from . import services
@@ -13,17 +15,16 @@ from .errors import ChatError
 from .forms import NewConversationForm
 from .models import Conversation
 from .search import search_conversations
-from .throttles import LoginRateThrottle, MessageRateThrottle, refuse_page
+from .throttles import MessageRateThrottle, limit_sign_ins, refuse_page
 
 CONVERSATIONS_PER_PAGE = 30
 
 
 @require_http_methods(["GET", "POST"])
+@limit_sign_ins
 def signup(request):
     if request.user.is_authenticated:
         return redirect("conversations:list")
-    if refused := refuse_page(request, LoginRateThrottle):
-        return refused
     form = UserCreationForm(request.POST if request.method == "POST" else None)
     if request.method == "POST" and form.is_valid():
         user = form.save()
@@ -83,9 +84,14 @@ def _default_prompt():
 
 
 class LoginView(auth_views.LoginView):
-    """Django's login page, with sign-in attempts limited per client address."""
+    """Django's login page, with sign-in attempts limited per client address and username."""
 
     redirect_authenticated_user = True
 
+    @method_decorator(limit_sign_ins)
     def post(self, request, *args, **kwargs):
-        return refuse_page(request, LoginRateThrottle) or super().post(request, *args, **kwargs)
+        return super().post(request, *args, **kwargs)
+
+
+# The admin's own login page, under the same limits.
+admin_login = limit_sign_ins(admin.site.login)

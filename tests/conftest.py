@@ -1,9 +1,10 @@
 import pytest
 import torch
 from django.contrib.auth import get_user_model
-from rest_framework.authtoken.models import Token
+from django.utils import timezone
 from rest_framework.test import APIClient
 
+from accounts.keys import issue_key
 from conversations import runtime
 from conversations.llm import native
 from tests.fakes import FakeEngine
@@ -116,7 +117,10 @@ def other_user(db):
 
 def token_client(user) -> APIClient:
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    api_key, key = issue_key(user=user, name="test")
+    # As if just used: a key's first use writes its last_used, which query counts would see.
+    type(api_key).objects.filter(pk=api_key.pk).update(last_used=timezone.now())
+    client.credentials(HTTP_AUTHORIZATION=f"Token {key}")
     return client
 
 

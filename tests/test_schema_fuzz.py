@@ -53,6 +53,8 @@ def fuzz(operation, server):
 def test_api_answers_every_generated_request_within_its_schema(live_api):
     schema = schemathesis.openapi.from_url(f"{live_api.url}/api/schema/", headers=live_api.headers)
     operations = [result.ok() for result in schema.get_all_operations()]
+    # Revoking the key would leave the operations after it unauthenticated: it goes last.
+    operations.sort(key=lambda operation: operation.label == "DELETE /api/token/")
     assert len(operations) >= 10, "the schema lists the API's operations"
     failures = []
     for operation in operations:

@@ -176,6 +176,35 @@ print("heavy:", heavy)
     assert "heavy: []" in result.stdout
 
 
+def test_a_fresh_var_dir_and_its_database_are_private(tmp_path):
+    """The database holds sessions and key digests: only the server's user may read it."""
+    var = tmp_path / "var"
+    code = """
+import django
+django.setup()
+from django.core.management import call_command
+call_command("migrate", verbosity=0)
+"""
+    result = run_python(code, {"CHATBOT_VAR_DIR": str(var)})
+    assert result.returncode == 0, result.stderr
+    modes = {path.name: path.stat().st_mode & 0o777 for path in [var, *var.iterdir()]}
+    assert modes["var"] == 0o700
+    assert modes["db.sqlite3"] == 0o600
+    assert modes["secret_key"] == 0o600
+    # SQLite's write-ahead log and shared memory, if left, are as private as the database.
+    assert {modes[name] for name in modes if name.startswith("db.sqlite3-")} <= {0o600}
+
+
+def test_an_existing_database_readable_by_others_is_made_private(tmp_path):
+    (tmp_path / "db.sqlite3").touch(mode=0o644)
+    (tmp_path / "db.sqlite3").chmod(0o644)
+    tmp_path.chmod(0o755)
+    result = run_python("import django; django.setup()", {"CHATBOT_VAR_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "db.sqlite3").stat().st_mode & 0o777 == 0o600
+    assert tmp_path.stat().st_mode & 0o777 == 0o755, "a directory the operator chose is theirs"
+
+
 def test_sqlite_runs_in_wal_mode(db):
     from django.db import connection
 

@@ -87,3 +87,97 @@ def test_sending_from_the_pages_is_limited(client, owner, fake_engine, two_per_m
     assert client.post("/new/", {"content": "new chat"}).status_code == 429
     assert Conversation.objects.count() == 1
     assert client.get(url).status_code == 200
+
+
+# --- who a client is: the address the server sees, not a header it sends --------------------------
+
+
+@pytest.fixture
+def limit_of_ten(settings):
+    settings.CHATBOT_LOGINS_PER_MINUTE = 10
+
+
+def forwarded(i):
+    return {"HTTP_X_FORWARDED_FOR": f"10.0.{i}.1"}
+
+
+def test_a_forged_forwarded_for_header_does_not_escape_the_limit(anon_api, owner, limit_of_ten):
+    answers = [
+        anon_api.post(
+            "/api/token/", {"username": owner.username, "password": "nope"}, **forwarded(i)
+        ).status_code
+        for i in range(40)
+    ]
+    assert answers == [400] * 10 + [429] * 30
+    # The right password is refused too while the limit holds.
+    right = anon_api.post(
+        "/api/token/", {"username": owner.username, "password": PASSWORD}, **forwarded(99)
+    )
+    assert_detail(right, 429)
+    assert "token" not in right.json()
+
+
+@pytest.mark.parametrize("path", ["/accounts/login/", "/admin/login/"])
+def test_sign_in_pages_ignore_a_forged_forwarded_for_header(client, owner, limit_of_ten, path):
+    owner.is_staff = owner.is_superuser = True
+    owner.save()
+    for i in range(10):
+        wrong = client.post(path, {"username": owner.username, "password": "nope"}, **forwarded(i))
+        assert wrong.status_code == 200  # the form again, with its error
+    refused = client.post(path, {"username": owner.username, "password": PASSWORD}, **forwarded(50))
+    assert refused.status_code == 429
+    assert_retry_after(refused)
+    assert "_auth_user_id" not in client.session
+
+
+def test_sign_up_ignores_a_forged_forwarded_for_header(client, limit_of_ten):
+    from django.contrib.auth import get_user_model
+
+    for i in range(15):
+        client.post(
+            "/accounts/signup/",
+            {"username": f"new{i}", "password1": PASSWORD, "password2": PASSWORD},
+            **forwarded(i),
+        )
+        client.logout()
+    assert get_user_model().objects.count() == 10
+
+
+def test_admin_login_attempts_are_limited(client, owner, two_per_minute):
+    owner.is_staff = owner.is_superuser = True
+    owner.save()
+    for _ in range(2):
+        assert (
+            client.post("/admin/login/", {"username": "owner", "password": "no"}).status_code == 200
+        )
+    refused = client.post("/admin/login/", {"username": "owner", "password": PASSWORD})
+    assert refused.status_code == 429
+    assert "_auth_user_id" not in client.session
+    assert client.get("/admin/login/").status_code == 200, "showing the form is not limited"
+
+
+def test_wrong_passwords_for_one_username_from_many_addresses_are_limited(
+    anon_api, owner, other_user, two_per_minute
+):
+    def attempt(username, address, password="nope"):
+        body = {"username": username, "password": password}
+        return anon_api.post("/api/token/", body, REMOTE_ADDR=address).status_code
+
+    assert [attempt("owner", f"192.0.2.{i}") for i in range(4)] == [400, 400, 429, 429]
+    assert attempt("owner", "192.0.2.99", PASSWORD) == 429
+    # Another username from a fresh address has its own budget.
+    assert attempt(other_user.username, "192.0.2.100", PASSWORD) == 200
+
+
+def test_behind_configured_proxies_the_forwarded_address_is_the_client(
+    anon_api, owner, two_per_minute, settings
+):
+    settings.CHATBOT_TRUSTED_PROXIES = 1
+
+    def attempt(chain):
+        body = {"username": f"user-{chain}", "password": "nope"}  # no per-username limit
+        return anon_api.post("/api/token/", body, HTTP_X_FORWARDED_FOR=chain).status_code
+
+    # The proxy appends the address it saw: that last one is the client, whatever came before.
+    assert [attempt(f"10.9.{i}.9, 203.0.113.7") for i in range(3)] == [400, 400, 429]
+    assert attempt("203.0.113.8") == 400, "another client behind the proxy has its own budget"

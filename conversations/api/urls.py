@@ -2,8 +2,10 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
+from accounts.views import TokenView
+
 from .transfer import ConversationExportView, ConversationImportView
-from .views import ConversationViewSet, StartMessageView, TokenView
+from .views import ConversationViewSet, StartMessageView
 
 router = DefaultRouter()
 router.register("conversations", ConversationViewSet, basename="conversation")

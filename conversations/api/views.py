@@ -1,7 +1,6 @@
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, renderers, status, viewsets
-from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotAcceptable
 from rest_framework.response import Response
@@ -9,7 +8,7 @@ from rest_framework.response import Response
 from .. import services
 from ..models import Conversation
 from ..search import search_conversations
-from ..throttles import LoginRateThrottle, MessageRateThrottle
+from ..throttles import MessageRateThrottle
 from .serializers import (
     ActivateSerializer,
     ConversationSerializer,
@@ -253,10 +252,3 @@ class StartMessageView(generics.GenericAPIView):
         exchange = writer.run()
         load_versions(exchange.user_message, exchange.reply)
         return Response(ExchangeSerializer(exchange).data, status=status.HTTP_201_CREATED)
-
-
-class TokenView(ObtainAuthToken):
-    """Exchange a username and password for the API token; attempts are limited per client
-    address (CHATBOT_LOGINS_PER_MINUTE)."""
-
-    throttle_classes = [LoginRateThrottle]
