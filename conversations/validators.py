@@ -1,3 +1,6 @@
+import re
+from typing import Any
+
 from django.conf import settings
 from django.core.exceptions import ValidationError
 
@@ -16,3 +19,34 @@ def validate_message_content(value: str) -> None:
         )
     if "\x00" in value:
         raise ValidationError("Message content must not contain NUL characters.")
+
+
+# Half of a UTF-16 pair, which JSON can spell ("\ud800") but no text encoding or database can store.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate_problem(value: Any) -> str | None:
+    """Where a parsed JSON value holds a lone surrogate, in a string or an object's key, as a
+    sentence for the person who sent it; None if nowhere. Walks without recursion, so a deeply
+    nested value cannot overflow the stack."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if LONE_SURROGATE.search(item):
+                return _surrogate_sentence(f"{path or 'the document'}")
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if LONE_SURROGATE.search(key):
+                    return _surrogate_sentence(f"a key of {path or 'the document'}")
+                stack.append((f"{path}.{key}" if path else key, child))
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{index}]", child) for index, child in enumerate(item))
+    return None
+
+
+def _surrogate_sentence(where: str) -> str:
+    return (
+        f"{where} holds a lone surrogate (an escape such as \\ud800 without its pair), "
+        "which is not a character: send valid Unicode text."
+    )

@@ -116,3 +116,69 @@ def test_an_unknown_page_is_still_an_html_404(client):
 
     assert response.status_code == 404
     assert response["Content-Type"].startswith("text/html")
+
+
+# --- bodies the JSON parser cannot take, and text that cannot be stored ---------------------------
+
+
+DEEP = b"[" * 50_000
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("post", "/api/token/"),
+        ("post", "/api/messages/"),
+        ("post", "/api/conversations/"),
+        ("post", "/api/conversations/{}/messages/"),
+        ("patch", "/api/conversations/{}/"),
+        ("post", "/api/conversations/import/"),
+    ],
+)
+def test_a_deeply_nested_body_is_400_without_a_traceback(
+    api, conversation, unchanged, caplog, method, path
+):
+    caplog.set_level("WARNING")
+
+    response = api.generic(
+        method.upper(), path.format(conversation.pk), DEEP, content_type="application/json"
+    )
+
+    assert "nested" in assert_detail(response, 400)
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
+
+
+def test_a_deeply_nested_body_to_the_token_endpoint_needs_no_login(anon_api, unchanged):
+    response = anon_api.generic("POST", "/api/token/", DEEP, content_type="application/json")
+
+    assert "nested" in assert_detail(response, 400)
+
+
+# A JSON escape of half a UTF-16 pair: valid JSON, but no character, so no database stores it.
+LONE_SURROGATE = '"x\\ud800y"'
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("post", "/api/messages/", '{"content": %s}'),
+        ("post", "/api/conversations/{}/messages/", '{"content": %s}'),
+        ("post", "/api/conversations/{}/edit/", '{"content": %s}'),
+        ("post", "/api/conversations/", '{"title": %s}'),
+        ("post", "/api/conversations/", '{"system_prompt": %s}'),
+        ("patch", "/api/conversations/{}/", '{"title": %s}'),
+        ("patch", "/api/conversations/{}/", '{"system_prompt": %s}'),
+        ("post", "/api/token/", '{"username": %s, "password": "x"}'),
+    ],
+)
+def test_a_lone_surrogate_in_a_json_body_is_400(api, conversation, unchanged, method, path, body):
+    response = api.generic(
+        method.upper(),
+        path.format(conversation.pk),
+        (body % LONE_SURROGATE).encode(),
+        content_type="application/json",
+    )
+
+    assert "surrogate" in assert_detail(response, 400)
+    conversation.refresh_from_db()
+    assert conversation.title == "Chat"

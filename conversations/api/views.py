@@ -4,12 +4,14 @@ from rest_framework import generics, renderers, status, viewsets
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotAcceptable
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
 
 from .. import services
 from ..models import Conversation
 from ..search import search_conversations
 from ..throttles import LoginRateThrottle, MessageRateThrottle
+from .parsers import JSONParser
 from .serializers import (
     ActivateSerializer,
     ConversationSerializer,
@@ -260,3 +262,4 @@ class TokenView(ObtainAuthToken):
     address (CHATBOT_LOGINS_PER_MINUTE)."""
 
     throttle_classes = [LoginRateThrottle]
+    parser_classes = [FormParser, MultiPartParser, JSONParser]
