@@ -22,6 +22,7 @@ from .errors import Conflict
 from .models import Conversation, Message
 from .replies import Exchange, ReplyEvent, ReplyWriter, reserve_reply
 from .runtime import default_generation_params, get_engine
+from .validators import clean_title
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ TITLE_PROMPT = (
 
 def fallback_title(content: str) -> str:
     """A title from the first user message: its first line, cut at a word boundary."""
-    line = " ".join(content.strip().split("\n", 1)[0].split())
+    line = clean_title(content.strip().split("\n", 1)[0])
     if len(line) <= TITLE_LENGTH:
         return line
     cut = line[:TITLE_LENGTH].rsplit(" ", 1)[0] or line[:TITLE_LENGTH]
@@ -253,7 +254,7 @@ def _clean_title(text: str) -> str:
     line = text.strip().split("\n", 1)[0]
     line = re.sub(r"^(title|subject)\s*:\s*", "", line, flags=re.IGNORECASE)
     line = line.strip(" \"'*#`\u201c\u201d\u2018\u2019").rstrip(".:;,!")
-    words = line.split()
-    if not words or len(words) > TITLE_MAX_WORDS or len(line) > TITLE_LENGTH:
+    line = clean_title(line)
+    if not line or len(line.split()) > TITLE_MAX_WORDS or len(line) > TITLE_LENGTH:
         return ""
-    return " ".join(words)
+    return line

@@ -4,6 +4,28 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 
+# Characters that are not text but instructions to what shows it: C0 and C1 controls (a
+# terminal's ESC sequences among them) and the marks that reorder text (bidi embeddings,
+# overrides and isolates), with which "exe.txt" can be shown as "txt.exe".
+_CONTROLS = "\x00-\x1f\x7f-\x9f"
+_BIDI_MARKS = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+CONTROL_OR_BIDI = re.compile(f"[{_CONTROLS}{_BIDI_MARKS}]")
+# For a terminal, line breaks and tabs stay.
+TERMINAL_UNSAFE = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{_BIDI_MARKS}]")
+
+
+def clean_title(value: str) -> str:
+    """A conversation's title as it is stored and shown: one line, without control characters
+    or bidi marks, runs of whitespace made one space."""
+    spaced = CONTROL_OR_BIDI.sub(lambda match: " " if match[0].isspace() else "", value)
+    return " ".join(spaced.split())
+
+
+def terminal_text(value: str) -> str:
+    """Text to print in a terminal: stored text can hold escape sequences that would move the
+    cursor, recolour or retitle the terminal, or bidi marks that reorder what is shown."""
+    return TERMINAL_UNSAFE.sub("", value)
+
 
 def validate_message_content(value: str) -> None:
     """What a chat message must be, for the API and the pages alike."""

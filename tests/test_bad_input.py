@@ -2,6 +2,7 @@
 and changes nothing (no message, no conversation, no call to the model)."""
 
 import json
+import re
 import uuid
 
 import pytest
@@ -182,3 +183,68 @@ def test_a_lone_surrogate_in_a_json_body_is_400(api, conversation, unchanged, me
     assert "surrogate" in assert_detail(response, 400)
     conversation.refresh_from_db()
     assert conversation.title == "Chat"
+
+
+# --- titles and terminal output without control characters or bidi overrides --------------------
+
+# A line break, a terminal escape (clear the screen, red text) and a right-to-left override.
+HOSTILE_TITLE = "Plans\r\nfor\tMay\x1b[2J\x1b[31m red\u202egnp.exe\u2066x\x7f\x85"
+CLEAN_TITLE = "Plans for May[2J[31m redgnp.exex"
+UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def test_titles_lose_control_and_bidi_characters_when_created(api, fake_engine):
+    response = api.post("/api/conversations/", {"title": HOSTILE_TITLE}, format="json")
+
+    assert response.status_code == 201, response.content
+    assert response.json()["title"] == CLEAN_TITLE
+    assert Conversation.objects.get().title == CLEAN_TITLE
+
+
+def test_titles_lose_control_and_bidi_characters_when_renamed(api, conversation):
+    response = api.patch(f"/api/conversations/{conversation.pk}/", {"title": HOSTILE_TITLE})
+
+    assert response.status_code == 200, response.content
+    assert response.json()["title"] == CLEAN_TITLE
+    conversation.refresh_from_db()
+    assert conversation.title == CLEAN_TITLE
+
+
+def test_a_title_from_the_first_message_is_clean(api, fake_engine):
+    response = api.post("/api/messages/", {"content": "\u202eevil\x1b[0m title\nrest"})
+
+    assert response.status_code == 201, response.content
+    assert Conversation.objects.get().title == "evil[0m title"
+
+
+def test_a_title_the_model_writes_is_clean(api, fake_engine, settings):
+    settings.CHATBOT_AUTO_TITLE = True
+    fake_engine.replies = ["Hello!", "Trip\x1b[5m to \u202eRome"]
+
+    response = api.post("/api/messages/", {"content": "Plan a trip"})
+
+    assert response.status_code == 201, response.content
+    assert Conversation.objects.get().title == "Trip[5m to Rome"
+
+
+def test_the_terminal_chat_prints_no_control_or_bidi_characters(
+    owner, fake_engine, monkeypatch, capsys
+):
+    import io
+    import sys
+
+    from django.core.management import call_command
+
+    chat = make_conversation(owner, "Chat")
+    Message.objects.create(conversation=chat, role="user", content="look\x1b[2J\u202eaway\nok")
+    Message.objects.create(conversation=chat, role="assistant", content="\x1b]0;pwned\x07fine")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\x1b[31mred\u202e\n"))
+    out = io.StringIO()
+
+    call_command("chat", "--conversation", str(chat.pk), stdout=out)
+
+    printed = out.getvalue()
+    assert "you> look[2Jaway\nok" in printed
+    assert "bot> ]0;pwnedfine" in printed
+    assert "bot> Echo: [31mred" in printed  # the reply echoes the stored message, cleaned
+    assert not UNSAFE.search(printed)

@@ -422,3 +422,22 @@ def test_generation_failure_when_starting_shows_the_new_thread(owner_client, fak
     assert "First try" in page
     assert "RuntimeError: boom" in page
     assert "flash-error" in page
+
+
+def test_settings_page_cleans_the_title(owner_client, owner):
+    conversation = make_conversation(owner, "Before")
+
+    response = owner_client.post(
+        f"/c/{conversation.pk}/settings/",
+        {
+            "title": "New\r\nname\x1b[1m\u202e!",
+            "system_prompt": "",
+            "temperature": "",
+            "max_new_tokens": "",
+        },
+    )
+
+    assert response.status_code == 302
+    conversation.refresh_from_db()
+    assert conversation.title == "New name[1m!"
+    assert "\u202e" not in html(owner_client.get("/"))

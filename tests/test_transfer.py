@@ -887,3 +887,14 @@ def test_import_keeps_dates_at_the_edges_of_the_range(api, owner):
     response = api.post(IMPORT_URL, document, format="json")
 
     assert response.status_code == 201, response.content
+
+
+def test_an_imported_title_loses_control_and_bidi_characters(api, owner):
+    document = minimal_document(
+        conversation={"title": "Old\nchat\x1b[31m \u202eexe", "system_prompt": ""}
+    )
+
+    response = api.post(IMPORT_URL, document, format="json")
+
+    assert response.status_code == 201, response.content
+    assert response.json()["title"] == "Old chat[31m exe"
