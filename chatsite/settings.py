@@ -232,6 +232,12 @@ CHATBOT_MAX_MESSAGE_CHARS = env_int("CHATBOT_MAX_MESSAGE_CHARS", 16000)
 # attempts to sign in, sign up or get an API token per client address per minute.
 CHATBOT_MESSAGES_PER_MINUTE = env_int("CHATBOT_MESSAGES_PER_MINUTE", 30)
 CHATBOT_LOGINS_PER_MINUTE = env_int("CHATBOT_LOGINS_PER_MINUTE", 10)
+# Conversations a user may create or import per minute (0: no limit).
+CHATBOT_CONVERSATIONS_PER_MINUTE = env_int("CHATBOT_CONVERSATIONS_PER_MINUTE", 10)
+# What one user may keep (0: no limit): conversations, and megabytes of text (messages and
+# system prompts).
+CHATBOT_MAX_CONVERSATIONS = env_int("CHATBOT_MAX_CONVERSATIONS", 10_000)
+CHATBOT_MAX_STORED_BYTES = env_int("CHATBOT_MAX_STORED_MB", 1024) * 1024 * 1024
 CHATBOT_TORCH_THREADS = env_int("CHATBOT_TORCH_THREADS", 0)
 # Memory for the keys and values of recent conversations' last turns, so a follow-up message
 # recomputes only its new tokens (0 turns the prefix cache off).

@@ -17,7 +17,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from . import leases
+from . import leases, quotas
 from .errors import Conflict
 from .models import Conversation, Message
 from .replies import Exchange, ReplyEvent, ReplyWriter, reserve_reply
@@ -50,6 +50,7 @@ def create_conversation(
     so the conversation shows exactly what the model is told."""
     if system_prompt is None:
         system_prompt = settings.CHATBOT_SYSTEM_PROMPT
+    quotas.check_room(owner=owner, new_conversation=True, texts=(system_prompt,))
     return Conversation.objects.create(
         owner=owner, title=title.strip(), system_prompt=system_prompt, **params
     )
@@ -177,6 +178,7 @@ def _ensure_idle(conversation: Conversation) -> None:
 
 
 def _save_user_message(conversation, content: str, *, version_group=None) -> Message:
+    quotas.check_room(owner=conversation.owner_id, texts=(content,))
     now = timezone.now()
     # (Inside the caller's transaction: no savepoint of its own, two queries fewer.)
     with transaction.atomic(savepoint=False):

@@ -36,6 +36,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from django.utils.text import slugify
 
+from . import quotas
 from .errors import ChatError
 from .models import REPLY_FIELDS, Conversation, Message
 from .validators import lone_surrogate_problem
@@ -194,6 +195,8 @@ def import_conversation(*, owner, document: Any) -> Conversation:
     kept, and a reply that was still streaming when exported is stored as interrupted.
     """
     conversation_fields, rows = _validate(document)
+    texts = (conversation_fields["system_prompt"], *(row["content"] for row in rows))
+    quotas.check_room(owner=owner, new_conversation=True, texts=texts)
     now = timezone.now()
     new_ids = {row["id"]: uuid.uuid4() for row in rows}
     new_groups: dict[str, uuid.UUID] = {}

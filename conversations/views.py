@@ -13,7 +13,12 @@ from .errors import ChatError
 from .forms import NewConversationForm
 from .models import Conversation
 from .search import search_conversations
-from .throttles import LoginRateThrottle, MessageRateThrottle, refuse_page
+from .throttles import (
+    ConversationRateThrottle,
+    LoginRateThrottle,
+    MessageRateThrottle,
+    refuse_page,
+)
 
 CONVERSATIONS_PER_PAGE = 30
 
@@ -55,7 +60,9 @@ def conversation_list(request):
 @login_required
 @require_POST
 def new_conversation(request):
-    if refused := refuse_page(request, MessageRateThrottle):
+    if refused := refuse_page(request, MessageRateThrottle) or refuse_page(
+        request, ConversationRateThrottle
+    ):
         return refused
     form = NewConversationForm(request.POST)
     if not form.is_valid():
@@ -74,6 +81,8 @@ def new_conversation(request):
         )
     except ChatError as exc:
         flash.error(request, exc.detail)
+        if exc.exchange is None:  # refused before anything was stored (a storage limit)
+            return redirect("conversations:list")
         return redirect(exc.exchange.user_message.conversation)
     return redirect(conversation)
 

@@ -248,3 +248,103 @@ def test_the_terminal_chat_prints_no_control_or_bidi_characters(
     assert "bot> ]0;pwnedfine" in printed
     assert "bot> Echo: [31mred" in printed  # the reply echoes the stored message, cleaned
     assert not UNSAFE.search(printed)
+
+
+# --- storage: conversations created or imported per minute, and per-user caps --------------------
+
+IMPORT = "/api/conversations/import/"
+
+
+def _export_document(title="Imported", content="hello") -> dict:
+    return {
+        "format": "local-chat.conversation",
+        "version": 1,
+        "conversation": {"title": title, "system_prompt": ""},
+        "messages": [
+            {"id": "a", "role": "user", "content": content, "created_at": "2026-01-01T10:00:00Z"}
+        ],
+    }
+
+
+def test_creating_and_importing_conversations_is_rate_limited(api, other_api, settings):
+    settings.CHATBOT_CONVERSATIONS_PER_MINUTE = 2
+    assert api.post("/api/conversations/", {"title": "one"}, format="json").status_code == 201
+    assert api.post(IMPORT, _export_document(), format="json").status_code == 201
+    before = Conversation.objects.count(), Message.objects.count()
+
+    for refused in (
+        api.post("/api/conversations/", {"title": "three"}, format="json"),
+        api.post(IMPORT, _export_document(), format="json"),
+    ):
+        assert "throttled" in assert_detail(refused, 429).lower()
+        assert 1 <= int(refused["Retry-After"]) <= 60
+    assert (Conversation.objects.count(), Message.objects.count()) == before
+    # Reading is not limited, and another user has a budget of their own.
+    assert api.get("/api/conversations/").status_code == 200
+    assert other_api.post(IMPORT, _export_document(), format="json").status_code == 201
+
+
+def test_importing_from_the_page_is_rate_limited(client, owner, settings):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    settings.CHATBOT_CONVERSATIONS_PER_MINUTE = 1
+    client.force_login(owner)
+
+    def upload():
+        body = json.dumps(_export_document()).encode()
+        return {"file": SimpleUploadedFile("chat.json", body, content_type="application/json")}
+
+    assert client.post("/import/", upload()).status_code == 302
+    refused = client.post("/import/", upload())
+
+    assert refused.status_code == 429
+    assert "Retry-After" in refused
+    assert Conversation.objects.count() == 1
+
+
+def test_a_user_has_a_cap_on_conversations(api, owner, other_api, fake_engine, settings):
+    settings.CHATBOT_MAX_CONVERSATIONS = 2
+    make_conversation(owner, "one")
+    make_conversation(owner, "two")
+    before = Conversation.objects.count(), Message.objects.count()
+
+    for refused in (
+        api.post("/api/conversations/", {"title": "three"}, format="json"),
+        api.post(IMPORT, _export_document(), format="json"),
+        api.post("/api/messages/", {"content": "a new chat"}, format="json"),
+    ):
+        detail = assert_detail(refused, 409)
+        assert "2 conversations" in detail and "delete" in detail.lower()
+    assert (Conversation.objects.count(), Message.objects.count()) == before
+    assert fake_engine.calls == []
+    assert other_api.post("/api/conversations/", {}, format="json").status_code == 201
+
+
+def test_a_new_chat_from_the_page_past_the_cap_explains(client, owner, fake_engine, settings):
+    settings.CHATBOT_MAX_CONVERSATIONS = 1
+    make_conversation(owner, "one")
+    client.force_login(owner)
+
+    response = client.post("/new/", {"content": "hello", "system_prompt": ""}, follow=True)
+
+    assert response.status_code == 200
+    assert "1 conversations" in response.content.decode()
+    assert Conversation.objects.count() == 1
+
+
+def test_a_user_has_a_cap_on_stored_text(api, owner, fake_engine, settings):
+    settings.CHATBOT_MAX_STORED_BYTES = 600
+    chat = make_conversation(owner, "Chat")
+    first = api.post(messages_url(chat), {"content": "é" * 100}, format="json")  # 200 bytes
+    assert first.status_code == 201, first.content  # (and its echoed reply: 206 more)
+    before = Conversation.objects.count(), Message.objects.count()
+
+    for refused in (
+        api.post(messages_url(chat), {"content": "x" * 300}, format="json"),
+        api.post(IMPORT, _export_document(content="y" * 300), format="json"),
+    ):
+        detail = assert_detail(refused, 413)
+        assert "600 bytes" in detail
+    assert (Conversation.objects.count(), Message.objects.count()) == before
+    # What fits is still taken.
+    assert api.post(messages_url(chat), {"content": "ok"}, format="json").status_code == 201

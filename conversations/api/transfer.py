@@ -18,6 +18,7 @@ from rest_framework.response import Response
 
 from .. import transfer
 from ..models import Conversation, Message
+from ..throttles import ConversationRateThrottle
 from .parsers import JSONParser
 from .serializers import ConversationSerializer
 
@@ -167,6 +168,7 @@ class ConversationImportView(generics.GenericAPIView):
     the multipart field `file`. Every version is restored; ids are new."""
 
     parser_classes = [JSONParser, MultiPartParser]
+    throttle_classes = [ConversationRateThrottle]
     serializer_class = ConversationSerializer
 
     @extend_schema(

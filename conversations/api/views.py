@@ -10,7 +10,7 @@ from rest_framework.response import Response
 from .. import services
 from ..models import Conversation
 from ..search import search_conversations
-from ..throttles import LoginRateThrottle, MessageRateThrottle
+from ..throttles import ConversationRateThrottle, LoginRateThrottle, MessageRateThrottle
 from .parsers import JSONParser
 from .serializers import (
     ActivateSerializer,
@@ -75,6 +75,11 @@ class ConversationViewSet(viewsets.ModelViewSet):
             request.accepted_renderer = renderers.JSONRenderer()
             request.accepted_media_type = request.accepted_renderer.media_type
         return super().handle_exception(exc)
+
+    def get_throttles(self):
+        if self.action == "create":
+            return [ConversationRateThrottle()]
+        return super().get_throttles()
 
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):  # schema generation has no user
