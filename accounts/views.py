@@ -5,6 +5,7 @@ from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from conversations.api.parsers import JSONParser
 from conversations.throttles import SIGN_IN_THROTTLES
 
 from . import keys
@@ -18,7 +19,7 @@ class TokenView(APIView):
     per client address and per username (CHATBOT_LOGINS_PER_MINUTE). DELETE: revoke the key
     the request is authenticated with."""
 
-    parser_classes = [parsers.FormParser, parsers.MultiPartParser, parsers.JSONParser]
+    parser_classes = [parsers.FormParser, parsers.MultiPartParser, JSONParser]
     renderer_classes = [renderers.JSONRenderer]
 
     def get_permissions(self):

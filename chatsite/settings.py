@@ -127,6 +127,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
+    "chatsite.headers.SecurityHeadersMiddleware",
     "corsheaders.middleware.CorsMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -216,7 +217,7 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "conversations.api.errors.exception_handler",
     # The API reads JSON (the import also takes a file upload, the token form fields).
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["conversations.api.parsers.JSONParser"],
     "TEST_REQUEST_DEFAULT_FORMAT": "json",
     "PAGE_SIZE": 50,
 }
@@ -256,6 +257,12 @@ CHATBOT_MAX_MESSAGE_CHARS = env_int("CHATBOT_MAX_MESSAGE_CHARS", 16000)
 # minute.
 CHATBOT_MESSAGES_PER_MINUTE = env_int("CHATBOT_MESSAGES_PER_MINUTE", 30)
 CHATBOT_LOGINS_PER_MINUTE = env_int("CHATBOT_LOGINS_PER_MINUTE", 10)
+# Conversations a user may create or import per minute (0: no limit).
+CHATBOT_CONVERSATIONS_PER_MINUTE = env_int("CHATBOT_CONVERSATIONS_PER_MINUTE", 10)
+# What one user may keep (0: no limit): conversations, and megabytes of text (messages and
+# system prompts).
+CHATBOT_MAX_CONVERSATIONS = env_int("CHATBOT_MAX_CONVERSATIONS", 10_000)
+CHATBOT_MAX_STORED_BYTES = env_int("CHATBOT_MAX_STORED_MB", 1024) * 1024 * 1024
 CHATBOT_TORCH_THREADS = env_int("CHATBOT_TORCH_THREADS", 0)
 # Memory for the keys and values of recent conversations' last turns, so a follow-up message
 # recomputes only its new tokens (0 turns the prefix cache off).

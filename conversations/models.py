@@ -6,6 +6,8 @@ from django.db import models
 from django.db.models import F, Func, OuterRef, Subquery
 from django.utils import timezone
 
+from .validators import clean_title
+
 
 class ConversationQuerySet(models.QuerySet):
     def with_message_counts(self):
@@ -44,6 +46,12 @@ class Conversation(models.Model):
 
     def __str__(self) -> str:
         return self.title or f"Conversation {self.id}"
+
+    def save(self, *args, **kwargs):
+        # Every way a title is set (API, pages, import, admin) saves through here; the services
+        # that update titles in place clean them with the same function.
+        self.title = clean_title(self.title)
+        super().save(*args, **kwargs)
 
     def get_absolute_url(self) -> str:
         from django.urls import reverse

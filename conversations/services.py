@@ -17,11 +17,12 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from . import leases
+from . import leases, quotas
 from .errors import Conflict
 from .models import Conversation, Message
 from .replies import Exchange, ReplyEvent, ReplyWriter, reserve_reply
 from .runtime import default_generation_params, get_engine
+from .validators import clean_title
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ TITLE_PROMPT = (
 
 def fallback_title(content: str) -> str:
     """A title from the first user message: its first line, cut at a word boundary."""
-    line = " ".join(content.strip().split("\n", 1)[0].split())
+    line = clean_title(content.strip().split("\n", 1)[0])
     if len(line) <= TITLE_LENGTH:
         return line
     cut = line[:TITLE_LENGTH].rsplit(" ", 1)[0] or line[:TITLE_LENGTH]
@@ -49,6 +50,7 @@ def create_conversation(
     so the conversation shows exactly what the model is told."""
     if system_prompt is None:
         system_prompt = settings.CHATBOT_SYSTEM_PROMPT
+    quotas.check_room(owner=owner, new_conversation=True, texts=(system_prompt,))
     return Conversation.objects.create(
         owner=owner, title=title.strip(), system_prompt=system_prompt, **params
     )
@@ -176,6 +178,7 @@ def _ensure_idle(conversation: Conversation) -> None:
 
 
 def _save_user_message(conversation, content: str, *, version_group=None) -> Message:
+    quotas.check_room(owner=conversation.owner_id, texts=(content,))
     now = timezone.now()
     # (Inside the caller's transaction: no savepoint of its own, two queries fewer.)
     with transaction.atomic(savepoint=False):
@@ -253,7 +256,7 @@ def _clean_title(text: str) -> str:
     line = text.strip().split("\n", 1)[0]
     line = re.sub(r"^(title|subject)\s*:\s*", "", line, flags=re.IGNORECASE)
     line = line.strip(" \"'*#`\u201c\u201d\u2018\u2019").rstrip(".:;,!")
-    words = line.split()
-    if not words or len(words) > TITLE_MAX_WORDS or len(line) > TITLE_LENGTH:
+    line = clean_title(line)
+    if not line or len(line.split()) > TITLE_MAX_WORDS or len(line) > TITLE_LENGTH:
         return ""
-    return " ".join(words)
+    return line

@@ -60,6 +60,13 @@ class MessageRateThrottle(_PerMinute):
         return self.cache_format % {"scope": self.scope, "ident": request.user.pk}
 
 
+class ConversationRateThrottle(MessageRateThrottle):
+    """Conversations created or imported per user."""
+
+    scope = "conversations"
+    setting = "CHATBOT_CONVERSATIONS_PER_MINUTE"
+
+
 class LoginRateThrottle(_PerMinute):
     """Attempts to sign in, sign up or get an API token, per client address."""
 

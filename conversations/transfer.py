@@ -36,8 +36,10 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from django.utils.text import slugify
 
+from . import quotas
 from .errors import ChatError
 from .models import REPLY_FIELDS, Conversation, Message
+from .validators import lone_surrogate_problem
 
 FORMAT = "local-chat.conversation"
 VERSION = 1
@@ -193,6 +195,8 @@ def import_conversation(*, owner, document: Any) -> Conversation:
     kept, and a reply that was still streaming when exported is stored as interrupted.
     """
     conversation_fields, rows = _validate(document)
+    texts = (conversation_fields["system_prompt"], *(row["content"] for row in rows))
+    quotas.check_room(owner=owner, new_conversation=True, texts=texts)
     now = timezone.now()
     new_ids = {row["id"]: uuid.uuid4() for row in rows}
     new_groups: dict[str, uuid.UUID] = {}
@@ -236,6 +240,10 @@ def import_conversation(*, owner, document: Any) -> Conversation:
 
 
 def _validate(document: Any) -> tuple[dict, list[dict]]:
+    # Every string and key, before anything is stored: text no database can store would be
+    # written fine by some and then fail every read of the conversation.
+    if problem := lone_surrogate_problem(document):
+        raise InvalidImport(problem)
     if not isinstance(document, dict):
         raise InvalidImport(
             f"Not a conversation export: the document is a JSON {_json_type(document)}, "
@@ -451,7 +459,14 @@ def _timestamp(obj: dict, key: str, where: str, *, required: bool) -> datetime |
         )
     if timezone.is_naive(parsed):
         parsed = timezone.make_aware(parsed, UTC)
-    return parsed
+    try:
+        # Stored in UTC: an offset can move a date at either end of the calendar past it.
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        raise InvalidImport(
+            f"{where}.{key} is out of range: {_describe(value)} is not between the years 1 and "
+            "9999 in UTC."
+        ) from None
 
 
 def _params(obj: dict, key: str, where: str) -> dict:

@@ -15,7 +15,12 @@ from .errors import ChatError
 from .forms import NewConversationForm
 from .models import Conversation
 from .search import search_conversations
-from .throttles import MessageRateThrottle, limit_sign_ins, refuse_page
+from .throttles import (
+    ConversationRateThrottle,
+    MessageRateThrottle,
+    limit_sign_ins,
+    refuse_page,
+)
 
 CONVERSATIONS_PER_PAGE = 30
 
@@ -56,7 +61,9 @@ def conversation_list(request):
 @login_required
 @require_POST
 def new_conversation(request):
-    if refused := refuse_page(request, MessageRateThrottle):
+    if refused := refuse_page(request, MessageRateThrottle) or refuse_page(
+        request, ConversationRateThrottle
+    ):
         return refused
     form = NewConversationForm(request.POST)
     if not form.is_valid():
@@ -75,6 +82,8 @@ def new_conversation(request):
         )
     except ChatError as exc:
         flash.error(request, exc.detail)
+        if exc.exchange is None:  # refused before anything was stored (a storage limit)
+            return redirect("conversations:list")
         return redirect(exc.exchange.user_message.conversation)
     return redirect(conversation)
 

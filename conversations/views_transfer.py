@@ -9,7 +9,9 @@ from django.shortcuts import get_object_or_404, redirect
 from django.views.decorators.http import require_GET, require_http_methods
 
 from . import transfer
+from .errors import ChatError
 from .models import Conversation
+from .throttles import ConversationRateThrottle, refuse_page
 
 CONTENT_TYPES = {"json": "application/json", "md": "text/markdown; charset=utf-8"}
 
@@ -38,6 +40,8 @@ def import_conversation(request):
     """The form is on the chat list; a GET just goes there."""
     if request.method == "GET":
         return redirect("conversations:list")
+    if refused := refuse_page(request, ConversationRateThrottle):
+        return refused
     upload = request.FILES.get("file")
     try:
         if upload is None:
@@ -45,7 +49,7 @@ def import_conversation(request):
         transfer.check_import_size(upload.size)
         document = transfer.parse_document(upload.read())
         conversation = transfer.import_conversation(owner=request.user, document=document)
-    except transfer.InvalidImport as exc:
+    except ChatError as exc:  # not an export, or past a storage limit
         flash.error(request, f"Could not import the file: {exc.detail}")
         return redirect("conversations:list")
     flash.success(request, f"Imported “{conversation.display_title}”.")

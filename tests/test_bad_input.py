@@ -2,6 +2,7 @@
 and changes nothing (no message, no conversation, no call to the model)."""
 
 import json
+import re
 import uuid
 
 import pytest
@@ -116,3 +117,234 @@ def test_an_unknown_page_is_still_an_html_404(client):
 
     assert response.status_code == 404
     assert response["Content-Type"].startswith("text/html")
+
+
+# --- bodies the JSON parser cannot take, and text that cannot be stored ---------------------------
+
+
+DEEP = b"[" * 50_000
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("post", "/api/token/"),
+        ("post", "/api/messages/"),
+        ("post", "/api/conversations/"),
+        ("post", "/api/conversations/{}/messages/"),
+        ("patch", "/api/conversations/{}/"),
+        ("post", "/api/conversations/import/"),
+    ],
+)
+def test_a_deeply_nested_body_is_400_without_a_traceback(
+    api, conversation, unchanged, caplog, method, path
+):
+    caplog.set_level("WARNING")
+
+    response = api.generic(
+        method.upper(), path.format(conversation.pk), DEEP, content_type="application/json"
+    )
+
+    assert "nested" in assert_detail(response, 400)
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
+
+
+def test_a_deeply_nested_body_to_the_token_endpoint_needs_no_login(anon_api, unchanged):
+    response = anon_api.generic("POST", "/api/token/", DEEP, content_type="application/json")
+
+    assert "nested" in assert_detail(response, 400)
+
+
+# A JSON escape of half a UTF-16 pair: valid JSON, but no character, so no database stores it.
+LONE_SURROGATE = '"x\\ud800y"'
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("post", "/api/messages/", '{"content": %s}'),
+        ("post", "/api/conversations/{}/messages/", '{"content": %s}'),
+        ("post", "/api/conversations/{}/edit/", '{"content": %s}'),
+        ("post", "/api/conversations/", '{"title": %s}'),
+        ("post", "/api/conversations/", '{"system_prompt": %s}'),
+        ("patch", "/api/conversations/{}/", '{"title": %s}'),
+        ("patch", "/api/conversations/{}/", '{"system_prompt": %s}'),
+        ("post", "/api/token/", '{"username": %s, "password": "x"}'),
+    ],
+)
+def test_a_lone_surrogate_in_a_json_body_is_400(api, conversation, unchanged, method, path, body):
+    response = api.generic(
+        method.upper(),
+        path.format(conversation.pk),
+        (body % LONE_SURROGATE).encode(),
+        content_type="application/json",
+    )
+
+    assert "surrogate" in assert_detail(response, 400)
+    conversation.refresh_from_db()
+    assert conversation.title == "Chat"
+
+
+# --- titles and terminal output without control characters or bidi overrides --------------------
+
+# A line break, a terminal escape (clear the screen, red text) and a right-to-left override.
+HOSTILE_TITLE = "Plans\r\nfor\tMay\x1b[2J\x1b[31m red\u202egnp.exe\u2066x\x7f\x85"
+CLEAN_TITLE = "Plans for May[2J[31m redgnp.exex"
+UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def test_titles_lose_control_and_bidi_characters_when_created(api, fake_engine):
+    response = api.post("/api/conversations/", {"title": HOSTILE_TITLE}, format="json")
+
+    assert response.status_code == 201, response.content
+    assert response.json()["title"] == CLEAN_TITLE
+    assert Conversation.objects.get().title == CLEAN_TITLE
+
+
+def test_titles_lose_control_and_bidi_characters_when_renamed(api, conversation):
+    response = api.patch(f"/api/conversations/{conversation.pk}/", {"title": HOSTILE_TITLE})
+
+    assert response.status_code == 200, response.content
+    assert response.json()["title"] == CLEAN_TITLE
+    conversation.refresh_from_db()
+    assert conversation.title == CLEAN_TITLE
+
+
+def test_a_title_from_the_first_message_is_clean(api, fake_engine):
+    response = api.post("/api/messages/", {"content": "\u202eevil\x1b[0m title\nrest"})
+
+    assert response.status_code == 201, response.content
+    assert Conversation.objects.get().title == "evil[0m title"
+
+
+def test_a_title_the_model_writes_is_clean(api, fake_engine, settings):
+    settings.CHATBOT_AUTO_TITLE = True
+    fake_engine.replies = ["Hello!", "Trip\x1b[5m to \u202eRome"]
+
+    response = api.post("/api/messages/", {"content": "Plan a trip"})
+
+    assert response.status_code == 201, response.content
+    assert Conversation.objects.get().title == "Trip[5m to Rome"
+
+
+def test_the_terminal_chat_prints_no_control_or_bidi_characters(
+    owner, fake_engine, monkeypatch, capsys
+):
+    import io
+    import sys
+
+    from django.core.management import call_command
+
+    chat = make_conversation(owner, "Chat")
+    Message.objects.create(conversation=chat, role="user", content="look\x1b[2J\u202eaway\nok")
+    Message.objects.create(conversation=chat, role="assistant", content="\x1b]0;pwned\x07fine")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\x1b[31mred\u202e\n"))
+    out = io.StringIO()
+
+    call_command("chat", "--conversation", str(chat.pk), stdout=out)
+
+    printed = out.getvalue()
+    assert "you> look[2Jaway\nok" in printed
+    assert "bot> ]0;pwnedfine" in printed
+    assert "bot> Echo: [31mred" in printed  # the reply echoes the stored message, cleaned
+    assert not UNSAFE.search(printed)
+
+
+# --- storage: conversations created or imported per minute, and per-user caps --------------------
+
+IMPORT = "/api/conversations/import/"
+
+
+def _export_document(title="Imported", content="hello") -> dict:
+    return {
+        "format": "local-chat.conversation",
+        "version": 1,
+        "conversation": {"title": title, "system_prompt": ""},
+        "messages": [
+            {"id": "a", "role": "user", "content": content, "created_at": "2026-01-01T10:00:00Z"}
+        ],
+    }
+
+
+def test_creating_and_importing_conversations_is_rate_limited(api, other_api, settings):
+    settings.CHATBOT_CONVERSATIONS_PER_MINUTE = 2
+    assert api.post("/api/conversations/", {"title": "one"}, format="json").status_code == 201
+    assert api.post(IMPORT, _export_document(), format="json").status_code == 201
+    before = Conversation.objects.count(), Message.objects.count()
+
+    for refused in (
+        api.post("/api/conversations/", {"title": "three"}, format="json"),
+        api.post(IMPORT, _export_document(), format="json"),
+    ):
+        assert "throttled" in assert_detail(refused, 429).lower()
+        assert 1 <= int(refused["Retry-After"]) <= 60
+    assert (Conversation.objects.count(), Message.objects.count()) == before
+    # Reading is not limited, and another user has a budget of their own.
+    assert api.get("/api/conversations/").status_code == 200
+    assert other_api.post(IMPORT, _export_document(), format="json").status_code == 201
+
+
+def test_importing_from_the_page_is_rate_limited(client, owner, settings):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    settings.CHATBOT_CONVERSATIONS_PER_MINUTE = 1
+    client.force_login(owner)
+
+    def upload():
+        body = json.dumps(_export_document()).encode()
+        return {"file": SimpleUploadedFile("chat.json", body, content_type="application/json")}
+
+    assert client.post("/import/", upload()).status_code == 302
+    refused = client.post("/import/", upload())
+
+    assert refused.status_code == 429
+    assert "Retry-After" in refused
+    assert Conversation.objects.count() == 1
+
+
+def test_a_user_has_a_cap_on_conversations(api, owner, other_api, fake_engine, settings):
+    settings.CHATBOT_MAX_CONVERSATIONS = 2
+    make_conversation(owner, "one")
+    make_conversation(owner, "two")
+    before = Conversation.objects.count(), Message.objects.count()
+
+    for refused in (
+        api.post("/api/conversations/", {"title": "three"}, format="json"),
+        api.post(IMPORT, _export_document(), format="json"),
+        api.post("/api/messages/", {"content": "a new chat"}, format="json"),
+    ):
+        detail = assert_detail(refused, 409)
+        assert "2 conversations" in detail and "delete" in detail.lower()
+    assert (Conversation.objects.count(), Message.objects.count()) == before
+    assert fake_engine.calls == []
+    assert other_api.post("/api/conversations/", {}, format="json").status_code == 201
+
+
+def test_a_new_chat_from_the_page_past_the_cap_explains(client, owner, fake_engine, settings):
+    settings.CHATBOT_MAX_CONVERSATIONS = 1
+    make_conversation(owner, "one")
+    client.force_login(owner)
+
+    response = client.post("/new/", {"content": "hello", "system_prompt": ""}, follow=True)
+
+    assert response.status_code == 200
+    assert "1 conversations" in response.content.decode()
+    assert Conversation.objects.count() == 1
+
+
+def test_a_user_has_a_cap_on_stored_text(api, owner, fake_engine, settings):
+    settings.CHATBOT_MAX_STORED_BYTES = 600
+    chat = make_conversation(owner, "Chat")
+    first = api.post(messages_url(chat), {"content": "é" * 100}, format="json")  # 200 bytes
+    assert first.status_code == 201, first.content  # (and its echoed reply: 206 more)
+    before = Conversation.objects.count(), Message.objects.count()
+
+    for refused in (
+        api.post(messages_url(chat), {"content": "x" * 300}, format="json"),
+        api.post(IMPORT, _export_document(content="y" * 300), format="json"),
+    ):
+        detail = assert_detail(refused, 413)
+        assert "600 bytes" in detail
+    assert (Conversation.objects.count(), Message.objects.count()) == before
+    # What fits is still taken.
+    assert api.post(messages_url(chat), {"content": "ok"}, format="json").status_code == 201

@@ -84,16 +84,24 @@ def context(browser, server):
     context.close()
 
 
+def _csp_violation(message) -> bool:
+    """A console message of Chromium's refusing something the Content-Security-Policy forbids."""
+    return "Content Security Policy" in message.text
+
+
 @contextlib.contextmanager
 def _watched(page):
-    """The page, failing the test afterwards if a script on it threw."""
-    errors = []
+    """The page, failing the test afterwards if a script on it threw, or if the browser refused
+    anything on it for the Content-Security-Policy (a script, style or handler inline)."""
+    errors, violations = [], []
     page.on("pageerror", lambda error: errors.append(error))
+    page.on("console", lambda message: _csp_violation(message) and violations.append(message.text))
     try:
         yield page
     finally:
         page.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+    assert not violations, f"Content-Security-Policy violations: {violations}"
 
 
 @pytest.fixture
@@ -446,3 +454,38 @@ def test_8_markup_in_a_reply_is_shown_inert(new_browser, server):
             for element in reply.get_by_text(name, exact=True).all():
                 element.click(no_wait_after=True)
         assert page.evaluate("typeof window.__xss") == "undefined"
+
+
+def test_9_no_page_breaks_the_content_security_policy(new_browser, server):
+    """Every kind of page, the API docs and admin included, under the strict policy: the
+    console shows no refusal (checked by _watched) and the pages' scripts still run."""
+    with _watched(new_browser()) as page:
+        page.goto("/accounts/login/")
+        page.goto("/accounts/signup/")
+        _sign_up(page, "heidi")
+        server.manage(
+            "shell",
+            "-c",
+            "from django.contrib.auth import get_user_model; "
+            "from conversations import services; from conversations.models import Message; "
+            "user = get_user_model().objects.get(username='heidi'); "
+            "user.is_staff = user.is_superuser = True; user.save(); "
+            "chat = services.create_conversation(owner=user, title='Headers'); "
+            "question = Message.objects.create(conversation=chat, role='user', content='Hi'); "
+            "Message.objects.create(conversation=chat, role='assistant', content='**Hello**', "
+            "reply_to=question)",
+        )
+        page.goto("/")
+        page.get_by_role("link", name=re.compile("Headers")).click()
+        expect(_last_reply(page).locator("strong")).to_have_text("Hello")
+        thread = page.url
+        page.goto(thread + "settings/")
+        page.goto(thread + "delete/")
+        page.goto("/?q=hello")
+        page.goto("/api/docs/")
+        expect(page.locator(".swagger-ui .info .title")).to_contain_text("Chat API")
+        page.goto("/admin/")
+        page.goto("/admin/conversations/conversation/")
+        page.get_by_role("link", name="Headers").click()
+        expect(page.locator("#content h2, #content h1").first).to_be_visible()
+        page.goto("/admin/conversations/message/")

@@ -422,3 +422,96 @@ def test_generation_failure_when_starting_shows_the_new_thread(owner_client, fak
     assert "First try" in page
     assert "RuntimeError: boom" in page
     assert "flash-error" in page
+
+
+def test_settings_page_cleans_the_title(owner_client, owner):
+    conversation = make_conversation(owner, "Before")
+
+    response = owner_client.post(
+        f"/c/{conversation.pk}/settings/",
+        {
+            "title": "New\r\nname\x1b[1m\u202e!",
+            "system_prompt": "",
+            "temperature": "",
+            "max_new_tokens": "",
+        },
+    )
+
+    assert response.status_code == 302
+    conversation.refresh_from_db()
+    assert conversation.title == "New name[1m!"
+    assert "\u202e" not in html(owner_client.get("/"))
+
+
+# --- security headers: a strict Content-Security-Policy, and no-store on private answers ----------
+
+
+def _csp(response) -> dict[str, str]:
+    policy = response.headers.get("Content-Security-Policy", "")
+    directives = (part.strip().partition(" ") for part in policy.split(";") if part.strip())
+    return {name: value for name, _, value in directives}
+
+
+@pytest.mark.parametrize("path", ["/accounts/login/", "/accounts/signup/", "/api/docs/"])
+def test_pages_have_a_strict_content_security_policy(client, db, path):
+    policy = _csp(client.get(path))
+
+    assert policy["default-src"] == "'self'"
+    assert policy["script-src"] == "'self'"
+    assert policy["style-src"] == "'self'"
+    assert policy["object-src"] == "'none'"
+    assert policy["frame-ancestors"] == "'none'"
+    assert "unsafe" not in " ".join(policy.values())
+
+
+def test_private_pages_have_the_policy_and_are_not_stored(owner_client, owner):
+    conversation = make_conversation(owner, "Private", messages=2)
+    for path in [
+        "/",
+        thread_url(conversation),
+        f"/c/{conversation.pk}/settings/",
+        f"/c/{conversation.pk}/export/?format=json",
+        f"/c/{conversation.pk}/export/?format=md",
+        "/api/conversations/",
+        f"/api/conversations/{conversation.pk}/messages/",
+        f"/api/conversations/{conversation.pk}/export/?format=json",
+        f"/api/conversations/{conversation.pk}/export/?format=md",
+    ]:
+        response = owner_client.get(path)
+        assert response.status_code == 200, path
+        assert "no-store" in response.headers.get("Cache-Control", ""), path
+        assert _csp(response)["script-src"] == "'self'", path
+
+
+def test_api_answers_to_a_token_are_not_stored(api, owner):
+    conversation = make_conversation(owner, "Private")
+
+    response = api.get(f"/api/conversations/{conversation.pk}/")
+
+    assert response.status_code == 200
+    assert "no-store" in response["Cache-Control"]
+
+
+# Inline script or style, or an on* handler, would need 'unsafe-inline', which the policy denies.
+INLINE = re.compile(r"<script(?![^>]*\bsrc=)[^>]*>|<style\b|\sstyle=|\son[a-z]+=", re.IGNORECASE)
+
+
+def test_templates_hold_no_inline_script_style_or_handlers():
+    from django.conf import settings
+
+    templates = [path for root in settings.TEMPLATES[0]["DIRS"] for path in root.rglob("*.html")]
+    assert templates
+    for path in templates:
+        assert not INLINE.search(path.read_text()), path
+
+
+def test_the_api_docs_load_their_script_from_a_url(client, db):
+    page = client.get("/api/docs/").content.decode()
+    assert not INLINE.search(page)
+    script = re.search(r'<script src="(/api/docs/\?[^"]*)"', page)
+    assert script, page
+
+    response = client.get(script[1].replace("&amp;", "&"))
+
+    assert response.status_code == 200
+    assert "javascript" in response["Content-Type"]

@@ -126,7 +126,7 @@ def test_streamed_message_sends_user_message_deltas_done(api, owner, fake_engine
         body = b"".join(response.streaming_content)
 
     assert_is_stream(response)
-    assert response["Cache-Control"] == "no-cache"
+    assert "no-cache" in response["Cache-Control"] and "no-store" in response["Cache-Control"]
     events = parse_events(body)
     names = kinds(events)
     assert names[0] == "user_message"

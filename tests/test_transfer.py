@@ -799,3 +799,102 @@ def test_schema_documents_export_and_import(api):
 def test_schema_still_generates_without_warnings(tmp_path):
     call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(tmp_path / "s.yml"))
     assert "/api/conversations/import/" in (tmp_path / "s.yml").read_text()
+
+
+# --- import: text and dates no database can store -------------------------------------------------
+
+
+def _raw(document: dict) -> bytes:
+    """The document as JSON text with every non-ASCII character escaped, as `\\ud800` is."""
+    return json.dumps(document, ensure_ascii=True).encode()
+
+
+SURROGATE = "x\ud800y"
+UNSTORABLE_DOCUMENTS = {
+    "title": (
+        minimal_document(conversation={"title": SURROGATE, "system_prompt": ""}),
+        "conversation.title",
+    ),
+    "system prompt": (
+        minimal_document(conversation={"title": "", "system_prompt": SURROGATE}),
+        "conversation.system_prompt",
+    ),
+    "content": (with_message(0, content=SURROGATE), "messages[0].content"),
+    "error": (with_message(1, error=SURROGATE), "messages[1].error"),
+    "model": (with_message(1, model=SURROGATE), "messages[1].model"),
+    "params value": (with_message(1, generation_params={"k": "\ud800"}), "generation_params"),
+    "params key": (with_message(1, generation_params={"\udfff": 1}), "generation_params"),
+    "nested params": (
+        with_message(1, generation_params={"a": [{"b": ["ok", "\ud800"]}]}),
+        "generation_params",
+    ),
+    "unknown field": (with_message(0, note=SURROGATE), "messages[0]"),
+    "unknown key": (minimal_document(**{"\ud800": 1}), "surrogate"),
+}
+
+
+@pytest.mark.parametrize("case", UNSTORABLE_DOCUMENTS, ids=list(UNSTORABLE_DOCUMENTS))
+@pytest.mark.parametrize("how", ["body", "file"])
+def test_import_rejects_lone_surrogates_anywhere(api, owner, case, how):
+    document, where = UNSTORABLE_DOCUMENTS[case]
+    before = counts()
+
+    if how == "body":
+        response = api.post(IMPORT_URL, _raw(document), content_type="application/json")
+    else:
+        response = api.post(IMPORT_URL, {"file": upload(_raw(document))}, format="multipart")
+
+    assert response.status_code == 400, response.content
+    detail = response.json()["detail"]
+    assert "surrogate" in detail
+    assert where in detail
+    assert counts() == before
+
+
+def test_the_importer_itself_checks_every_string(owner):
+    document = with_message(1, generation_params={"k": "\ud800"})
+    before = counts()
+
+    with pytest.raises(transfer.InvalidImport, match="surrogate"):
+        transfer.import_conversation(owner=owner, document=document)
+    assert counts() == before
+
+
+@pytest.mark.parametrize(
+    "moment", ["9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+23:59"], ids=["late", "early"]
+)
+@pytest.mark.parametrize("field", ["conversation", "message"])
+def test_import_rejects_dates_out_of_range(api, owner, moment, field):
+    if field == "conversation":
+        document = minimal_document(
+            conversation={"title": "", "system_prompt": "", "created_at": moment}
+        )
+    else:
+        document = with_message(0, created_at=moment)
+    before = counts()
+
+    response = api.post(IMPORT_URL, document, format="json")
+
+    assert response.status_code == 400, response.content
+    assert "out of range" in response.json()["detail"]
+    assert counts() == before
+
+
+def test_import_keeps_dates_at_the_edges_of_the_range(api, owner):
+    document = with_message(0, created_at="9999-12-31T23:59:59+00:00")
+    document["messages"][1]["created_at"] = "0001-01-01T00:00:00Z"
+
+    response = api.post(IMPORT_URL, document, format="json")
+
+    assert response.status_code == 201, response.content
+
+
+def test_an_imported_title_loses_control_and_bidi_characters(api, owner):
+    document = minimal_document(
+        conversation={"title": "Old\nchat\x1b[31m \u202eexe", "system_prompt": ""}
+    )
+
+    response = api.post(IMPORT_URL, document, format="json")
+
+    assert response.status_code == 201, response.content
+    assert response.json()["title"] == "Old chat[31m exe"

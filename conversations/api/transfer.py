@@ -12,12 +12,14 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from rest_framework import generics, serializers, status
 from rest_framework.exceptions import NotFound
 from rest_framework.negotiation import DefaultContentNegotiation
-from rest_framework.parsers import JSONParser, MultiPartParser
+from rest_framework.parsers import MultiPartParser
 from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.response import Response
 
 from .. import transfer
 from ..models import Conversation, Message
+from ..throttles import ConversationRateThrottle
+from .parsers import JSONParser
 from .serializers import ConversationSerializer
 
 # Multipart boundaries and headers around the uploaded file.
@@ -166,6 +168,7 @@ class ConversationImportView(generics.GenericAPIView):
     the multipart field `file`. Every version is restored; ids are new."""
 
     parser_classes = [JSONParser, MultiPartParser]
+    throttle_classes = [ConversationRateThrottle]
     serializer_class = ConversationSerializer
 
     @extend_schema(

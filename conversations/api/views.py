@@ -8,7 +8,7 @@ from rest_framework.response import Response
 from .. import services
 from ..models import Conversation
 from ..search import search_conversations
-from ..throttles import MessageRateThrottle
+from ..throttles import ConversationRateThrottle, MessageRateThrottle
 from .serializers import (
     ActivateSerializer,
     ConversationSerializer,
@@ -72,6 +72,11 @@ class ConversationViewSet(viewsets.ModelViewSet):
             request.accepted_renderer = renderers.JSONRenderer()
             request.accepted_media_type = request.accepted_renderer.media_type
         return super().handle_exception(exc)
+
+    def get_throttles(self):
+        if self.action == "create":
+            return [ConversationRateThrottle()]
+        return super().get_throttles()
 
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):  # schema generation has no user

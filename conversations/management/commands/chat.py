@@ -5,7 +5,7 @@ from django.core.management.base import BaseCommand, CommandError
 from conversations import services
 from conversations.errors import ChatError
 from conversations.models import Conversation
-from conversations.validators import validate_message_content
+from conversations.validators import terminal_text, validate_message_content
 
 EXIT_WORDS = {"/quit", "/exit"}
 
@@ -64,7 +64,7 @@ class Command(BaseCommand):
         try:
             for event in writer:
                 if event.kind == "delta":
-                    self.stdout.write(event.data, ending="")
+                    self.stdout.write(terminal_text(event.data), ending="")
                     self.stdout.flush()
                 elif event.kind == "done":
                     self.stdout.write("")
@@ -72,7 +72,7 @@ class Command(BaseCommand):
                     self.stdout.write("")
                     self.stderr.write(f"error: {event.detail}")
                 elif event.kind == "title":
-                    self.stdout.write(f"(this chat is now titled {event.data!r})")
+                    self.stdout.write(f"(this chat is now titled {terminal_text(event.data)!r})")
         finally:
             writer.cancel_and_finish()
 
@@ -86,4 +86,5 @@ class Command(BaseCommand):
     def _print_history(self, chat):
         for message in chat.messages.order_by("created_at"):
             speaker = "you" if message.role == "user" else "bot"
-            self.stdout.write(f"{speaker}> {message.content or '[' + message.error + ']'}")
+            text = message.content or f"[{message.error}]"
+            self.stdout.write(f"{speaker}> {terminal_text(text)}")
