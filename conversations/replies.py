@@ -23,6 +23,7 @@ from .context import build_context
 from .errors import ChatError, ContextOverflow, GenerationFailed
 from .leases import keeper
 from .models import Conversation, Message
+from .runtime import cache_key
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class ReplyWriter:
                 self.conversation, new_message=self.question, engine=self.engine, params=self.params
             )
             self._stream = self.engine.stream(
-                context.messages, self.params, cache_key=str(self.conversation.pk)
+                context.messages, self.params, cache_key=cache_key(self.conversation)
             )
         except ContextOverflow as exc:
             yield self._fail(exc, exc.detail)

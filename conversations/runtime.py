@@ -31,8 +31,24 @@ def get_engine():
                     weights=settings.CHATBOT_WEIGHTS,
                     max_batch=settings.CHATBOT_BATCH_SIZE,
                     native_kernels=settings.CHATBOT_NATIVE_KERNELS,
+                    shared_system_prompt=settings.CHATBOT_SYSTEM_PROMPT,
                 )
     return _engine
+
+
+def cache_key(conversation):
+    """The engine's key for what it keeps of a conversation's turns: the conversation and its
+    owner (a new conversation reuses only its owner's, see llm/prefix_cache.py)."""
+    from .llm.prefix_cache import CacheKey
+
+    return CacheKey(owner=str(conversation.owner_id), conversation=str(conversation.pk))
+
+
+def forget_cached_turns(conversation_id) -> None:
+    """Drop what the engine keeps of a conversation whose text was deleted. Nothing to do when
+    this process has built no engine yet."""
+    if _engine is not None:
+        _engine.forget(str(conversation_id))
 
 
 def set_engine(engine):

@@ -63,6 +63,7 @@ class FakeEngine:
         self.word_delay = 0.0
         self.calls: list[list[dict]] = []
         self.replies: list[str] = []  # replies to give, in order, before echoing
+        self.forgotten: list[str] = []  # conversations whose cached turns were dropped
 
     def prompt_budget(self, params) -> int:
         return self.window - params.max_new_tokens
@@ -83,3 +84,6 @@ class FakeEngine:
         for _ in stream:
             pass
         return stream.result
+
+    def forget(self, conversation: str) -> None:
+        self.forgotten.append(conversation)

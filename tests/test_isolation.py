@@ -197,3 +197,126 @@ def test_page_forms_need_their_csrf_token(owner, fake_engine, chat):
     sent = browser.post(f"/c/{chat.pk}/", {"content": "Real", "csrfmiddlewaretoken": token})
     assert sent.status_code == 302
     assert chat.messages.filter(content="Real").exists()
+
+
+# The prefix cache: how much of a prompt the engine reuses shows in how soon the reply starts,
+# so another user's conversation must lend nothing beyond what every user shares.
+
+ALICE_PROMPT = " ".join(
+    f"Rule {i}: the vault under the old mill opens with the word heron{i}." for i in range(20)
+)
+# The same number of tokens, other words from the first one on.
+WRONG_GUESS = " ".join(
+    f"Step {i}: the shed behind the new barn closes with the word otter{i}." for i in range(20)
+)
+ALICE_MESSAGE = "Please remember that my locker number is 4471 and my badge colour is teal."
+# (From the first word on, too: Bob's own guess lends his copy what they share.)
+WRONG_MESSAGE = "Kindly note down that my bicycle code is 9382 and my scarf shade is plum."
+
+
+@pytest.fixture(scope="module")
+def product_engine():
+    """The bundled model on the engine the server builds from its settings (the default
+    system prompt shared), for this module's tests."""
+    from conversations import runtime
+
+    previous = runtime.set_engine(None)
+    engine = runtime.get_engine()
+    engine.load()
+    yield engine
+    engine._scheduler.stop()
+    runtime.set_engine(previous)
+
+
+@pytest.fixture
+def replies(product_engine, monkeypatch, settings):
+    """Every ReplyStream the engine opens, in order (each knows its `reused_tokens`)."""
+    settings.CHATBOT_AUTO_TITLE = False
+    settings.CHATBOT_MAX_NEW_TOKENS = 2
+    settings.CHATBOT_STALE_REPLY_SECONDS = 3600  # (no lease renewal while the test holds the db)
+    opened = []
+    stream = product_engine.stream
+
+    def recording(*args, **kwargs):
+        opened.append(stream(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(product_engine, "stream", recording)
+    # Each test starts with nothing kept (its users may have an earlier test's ids).
+    scheduler = product_engine._scheduler
+    scheduler.call(lambda: scheduler.forget(lambda key: True)).result()
+    return opened
+
+
+def reused(client, replies, content, system_prompt=None) -> int:
+    """Prompt tokens reused by the first reply of a new conversation, through the API."""
+    body = {} if system_prompt is None else {"system_prompt": system_prompt}
+    created = client.post("/api/conversations/", body, format="json")
+    assert created.status_code == 201, created.content
+    path = f"/api/conversations/{created.json()['id']}/messages/"
+    assert client.post(path, {"content": content}, format="json").status_code == 201
+    return replies[-1].reused_tokens
+
+
+def test_a_copy_of_another_users_text_reuses_what_a_wrong_guess_does(
+    api, other_api, product_engine, replies
+):
+    count = product_engine.count_tokens
+    system = [{"role": "system", "content": ALICE_PROMPT}]
+    assert count(system) == count([{"role": "system", "content": WRONG_GUESS}]) > 300
+    assert reused(api, replies, "Hello.", ALICE_PROMPT) < 10, "Alice's is the first"
+    assert reused(api, replies, ALICE_MESSAGE) > 0  # the default system prompt is shared
+
+    # Bob guesses first (his own guess would lend to his copy what they share).
+    guess = reused(other_api, replies, "Hello.", WRONG_GUESS)
+    copy = reused(other_api, replies, "Hello.", ALICE_PROMPT)
+    assert copy == guess < 10, "the template's header alone"
+    reused(other_api, replies, "Hi.")  # (after which both reuse his own: up to "user")
+    guess = reused(other_api, replies, WRONG_MESSAGE)
+    copy = reused(other_api, replies, ALICE_MESSAGE)
+    shared = count([{"role": "system", "content": "You are a helpful AI assistant."}])
+    assert copy == guess and copy < shared + 10, "the default system prompt alone"
+
+    # Alice's own new conversation starts from what hers computed.
+    assert reused(api, replies, "Hello again.", ALICE_PROMPT) >= count(system) - 3
+
+    # She deletes her conversations: nothing of them is kept, for her either.
+    for conversation in api.get("/api/conversations/").json()["results"]:
+        assert api.delete(f"/api/conversations/{conversation['id']}/").status_code == 204
+    assert reused(api, replies, "Hello.", ALICE_PROMPT) < 10
+
+
+def kept_owners(engine) -> set[str]:
+    """The owners of what the engine keeps: the prefix cache's entries and the parked row."""
+    scheduler = engine._scheduler
+
+    def owners():
+        parked = [scheduler._parked[0]] if scheduler._parked else []
+        return {key.owner for key in [*engine._prefix_cache._entries, *parked]}
+
+    return scheduler.call(owners).result()
+
+
+def test_deleting_a_user_drops_what_the_engine_keeps_of_their_conversations(
+    owner, api, product_engine, replies
+):
+    reused(api, replies, "Hello.", ALICE_PROMPT)
+    reused(api, replies, ALICE_MESSAGE)  # the first goes to the prefix cache, this one is parked
+
+    assert str(owner.pk) in kept_owners(product_engine)
+    owner.delete()
+    assert str(owner.pk) not in kept_owners(product_engine)
+
+
+def test_every_way_of_deleting_tells_the_engine(owner, api, client, fake_engine):
+    conversations = [make_conversation(owner, f"Chat {i}", messages=2) for i in range(4)]
+    ids = [str(c.pk) for c in conversations]
+    assert api.delete(f"/api/conversations/{ids[0]}/").status_code == 204
+    client.force_login(owner)
+    client.post(f"/c/{ids[1]}/delete/")
+    conversations[2].messages.first().delete()
+    assert {ids[0], ids[1], ids[2]} <= set(fake_engine.forgotten) and ids[3] not in set(
+        fake_engine.forgotten
+    )
+    owner.delete()
+    assert ids[3] in fake_engine.forgotten

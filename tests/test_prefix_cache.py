@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conversations.llm.engine import Engine, GenerationParams
-from conversations.llm.prefix_cache import PrefixCache, common_prefix_length
+from conversations.llm.prefix_cache import CacheKey, PrefixCache, common_prefix_length
 from tests.tiny_models import build_tiny_causal
 
 
@@ -70,21 +70,40 @@ def test_the_budget_counts_the_bytes_entries_keep_alive_not_their_views():
     assert held == cache.nbytes
 
 
-def test_a_new_conversation_borrows_the_longest_shared_start_of_another():
+def test_a_new_conversation_borrows_the_longest_shared_start_of_its_owners_others():
     cache = PrefixCache(max_bytes=10_000)
     system = [7, 7, 1, 2, 3]  # e.g. the template's header and a system prompt
-    cache.put("short", [*system[:3], 9, 9], kv(5))
+    cache.put(CacheKey("ann", "short"), [*system[:3], 9, 9], kv(5))
     longest = kv(7)
-    cache.put("long", [*system, 5, 6], longest)
-    taken, reused = cache.take("new", [*system, 8, 8, 8])
+    cache.put(CacheKey("ann", "long"), [*system, 5, 6], longest)
+    taken, reused = cache.take(CacheKey("ann", "new"), [*system, 8, 8, 8])
     assert (taken, reused) == (longest, 5)
     assert len(cache) == 2, "a borrowed entry stays for its own conversation"
     # A conversation's own entry comes first, even when another shares more.
-    cache.put("own", [*system[:4], 0], kv(5))
-    _, reused = cache.take("own", [*system, 8])
+    cache.put(CacheKey("ann", "own"), [*system[:4], 0], kv(5))
+    _, reused = cache.take(CacheKey("ann", "own"), [*system, 8])
     assert reused == 4 and len(cache) == 2
-    assert cache.take("other", [3, 3, 3]) == (None, 0)
+    assert cache.take(CacheKey("ann", "other"), [3, 3, 3]) == (None, 0)
     assert (cache.hits, cache.misses) == (2, 1)
+
+
+def test_another_owners_entries_never_lend_only_what_every_user_shares_does():
+    cache = PrefixCache(max_bytes=10_000)
+    header, secret = [7, 7], [1, 2, 3, 4, 5, 6]
+    cache.put(CacheKey("alice", "a"), [*header, *secret, 9], kv(9))
+    for key in [CacheKey("bob", "copy"), "a key naming no owner"]:
+        assert cache.take(key, [*header, *secret, 8]) == (None, 0), "a copy of Alice's text"
+    shared = kv(3)
+    cache.share([*header, 4], shared)  # the header and a default system prompt
+    copy = cache.take(CacheKey("bob", "copy"), [*header, *secret, 8])
+    guess = cache.take(CacheKey("bob", "guess"), [*header, 6, 5, 4, 3, 2, 1, 8])
+    assert copy == guess == (shared, 2), "the copy and the wrong guess reuse the header alone"
+    assert cache.take(CacheKey("bob", "default"), [*header, 4, 8]) == (shared, 3)
+    assert cache.take(CacheKey("alice", "b"), [*header, *secret, 8])[1] == 8, "her own"
+    # Deleting drops a conversation's entries; the shared one stays.
+    cache.discard_where(lambda key: key.conversation == "a")
+    assert len(cache) == 0
+    assert cache.take(CacheKey("alice", "b"), [*header, *secret, 8]) == (shared, 2)
 
 
 @pytest.fixture(scope="module")
@@ -183,19 +202,80 @@ def test_the_last_conversation_answered_stays_in_place_until_its_row_is_wanted(t
     assert_same_row_0(engine, plain, a_fourth.result.prompt_tokens)
 
 
-def test_a_new_conversation_starts_from_the_system_prompt_another_one_computed(tiny_dir, tmp_path):
+def test_a_new_conversation_starts_from_the_system_prompt_its_owner_computed(tiny_dir, tmp_path):
     engine = Engine(model=str(tiny_dir), cache_dir=tmp_path, weights="fp32")
     plain = Engine(model=str(tiny_dir), cache_dir=tmp_path, prefix_cache_bytes=0, weights="fp32")
     system = {"role": "system", "content": "be good and kind and brief in every answer"}
-    turn(engine, [system, {"role": "user", "content": "hello"}], key="a")
+    turn(engine, [system, {"role": "user", "content": "hello"}], key=CacheKey("ann", "a"))
     b = [system, {"role": "user", "content": "what is the capital of france"}]
-    b_turn = turn(engine, b, key="b")
+    b_turn = turn(engine, b, key=CacheKey("ann", "b"))
     system_tokens = engine.count_tokens([system])
     assert system_tokens - 3 <= b_turn.reused_tokens < b_turn.result.prompt_tokens
     assert b_turn.result.text == turn(plain, b).result.text
     # Row 0 of both engines holds conversation b: borrowed and continued here, at once there.
     assert_same_row_0(engine, plain, b_turn.result.prompt_tokens)
     assert len(engine._prefix_cache) == 1, "conversation a keeps its entry"
+
+
+def test_another_users_copy_reuses_no_more_than_a_wrong_guess(tiny_dir, tmp_path):
+    """The time to a reply's first token tells how much of its prompt was reused: a copy of
+    another user's text reuses what a wrong guess of the same length does (what every user
+    shares), however the owner's own conversations reuse it."""
+    default = "you are a helpful assistant"
+    engine = Engine(
+        model=str(tiny_dir), cache_dir=tmp_path, weights="fp32", shared_system_prompt=default
+    )
+    plain = Engine(model=str(tiny_dir), cache_dir=tmp_path, prefix_cache_bytes=0, weights="fp32")
+    secret = {"role": "system", "content": "the launch code is nine four two seven one"}
+    wrong = {"role": "system", "content": "the launch code is five five one three six"}
+    alice = [secret, {"role": "user", "content": "remember it"}]
+    turn(engine, alice, key=CacheKey("alice", "a"))
+    turn(engine, [{"role": "user", "content": "hello"}], key=CacheKey("carol", "c"))  # parks c
+    question = {"role": "user", "content": "what is the code"}
+    copy = turn(engine, [secret, question], key=CacheKey("bob", "copy"))
+    guess = turn(engine, [wrong, question], key=CacheKey("eve", "guess"))  # (not Bob's copy's)
+    assert engine.count_tokens([secret]) == engine.count_tokens([wrong])
+    assert copy.reused_tokens == guess.reused_tokens < 5, "the template's header at most"
+    assert copy.result.text == turn(plain, [secret, question]).result.text
+    own = turn(engine, [secret, question], key=CacheKey("alice", "a2"))
+    assert own.reused_tokens >= engine.count_tokens([secret]) - 3
+    # What every user shares: the default system prompt, computed when the model loaded.
+    chat = [{"role": "system", "content": default}, question]
+    shared = turn(engine, chat, key=CacheKey("dave", "d"))
+    assert shared.reused_tokens >= engine.count_tokens([chat[0]]) - 3
+    assert shared.result.text == turn(plain, chat).result.text
+
+
+def test_forgetting_a_conversation_drops_its_entry_its_parked_row_and_its_reply(tiny_dir, tmp_path):
+    engine = Engine(model=str(tiny_dir), cache_dir=tmp_path)
+    system = {"role": "system", "content": "be good and kind and brief in every answer"}
+    chats = {name: [system, {"role": "user", "content": f"hello {name}"}] for name in "abc"}
+    turn(engine, chats["a"], key=CacheKey("ann", "a"))
+    turn(engine, chats["b"], key=CacheKey("ann", "b"))  # a goes to the cache; b is parked
+    assert len(engine._prefix_cache) == 1 and engine._scheduler._parked is not None
+    engine.forget("a").result()
+    engine.forget("b").result()
+    assert len(engine._prefix_cache) == 0 and engine._scheduler._parked is None
+    assert turn(engine, chats["c"], key=CacheKey("ann", "c")).reused_tokens == 0
+    # A reply in flight when its conversation is deleted keeps nothing when it ends.
+    engine._scheduler.forget(lambda key: key == CacheKey("ann", "c"))  # (parked c goes)
+    busy = threading.Event()
+    engine._scheduler.call(busy.wait)
+    stream = engine.stream(
+        chats["a"], GenerationParams(max_new_tokens=6), cache_key=CacheKey("ann", "a")
+    )
+    reader = threading.Thread(target=lambda: [*stream])
+    reader.start()
+    deadline = time.monotonic() + 30
+    while not engine._scheduler._inbox and time.monotonic() < deadline:
+        time.sleep(0.01)
+    forgotten = engine.forget("a")
+    busy.set()
+    reader.join(timeout=60)
+    forgotten.result()
+    engine._scheduler.call(lambda: None).result()
+    assert stream.result.completion_tokens > 0
+    assert len(engine._prefix_cache) == 0 and engine._scheduler._parked is None
 
 
 def write_together(engine, chats, params, keys):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .loading import LoadedModel, describe_source, load_model
-from .prefix_cache import PrefixCache
+from .prefix_cache import CacheKey, PrefixCache
 from .scheduler import Scheduler
 from .tokens import (
     ID_BYTES,
@@ -102,7 +102,7 @@ class ReplyStream:
         engine: Engine,
         messages: list[dict],
         params: GenerationParams,
-        cache_key: str | None = None,
+        cache_key: CacheKey | None = None,
     ) -> None:
         self.engine = engine
         self.messages = messages
@@ -236,6 +236,7 @@ class Engine:
         weights: str = "int4",
         max_batch: int = 8,
         native_kernels: bool = True,
+        shared_system_prompt: str | None = None,
     ) -> None:
         self.model_setting = model
         self.cache_dir = Path(cache_dir)
@@ -247,6 +248,7 @@ class Engine:
         self.weights = weights
         self.max_batch = max_batch
         self.native_kernels = native_kernels
+        self.shared_system_prompt = shared_system_prompt
         self._prefix_cache = PrefixCache(prefix_cache_bytes)
         self.model_name = describe_source(model)
         self._loaded: LoadedModel | None = None
@@ -297,8 +299,28 @@ class Engine:
                 kernels=self.cache_dir if self.native_kernels else None,
             )
             self._scheduler.decoder = self._decoder
+            self._share_system_prompt(loaded.tokenizer)
             _return_freed_memory()
         self._loaded = loaded
+
+    def _share_system_prompt(self, tokenizer) -> None:
+        """Compute the keys and values of what every conversation may start with (the
+        template's header and the server's default system prompt) once, from that text alone,
+        for every user's conversations to borrow (see prefix_cache.PrefixCache.take)."""
+        if self.shared_system_prompt is None or self.prefix_cache_bytes <= 0:
+            return
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "system", "content": self.shared_system_prompt}], tokenize=False
+            )
+        except Exception:  # a template without a system role: nothing is shared
+            logger.info("The chat template refused a system prompt; no prefix is shared")
+            return
+        ids = self._prompts.encode(text)
+        if ids:
+            self._decoder.prefill(0, ids, 0)
+            self._prefix_cache.share(ids, self._decoder.cache.export(0, len(ids)))
+            self._decoder.cache.clear()
 
     @property
     def is_loaded(self) -> bool:
@@ -340,22 +362,32 @@ class Engine:
     # Generation
 
     def stream(
-        self, messages: list[dict], params: GenerationParams, *, cache_key: str | None = None
+        self, messages: list[dict], params: GenerationParams, *, cache_key: CacheKey | None = None
     ) -> ReplyStream:
         """The assistant's next turn for these messages, as a stream of text pieces. With a
-        `cache_key` (a conversation), the keys and values of the turn are kept, and the next turn
-        with the same key recomputes only the tokens that differ from this one's (on the lean
-        decoder; models served by `generate` recompute everything)."""
+        `cache_key` (a conversation and its owner), the keys and values of the turn are kept,
+        and the next turn with the same key recomputes only the tokens that differ from this
+        one's (on the lean decoder; models served by `generate` recompute everything). A new
+        conversation reuses only its owner's and what every user shares."""
         return ReplyStream(self, messages, params, cache_key)
 
     def generate(
-        self, messages: list[dict], params: GenerationParams, *, cache_key: str | None = None
+        self, messages: list[dict], params: GenerationParams, *, cache_key: CacheKey | None = None
     ) -> Generation:
         """Write the assistant's next turn for these messages."""
         stream = self.stream(messages, params, cache_key=cache_key)
         for _ in stream:
             pass
         return stream.result
+
+    def forget(self, conversation: str) -> futures.Future:
+        """Drop the keys and values kept for a conversation (it, or some of its messages, was
+        deleted). Returns the Future of the model thread doing it."""
+
+        def matches(key) -> bool:
+            return getattr(key, "conversation", key) == conversation
+
+        return self._scheduler.call(lambda: self._scheduler.forget(matches))
 
     def score_reply(self, messages: list[dict], reply: str) -> float:
         """Log-probability (natural log, summed over tokens) that the model answers `reply`.

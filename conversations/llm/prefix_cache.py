@@ -5,15 +5,33 @@ The history is still rebuilt from the database every turn; this cache only skips
 prompt whose tokens are exactly the ones already computed. An edited or regenerated history
 shares a shorter prefix (or none), so only the part before the tokens first differ is reused:
 nothing stale ever is.
+
+A conversation's keys and values hold its owner's text, and how much of a prompt is reused shows
+in how soon the reply starts: an entry lends its start only to conversations of the same owner.
+What every user shares (the template's header and the server's default system prompt) is one
+entry of its own, computed from that public text alone.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Whose keys and values an entry holds: a conversation, and the user who owns it."""
+
+    owner: str
+    conversation: str
+
+
+def owner_of(key: Hashable) -> str | None:
+    """The owner a key names (None: a key of another kind, which lends to no other key)."""
+    return key.owner if isinstance(key, CacheKey) else None
 
 
 @dataclass
@@ -54,30 +72,36 @@ def reusable_length(tokens: list[int], prompt: list[int]) -> int:
 
 
 class PrefixCache:
-    """A least-recently-used store of CachedPrefix by key (a conversation), bounded in bytes."""
+    """A least-recently-used store of CachedPrefix by key (a conversation), bounded in bytes,
+    and one entry every key may read: what all users share (see `share`)."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, CachedPrefix] = OrderedDict()
+        self._entries: OrderedDict[Hashable, CachedPrefix] = OrderedDict()
+        self._shared: CachedPrefix | None = None
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def take(self, key: str, prompt: list[int]) -> tuple[Any | None, int]:
+    def take(self, key: Hashable, prompt: list[int]) -> tuple[Any | None, int]:
         """Remove and return (cache, reused tokens) for a prompt: the key's entry, of which the
         first `reused` positions hold the longest prefix it shares with `prompt` (leaving at
         least the prompt's last token to compute). (None, 0) when nothing can be reused.
 
         A conversation with nothing of its own to reuse (a new one) borrows the start of the
-        entry that shares the longest prefix with its prompt: the same system prompt and
-        template header are the same tokens at the same positions, so their keys and values
-        are the same. A borrowed entry stays (its positions are copied, never changed)."""
+        entry that shares the longest prefix with its prompt among its owner's other
+        conversations and the shared entry: the same system prompt and template header are the
+        same tokens at the same positions, so their keys and values are the same. Another
+        owner's entry never lends (the time to the first token would tell whether it holds the
+        prompt). A borrowed entry stays (its positions are copied, never changed)."""
+        owner = owner_of(key)
         with self._lock:
             entry = self._entries.pop(key, None)
             reuse = reusable_length(entry.tokens, prompt) if entry is not None else 0
             if reuse <= 0:
                 entry, reuse = None, 0
-                for other in self._entries.values():
+                lenders = [e for k, e in self._entries.items() if owner and owner_of(k) == owner]
+                for other in [*lenders, *([self._shared] if self._shared else [])]:
                     shared = reusable_length(other.tokens, prompt)
                     if shared > reuse:
                         entry, reuse = other, shared
@@ -87,7 +111,13 @@ class PrefixCache:
         self.hits += 1
         return entry.cache, reuse
 
-    def put(self, key: str, tokens: list[int], cache: Any) -> None:
+    def share(self, tokens: list[int], cache: Any) -> None:
+        """Keep `cache` (holding `tokens`: text every user may read) for every key to borrow.
+        It stays outside the least-recently-used order: nothing a user does evicts it."""
+        with self._lock:
+            self._shared = CachedPrefix(tokens=list(tokens), cache=cache)
+
+    def put(self, key: Hashable, tokens: list[int], cache: Any) -> None:
         """Keep `cache` (holding `tokens`) for the key's next turn, evicting the least recently
         used entries beyond the byte budget. A view into a larger tensor is kept as a copy of
         its own, so that the budget counts what is really held."""
@@ -104,9 +134,11 @@ class PrefixCache:
                 _, evicted = self._entries.popitem(last=False)
                 total -= evicted.nbytes
 
-    def discard(self, key: str) -> None:
+    def discard_where(self, matches: Callable[[Hashable], bool]) -> None:
+        """Drop the entries whose key `matches` (a deleted conversation's, or user's)."""
         with self._lock:
-            self._entries.pop(key, None)
+            for key in [k for k in self._entries if matches(k)]:
+                del self._entries[key]
 
     @property
     def nbytes(self) -> int:

@@ -369,6 +369,17 @@ class Scheduler:
             self._parked = None
             self._store(0, key, tokens)
 
+    def forget(self, matches: Callable[[object], bool]) -> None:
+        """Drop the keys and values kept under the cache keys that `matches` (on the model
+        thread): the prefix cache's, the parked row's, and what the replies in flight would
+        keep when they end."""
+        self.prefix_cache.discard_where(matches)
+        if self._parked is not None and matches(self._parked[0]):
+            self._parked = None
+        for request in [*self._rows, *self._waiting]:
+            if request.cache_key is not None and matches(request.cache_key):
+                request.cache_key = None
+
     def _store(self, row: int, key: str, tokens: list[int]) -> None:
         self.prefix_cache.put(key, tokens, self.decoder.cache.export(row, len(tokens)))
 
