@@ -16,3 +16,13 @@ def validate_message_content(value: str) -> None:
         )
     if "\x00" in value:
         raise ValidationError("Message content must not contain NUL characters.")
+
+
+def validate_max_new_tokens(value: int | None) -> None:
+    """A conversation's reply budget may not exceed the server's ceiling (null: the default)."""
+    limit = settings.CHATBOT_MAX_NEW_TOKENS_LIMIT
+    if value is not None and value > limit:
+        raise ValidationError(
+            f"This server writes replies of at most {limit} tokens; {value} is more than that.",
+            code="max_value",
+        )

@@ -245,9 +245,9 @@ class StartMessageView(generics.GenericAPIView):
         conversation_id = serializer.validated_data.get("conversation")
         if conversation_id:
             conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
+            writer = services.open_message_stream(conversation=conversation, content=content)
         else:
-            conversation = services.create_conversation(owner=request.user)
-        writer = services.open_message_stream(conversation=conversation, content=content)
+            writer = services.open_new_conversation(owner=request.user, content=content)
         if wants_stream(request):
             return reply_response(writer, user_message=writer.question)
         exchange = writer.run()
