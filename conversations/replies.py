@@ -136,7 +136,10 @@ class ReplyWriter:
                 self.conversation, new_message=self.question, engine=self.engine, params=self.params
             )
             self._stream = self.engine.stream(
-                context.messages, self.params, cache_key=str(self.conversation.pk)
+                context.messages,
+                self.params,
+                cache_key=str(self.conversation.pk),
+                owner=str(self.conversation.owner_id),
             )
         except ContextOverflow as exc:
             yield self._fail(exc, exc.detail)

@@ -272,7 +272,7 @@ def _write_title(writer: ReplyWriter) -> ReplyEvent | None:
     prompt = [{"role": "user", "content": TITLE_PROMPT.format(message=question.content[:2000])}]
     params = dataclasses.replace(default_generation_params(), max_new_tokens=16, temperature=0)
     try:
-        generation = writer.engine.generate(prompt, params)
+        generation = writer.engine.generate(prompt, params, owner=str(conversation.owner_id))
     except Exception:
         logger.exception("Writing a title failed; keeping %r", fallback)
         return None

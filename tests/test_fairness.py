@@ -121,3 +121,41 @@ def test_a_stored_budget_above_the_ceiling_is_cut_to_it(api, owner, fake_engine,
     assert reply.json()["reply"]["content"] == "Echo: one two"  # the fake writes a word a token
     conversation.refresh_from_db()
     assert services.generation_params(conversation).max_new_tokens == 3
+
+
+# --- the model thread lets waiting replies in user by user ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tests.tiny_models import build_tiny_causal
+
+    return build_tiny_causal(tmp_path_factory.mktemp("tiny-fair"), context_window=256)
+
+
+def test_waiting_replies_are_let_in_user_by_user_not_first_come(tiny_dir, tmp_path):
+    """One reply at a time; a flooder's four replies are queued before two of Bob's and one of
+    Carol's. The others do not wait for all of the flooder's: users take turns."""
+    from conversations.llm.engine import Engine
+    from conversations.llm.scheduler import ReplyRequest
+    from tests.test_decoder import chat, submit_together
+
+    engine = Engine(model=str(tiny_dir), cache_dir=tmp_path, weights="fp32", max_batch=1)
+    engine.load()
+    names = ["flood-1", "flood-2", "flood-3", "flood-4", "bob-1", "bob-2", "carol-1"]
+    requests = {
+        name: ReplyRequest(
+            prompt=engine._encode(chat(f"hello {name}")),
+            max_new_tokens=4,
+            stop_ids=frozenset(),
+            owner=name.split("-")[0],
+        )
+        for name in names
+    }
+    submit_together(engine, list(requests.values()))  # all waiting when the model looks
+
+    # One reply at a time: each ends before the next is let in, so their ends give the order.
+    ended = {name: r.events.queue[-1] for name, r in requests.items()}
+    assert all(kind == "end" for kind, _, _ in ended.values())
+    order = sorted(names, key=lambda name: ended[name][2])
+    assert order == ["flood-1", "bob-1", "carol-1", "flood-2", "bob-2", "flood-3", "flood-4"]

@@ -1036,7 +1036,7 @@ def test_a_bad_model_title_keeps_the_fallback(api, owner, titles, model_title):
 def test_a_title_cut_off_by_the_length_limit_keeps_the_fallback(api, owner, titles, monkeypatch):
     asked = []
 
-    def generate(messages, params):
+    def generate(messages, params, **options):
         asked.append(params)
         return Generation("Capital of France", 10, 16, 1, 2, finish_reason="length")
 
@@ -1051,7 +1051,7 @@ def test_a_title_cut_off_by_the_length_limit_keeps_the_fallback(api, owner, titl
 
 
 def test_a_failing_title_keeps_the_fallback_and_the_reply(api, owner, titles, monkeypatch):
-    def generate(messages, params):
+    def generate(messages, params, **options):
         raise RuntimeError("no title today")
 
     monkeypatch.setattr(titles, "generate", generate)
