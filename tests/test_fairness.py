@@ -159,3 +159,17 @@ def test_waiting_replies_are_let_in_user_by_user_not_first_come(tiny_dir, tmp_pa
     assert all(kind == "end" for kind, _, _ in ended.values())
     order = sorted(names, key=lambda name: ended[name][2])
     assert order == ["flood-1", "bob-1", "carol-1", "flood-2", "bob-2", "flood-3", "flood-4"]
+
+
+def test_a_new_chat_from_the_pages_at_the_cap_is_refused_with_a_message(
+    client, api, owner, fake_engine, settings
+):
+    settings.CHATBOT_REPLIES_PER_USER = 1
+    open_stream(api, make_conversation(owner, "Busy"))
+    client.force_login(owner)
+
+    response = client.post("/new/", {"content": "Hello", "system_prompt": ""}, follow=True)
+
+    assert response.status_code == 200
+    assert "replies being written" in response.content.decode()
+    assert Conversation.objects.filter(owner=owner).count() == 1
