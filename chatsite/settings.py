@@ -290,6 +290,11 @@ CHATBOT_AUTO_TITLE = env_bool("CHATBOT_AUTO_TITLE", True)
 
 # Generation defaults, tuned for a small model: greedy decoding with a light repetition penalty.
 CHATBOT_MAX_NEW_TOKENS = env_int("CHATBOT_MAX_NEW_TOKENS", 256)
+# No reply is longer than this, whatever a conversation asks for: one user's long replies
+# cannot hold the model for long (larger values are refused; older ones are cut to it).
+CHATBOT_MAX_NEW_TOKENS_LIMIT = max(1, env_int("CHATBOT_MAX_NEW_TOKENS_LIMIT", 1024))
+# Replies one user may have in flight at once (0: no limit); the model is shared by everyone.
+CHATBOT_REPLIES_PER_USER = env_int("CHATBOT_REPLIES_PER_USER", 2)
 CHATBOT_TEMPERATURE = env_float("CHATBOT_TEMPERATURE", 0.0)
 CHATBOT_TOP_P = env_float("CHATBOT_TOP_P", 0.9)
 CHATBOT_REPETITION_PENALTY = env_float("CHATBOT_REPETITION_PENALTY", 1.1)

@@ -19,6 +19,12 @@ class Conflict(ChatError):
     status_code = 409
 
 
+class TooManyReplies(ChatError):
+    """The user already has as many replies being written as one user may have at once."""
+
+    status_code = 429
+
+
 class GenerationFailed(ChatError):
     """The model could not write a reply. The user message is saved; so is the failed reply."""
 

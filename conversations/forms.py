@@ -1,7 +1,8 @@
 from django import forms
+from django.conf import settings
 
 from .models import Conversation
-from .validators import validate_message_content
+from .validators import validate_max_new_tokens, validate_message_content
 
 
 class MessageForm(forms.Form):
@@ -33,7 +34,7 @@ class ConversationSettingsForm(forms.ModelForm):
         widgets = {
             "system_prompt": forms.Textarea(attrs={"rows": 4}),
             "temperature": forms.NumberInput(attrs={"step": "0.1", "min": "0", "max": "2"}),
-            "max_new_tokens": forms.NumberInput(attrs={"min": "1", "max": "4096"}),
+            "max_new_tokens": forms.NumberInput(attrs={"min": "1"}),
         }
         help_texts = {
             "title": "Leave empty to name the chat after its first message.",
@@ -41,3 +42,12 @@ class ConversationSettingsForm(forms.ModelForm):
             "higher values vary more. Empty: the server's default.",
             "max_new_tokens": "The longest reply, in tokens. Empty: the server's default.",
         }
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["max_new_tokens"].widget.attrs["max"] = settings.CHATBOT_MAX_NEW_TOKENS_LIMIT
+
+    def clean_max_new_tokens(self):
+        value = self.cleaned_data["max_new_tokens"]
+        validate_max_new_tokens(value)
+        return value

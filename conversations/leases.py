@@ -53,6 +53,12 @@ def interrupt_dead_replies(messages) -> int:
     return count
 
 
+def being_written(messages):
+    """The replies among `messages` (a queryset) that a live writer is writing: streaming, with
+    a lease renewed in time. (One whose server died is not, even before anyone marks it.)"""
+    return messages.filter(status=Message.Status.STREAMING, lease_renewed_at__gte=stale_before())
+
+
 class LeaseKeeper:
     """The replies this process is writing: their leases renewed, stopped when asked."""
 

@@ -106,11 +106,20 @@ class ReplyWriter:
             self._stream.cancel()
 
     def cancel_and_finish(self) -> None:
-        """The listener went away: stop the model and save the partial reply as cancelled."""
+        """The listener went away: stop the model and save the partial reply as cancelled.
+        A reply whose writing never began (its stream closed before the first event) is
+        cancelled here, so its conversation is free at once, not when its lease runs out.
+        Does nothing more to a reply already finished."""
         self.stop()
-        if self._events is not None:
-            for _ in self._events:
-                pass
+        if self._events is None:
+            self._events = iter(())  # nothing is written from now on
+            if Message.objects.filter(pk=self.reply.pk, status=Message.Status.STREAMING).update(
+                status=Message.Status.CANCELLED
+            ):
+                self.reply.status = Message.Status.CANCELLED
+            return
+        for _ in self._events:
+            pass
 
     def _write(self) -> Iterator[ReplyEvent]:
         keeper.hold(self)
@@ -128,7 +137,10 @@ class ReplyWriter:
                 self.conversation, new_message=self.question, engine=self.engine, params=self.params
             )
             self._stream = self.engine.stream(
-                context.messages, self.params, cache_key=cache_key(self.conversation)
+                context.messages,
+                self.params,
+                cache_key=cache_key(self.conversation),
+                owner=str(self.conversation.owner_id),
             )
         except ContextOverflow as exc:
             yield self._fail(exc, exc.detail)

@@ -14,11 +14,12 @@ import logging
 import re
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import connection, transaction
 from django.utils import timezone
 
 from . import leases, quotas
-from .errors import Conflict
+from .errors import Conflict, TooManyReplies
 from .models import Conversation, Message
 from .replies import Exchange, ReplyEvent, ReplyWriter, reserve_reply
 from .runtime import default_generation_params, get_engine
@@ -63,7 +64,10 @@ def generation_params(conversation: Conversation):
         "temperature": conversation.temperature,
         "max_new_tokens": conversation.max_new_tokens,
     }
-    return dataclasses.replace(params, **{k: v for k, v in overrides.items() if v is not None})
+    params = dataclasses.replace(params, **{k: v for k, v in overrides.items() if v is not None})
+    # A budget stored before the ceiling was lowered (or imported) is cut to it, not refused.
+    limit = settings.CHATBOT_MAX_NEW_TOKENS_LIMIT
+    return dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, limit))
 
 
 def post_message(*, conversation: Conversation, content: str) -> Exchange:
@@ -91,8 +95,20 @@ def start_conversation(
     On a generation failure the conversation and the user message are kept, and the raised
     ChatError carries the exchange (its conversation is `exchange.user_message.conversation`).
     """
-    conversation = create_conversation(owner=owner, title=title, system_prompt=system_prompt)
-    return conversation, post_message(conversation=conversation, content=content)
+    writer = open_new_conversation(
+        owner=owner, content=content, title=title, system_prompt=system_prompt
+    )
+    return writer.conversation, writer.run()
+
+
+def open_new_conversation(
+    *, owner, content: str, title: str = "", system_prompt: str | None = None
+) -> ReplyWriter:
+    """A new conversation with its first message stored; the returned writer answers it. A
+    message refused (the user has too many replies being written) leaves no empty conversation."""
+    with transaction.atomic():
+        conversation = create_conversation(owner=owner, title=title, system_prompt=system_prompt)
+        return open_message_stream(conversation=conversation, content=content)
 
 
 def regenerate(*, conversation: Conversation) -> ReplyWriter:
@@ -175,6 +191,26 @@ def _ensure_idle(conversation: Conversation) -> None:
         raise Conflict(
             "A reply is still being written in this conversation. Wait for it or stop it."
         )
+    _ensure_reply_allowed(conversation.owner_id)
+
+
+def _ensure_reply_allowed(owner_id) -> None:
+    """Refuse a new reply to a user who already has CHATBOT_REPLIES_PER_USER being written (in
+    any conversation, on any server process), so that no one user holds the model. Called in
+    the transaction that reserves the reply: the user's row is locked (PostgreSQL; SQLite's
+    write transactions are serialized), so two messages at once cannot both take the last
+    place."""
+    limit = settings.CHATBOT_REPLIES_PER_USER
+    if limit <= 0:
+        return
+    if connection.features.has_select_for_update:
+        list(get_user_model().objects.select_for_update().filter(pk=owner_id).values_list("pk"))
+    theirs = Message.objects.filter(conversation__owner_id=owner_id)
+    if len(leases.being_written(theirs).values_list("pk")[:limit]) >= limit:
+        raise TooManyReplies(
+            f"You already have {limit} replies being written, the most one user may have at "
+            "once. Wait for one to finish (or stop it), then send again."
+        )
 
 
 def _save_user_message(conversation, content: str, *, version_group=None) -> Message:
@@ -239,7 +275,7 @@ def _write_title(writer: ReplyWriter) -> ReplyEvent | None:
     prompt = [{"role": "user", "content": TITLE_PROMPT.format(message=question.content[:2000])}]
     params = dataclasses.replace(default_generation_params(), max_new_tokens=16, temperature=0)
     try:
-        generation = writer.engine.generate(prompt, params)
+        generation = writer.engine.generate(prompt, params, owner=str(conversation.owner_id))
     except Exception:
         logger.exception("Writing a title failed; keeping %r", fallback)
         return None

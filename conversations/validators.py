@@ -72,3 +72,13 @@ def _surrogate_sentence(where: str) -> str:
         f"{where} holds a lone surrogate (an escape such as \\ud800 without its pair), "
         "which is not a character: send valid Unicode text."
     )
+
+
+def validate_max_new_tokens(value: int | None) -> None:
+    """A conversation's reply budget may not exceed the server's ceiling (null: the default)."""
+    limit = settings.CHATBOT_MAX_NEW_TOKENS_LIMIT
+    if value is not None and value > limit:
+        raise ValidationError(
+            f"This server writes replies of at most {limit} tokens; {value} is more than that.",
+            code="max_value",
+        )

@@ -11,6 +11,7 @@ from django.utils.decorators import method_decorator
 from django.views.decorators.http import require_http_methods, require_POST
 
 from . import services
+from .disconnects import run_while_connected
 from .errors import ChatError
 from .forms import NewConversationForm
 from .models import Conversation
@@ -75,17 +76,19 @@ def new_conversation(request):
         page = Paginator(conversations, CONVERSATIONS_PER_PAGE).get_page(1)
         return render(request, "conversations/list.html", {"page": page, "form": form}, status=400)
     try:
-        conversation, _ = services.start_conversation(
+        writer = services.open_new_conversation(
             owner=request.user,
             content=form.cleaned_data["content"],
             system_prompt=form.cleaned_data["system_prompt"] or None,
         )
+    except ChatError as exc:  # refused before anything was stored (too many replies at once)
+        flash.error(request, exc.detail)
+        return redirect("conversations:list")
+    try:
+        run_while_connected(request, writer)
     except ChatError as exc:
         flash.error(request, exc.detail)
-        if exc.exchange is None:  # refused before anything was stored (a storage limit)
-            return redirect("conversations:list")
-        return redirect(exc.exchange.user_message.conversation)
-    return redirect(conversation)
+    return redirect(writer.conversation)
 
 
 def _default_prompt():

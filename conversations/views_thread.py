@@ -10,6 +10,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_http_methods, require_POST
 
 from . import services
+from .disconnects import run_while_connected
 from .errors import ChatError
 from .forms import ConversationSettingsForm, MessageForm
 from .models import Conversation, Message
@@ -137,7 +138,7 @@ def _run_reply(request, start) -> None:
     """Write a reply to the end (without JavaScript the page waits for it); a failure is shown
     as a message on the thread, where the failed reply is listed too."""
     try:
-        start().run()
+        run_while_connected(request, start())
     except ChatError as exc:
         flash.error(request, exc.detail)
 

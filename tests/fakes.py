@@ -76,10 +76,10 @@ class FakeEngine:
             return self.replies.pop(0)
         return f"Echo: {messages[-1]['content']}"
 
-    def stream(self, messages: list[dict], params, *, cache_key=None) -> FakeStream:
+    def stream(self, messages: list[dict], params, *, cache_key=None, owner=None) -> FakeStream:
         return FakeStream(self, messages, params)
 
-    def generate(self, messages: list[dict], params, *, cache_key=None) -> Generation:
+    def generate(self, messages: list[dict], params, *, cache_key=None, owner=None) -> Generation:
         stream = self.stream(messages, params)
         for _ in stream:
             pass

@@ -368,6 +368,27 @@ def test_closing_the_stream_early_saves_the_partial_reply_as_cancelled(api, owne
     post(api, conversation, "Next")
 
 
+@pytest.mark.parametrize("events_read", [0, 1], ids=["nothing-read", "user-message-read"])
+def test_a_stream_closed_before_the_reply_starts_cancels_its_reserved_reply(
+    api, owner, fake_engine, events_read
+):
+    """The client went away before the writer began (its socket closed before the first event,
+    or right after the user message): the reserved reply is cancelled at once, and the
+    conversation takes the next message."""
+    conversation = make_conversation(owner)
+    response = stream_post(api, url(conversation), {"content": "Hello"})
+    reader = EventReader(response)
+    for _ in range(events_read):
+        assert reader.next()[0] == "user_message"
+
+    response.close()
+
+    reply = conversation.messages.get(role="assistant")
+    assert reply.status == Message.Status.CANCELLED and reply.content == ""
+    assert fake_engine.calls == []  # the model was never asked
+    post(api, conversation, "Next")
+
+
 # --- 5. failures ---------------------------------------------------------------------------------
 
 
@@ -1015,7 +1036,7 @@ def test_a_bad_model_title_keeps_the_fallback(api, owner, titles, model_title):
 def test_a_title_cut_off_by_the_length_limit_keeps_the_fallback(api, owner, titles, monkeypatch):
     asked = []
 
-    def generate(messages, params):
+    def generate(messages, params, **options):
         asked.append(params)
         return Generation("Capital of France", 10, 16, 1, 2, finish_reason="length")
 
@@ -1030,7 +1051,7 @@ def test_a_title_cut_off_by_the_length_limit_keeps_the_fallback(api, owner, titl
 
 
 def test_a_failing_title_keeps_the_fallback_and_the_reply(api, owner, titles, monkeypatch):
-    def generate(messages, params):
+    def generate(messages, params, **options):
         raise RuntimeError("no title today")
 
     monkeypatch.setattr(titles, "generate", generate)

@@ -5,7 +5,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from ..models import REPLY_FIELDS, Conversation, Message
-from ..validators import validate_message_content
+from ..validators import validate_max_new_tokens, validate_message_content
 
 
 @extend_schema_field(
@@ -117,6 +117,10 @@ class ConversationSerializer(serializers.ModelSerializer):
             "max_new_tokens": {"help_text": "Reply budget in tokens; null: the server's default."},
         }
         read_only_fields = ("id", "created_at", "updated_at", "message_count")
+
+    def validate_max_new_tokens(self, value):
+        validate_max_new_tokens(value)
+        return value
 
     def update(self, instance, validated_data):
         if "system_prompt" in validated_data and validated_data["system_prompt"] is None:

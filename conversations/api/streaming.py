@@ -39,34 +39,49 @@ def format_event(kind: str, data) -> str:
 def reply_response(writer: ReplyWriter, *, user_message=None) -> StreamingHttpResponse:
     """Stream `writer`'s reply. If the client goes away, the model is stopped and the partial
     reply is kept as cancelled."""
-
-    def events():
-        finished = False
-        try:
-            if user_message is not None:
-                load_versions(user_message)  # an edit's new version: n of n
-                data = message_data(user_message)
-                data["conversation"] = str(user_message.conversation_id)
-                yield format_event("user_message", data)
-            for event in writer:
-                if event.kind == "delta":
-                    yield format_event("delta", {"text": event.data})
-                elif event.kind == "done":
-                    load_versions(event.data)
-                    reply = message_data(event.data)
-                    reply["html"] = str(render_markdown(event.data.content))
-                    yield format_event("done", reply)
-                elif event.kind == "error":
-                    reply = message_data(event.data)
-                    yield format_event("error", {"detail": event.detail, "reply": reply})
-                elif event.kind == "title":
-                    yield format_event("title", {"title": event.data})
-            finished = True
-        finally:
-            if not finished:
-                writer.cancel_and_finish()
-
-    response = StreamingHttpResponse(events(), content_type=f"{EVENT_STREAM}; charset=utf-8")
+    response = StreamingHttpResponse(
+        _ReplyEvents(writer, user_message), content_type=f"{EVENT_STREAM}; charset=utf-8"
+    )
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # tell proxies such as nginx not to buffer the stream
     return response
+
+
+class _ReplyEvents:
+    """The events of one reply as a response body. The server closes the body when the client
+    goes away or the stream ends; closing it also cancels a reply whose events were never
+    read (a generator never started runs no cleanup of its own), so its reserved row does not
+    keep the conversation busy."""
+
+    def __init__(self, writer: ReplyWriter, user_message) -> None:
+        self.writer = writer
+        self.user_message = user_message
+        self._events = self._generate()
+
+    def __iter__(self):
+        return self._events
+
+    def close(self) -> None:
+        self._events.close()
+        self.writer.cancel_and_finish()  # (nothing more to a reply already finished)
+
+    def _generate(self):
+        writer, user_message = self.writer, self.user_message
+        if user_message is not None:
+            load_versions(user_message)  # an edit's new version: n of n
+            data = message_data(user_message)
+            data["conversation"] = str(user_message.conversation_id)
+            yield format_event("user_message", data)
+        for event in writer:
+            if event.kind == "delta":
+                yield format_event("delta", {"text": event.data})
+            elif event.kind == "done":
+                load_versions(event.data)
+                reply = message_data(event.data)
+                reply["html"] = str(render_markdown(event.data.content))
+                yield format_event("done", reply)
+            elif event.kind == "error":
+                reply = message_data(event.data)
+                yield format_event("error", {"detail": event.detail, "reply": reply})
+            elif event.kind == "title":
+                yield format_event("title", {"title": event.data})

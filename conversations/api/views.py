@@ -6,6 +6,7 @@ from rest_framework.exceptions import NotAcceptable
 from rest_framework.response import Response
 
 from .. import services
+from ..disconnects import run_while_connected
 from ..models import Conversation
 from ..search import search_conversations
 from ..throttles import ConversationRateThrottle, MessageRateThrottle
@@ -226,7 +227,7 @@ class ConversationViewSet(viewsets.ModelViewSet):
         if wants_stream(request):
             user_message = writer.question if with_user_message else None
             return reply_response(writer, user_message=user_message)
-        exchange = writer.run()
+        exchange = run_while_connected(request, writer)
         load_versions(exchange.user_message, exchange.reply)
         return Response(ExchangeSerializer(exchange).data, status=status.HTTP_201_CREATED)
 
@@ -249,11 +250,11 @@ class StartMessageView(generics.GenericAPIView):
         conversation_id = serializer.validated_data.get("conversation")
         if conversation_id:
             conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
+            writer = services.open_message_stream(conversation=conversation, content=content)
         else:
-            conversation = services.create_conversation(owner=request.user)
-        writer = services.open_message_stream(conversation=conversation, content=content)
+            writer = services.open_new_conversation(owner=request.user, content=content)
         if wants_stream(request):
             return reply_response(writer, user_message=writer.question)
-        exchange = writer.run()
+        exchange = run_while_connected(request, writer)
         load_versions(exchange.user_message, exchange.reply)
         return Response(ExchangeSerializer(exchange).data, status=status.HTTP_201_CREATED)

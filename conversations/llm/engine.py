@@ -103,11 +103,13 @@ class ReplyStream:
         messages: list[dict],
         params: GenerationParams,
         cache_key: CacheKey | None = None,
+        owner: str | None = None,
     ) -> None:
         self.engine = engine
         self.messages = messages
         self.params = params
         self.cache_key = cache_key
+        self.owner = owner
         self._request: ReplyRequest | None = None
         self.cancelled = threading.Event()
         self.result: Generation | None = None
@@ -136,6 +138,7 @@ class ReplyStream:
                 repetition_penalty=self.params.repetition_penalty,
                 samplers=engine._samplers(self.params),
                 cache_key=self.cache_key,
+                owner=self.owner,
                 cancelled=cancelled,
             )
             events = self._request.events
@@ -362,20 +365,31 @@ class Engine:
     # Generation
 
     def stream(
-        self, messages: list[dict], params: GenerationParams, *, cache_key: CacheKey | None = None
+        self,
+        messages: list[dict],
+        params: GenerationParams,
+        *,
+        cache_key: CacheKey | None = None,
+        owner: str | None = None,
     ) -> ReplyStream:
         """The assistant's next turn for these messages, as a stream of text pieces. With a
         `cache_key` (a conversation and its owner), the keys and values of the turn are kept,
         and the next turn with the same key recomputes only the tokens that differ from this
         one's (on the lean decoder; models served by `generate` recompute everything). A new
-        conversation reuses only its owner's and what every user shares."""
-        return ReplyStream(self, messages, params, cache_key)
+        conversation reuses only its owner's and what every user shares. `owner` (a user) is
+        whose reply it is: replies waiting for the model are let in owner by owner."""
+        return ReplyStream(self, messages, params, cache_key, owner)
 
     def generate(
-        self, messages: list[dict], params: GenerationParams, *, cache_key: CacheKey | None = None
+        self,
+        messages: list[dict],
+        params: GenerationParams,
+        *,
+        cache_key: CacheKey | None = None,
+        owner: str | None = None,
     ) -> Generation:
         """Write the assistant's next turn for these messages."""
-        stream = self.stream(messages, params, cache_key=cache_key)
+        stream = self.stream(messages, params, cache_key=cache_key, owner=owner)
         for _ in stream:
             pass
         return stream.result

@@ -22,7 +22,7 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -81,6 +81,8 @@ class ReplyRequest:
     repetition_penalty: float = 1.0
     samplers: list[Callable] = field(default_factory=list)
     cache_key: str | None = None
+    # Whose reply it is (a user): waiting replies are let in user by user (see _next_waiting).
+    owner: str | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     events: queue.Queue = field(default_factory=queue.Queue)
     done: threading.Event = field(default_factory=threading.Event)
@@ -110,6 +112,9 @@ class Scheduler:
         self._inbox: deque = deque()
         self._wakeup = threading.Condition()
         self._waiting: deque[ReplyRequest] = deque()
+        # When each owner with replies waiting or in flight last had one let in (see _admit).
+        self._admitted: dict[str | None, int] = {}
+        self._admissions = 0
         self._rows: list[ReplyRequest] = []
         # (cache key, tokens) of the conversation whose keys and values sit in slot row 0 while
         # no reply is in flight, or None.
@@ -209,17 +214,18 @@ class Scheduler:
         decoder = self.decoder
         cache = decoder.cache
         admitted = []
+        for request in [r for r in self._waiting if r.cancelled.is_set()]:
+            self._waiting.remove(request)
+            self._finish(request)
         while self._waiting and len(self._rows) < self.max_batch:
-            request = self._waiting[0]
-            if request.cancelled.is_set():
-                self._waiting.popleft()
-                self._finish(request)
-                continue
+            request = self._next_waiting()
             if self._rows and not cache.fits(
                 len(self._rows) + 1, max(_need(r) for r in [*self._rows, request])
             ):
                 break  # it waits for rows to leave: the slot tensor stays within its bytes
-            self._waiting.popleft()
+            self._waiting.remove(request)
+            self._admissions += 1
+            self._admitted[request.owner] = self._admissions
             if self._parked is not None and self._parked[0] == request.cache_key:
                 # Its conversation is parked in row 0, which it gets (no reply is in flight).
                 _, tokens = self._parked
@@ -246,6 +252,20 @@ class Scheduler:
                 if stored is not None:
                     cache.load(request.row, stored, reuse)
                     request.filled = request.reused_tokens = reuse
+
+    def _next_waiting(self) -> ReplyRequest:
+        """The waiting reply to let in next: one user's many replies do not hold the model for
+        everyone. The owner with the fewest replies in flight goes first, among equals the one
+        whose last reply was let in longest ago (round-robin); an owner's replies in the order
+        they came."""
+        owners = {r.owner for r in self._waiting} | {r.owner for r in self._rows}
+        for owner in [o for o in self._admitted if o not in owners]:
+            del self._admitted[owner]  # (gone: remembered no longer)
+        running = Counter(r.owner for r in self._rows)
+        return min(
+            self._waiting,
+            key=lambda r: (running[r.owner], self._admitted.get(r.owner, 0)),
+        )  # (min keeps the first of equals: the earliest of an owner's replies)
 
     def _drop_cancelled(self) -> None:
         """Cancelling takes effect here, before the next pass."""

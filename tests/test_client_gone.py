@@ -1,0 +1,99 @@
+"""A client that goes away stops its reply, through the real server (gunicorn) and model: a
+request answered in one piece (JSON) whose client hung up, and a stream whose socket closed
+before its first event. The lease is long here, so only the fix can free the conversation."""
+
+import json
+import socket
+import time
+
+import pytest
+import requests
+
+from benchmarks.server import REQUEST_TIMEOUT, BenchServer
+
+BOUND = 60  # seconds any one wait may take on a busy machine (no assertion on time)
+LONG_REPLY = {"temperature": 2.0, "max_new_tokens": 1000}
+
+
+@pytest.fixture(scope="module")
+def server():
+    bench = BenchServer(env={"CHATBOT_STALE_REPLY_SECONDS": "600"})
+    try:
+        bench.prepare()
+        bench.start()
+        bench.ask(bench.new_conversation(max_new_tokens=4), "Hello!")  # the model is loaded
+        yield bench
+    finally:
+        bench.stop()
+
+
+def send_and_keep(server, path: str, body: dict, *, accept="application/json") -> socket.socket:
+    """POST `body` on a raw connection and read nothing back."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", server.server.port), timeout=BOUND)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Token {server.token}\r\n"
+        f"Content-Type: application/json\r\nAccept: {accept}\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + data)
+    return sock
+
+
+def last_reply(server, conversation) -> dict:
+    response = requests.get(
+        f"{server.url}/api/conversations/{conversation}/messages/",
+        headers=server.headers,
+        timeout=REQUEST_TIMEOUT,
+    )
+    replies = [m for m in response.json()["results"] if m["role"] == "assistant"]
+    return replies[-1] if replies else {}
+
+
+def wait_for(condition, what: str):
+    deadline = time.monotonic() + BOUND
+    while time.monotonic() < deadline:
+        if result := condition():
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"{what}: not within {BOUND} s")
+
+
+def test_a_json_request_whose_client_hung_up_stops_its_reply(server):
+    conversation = server.new_conversation(**LONG_REPLY)
+    path = f"/api/conversations/{conversation}/messages/"
+    sock = send_and_keep(server, path, {"content": "Tell me a very long story about the sea."})
+    wait_for(lambda: last_reply(server, conversation).get("content"), "the reply began")
+
+    sock.close()
+
+    reply = wait_for(
+        lambda: (r := last_reply(server, conversation))["status"] != "streaming" and r,
+        "the reply ended",
+    )
+    assert reply["status"] == "cancelled", reply
+    assert reply["completion_tokens"] < LONG_REPLY["max_new_tokens"]
+    assert reply["content"]  # what was written is kept
+
+
+def test_a_stream_closed_before_its_first_event_frees_the_conversation(server):
+    conversation = server.new_conversation(max_new_tokens=8)
+    path = f"/api/conversations/{conversation}/messages/"
+
+    send_and_keep(server, path, {"content": "Hi!"}, accept="text/event-stream").close()
+
+    def posted():
+        response = requests.post(
+            f"{server.url}{path}",
+            json={"content": "Are you there?"},
+            headers=server.headers,
+            timeout=REQUEST_TIMEOUT,
+        )
+        assert response.status_code in (201, 409), response.text
+        return response.status_code == 201
+
+    wait_for(posted, "the conversation took a new message")
+    first = requests.get(
+        f"{server.url}{path}?include=all", headers=server.headers, timeout=REQUEST_TIMEOUT
+    ).json()["results"]
+    assert next(m["status"] for m in first if m["role"] == "assistant") == "cancelled"
