@@ -118,6 +118,14 @@ class ConversationSerializer(serializers.ModelSerializer):
         }
         read_only_fields = ("id", "created_at", "updated_at", "message_count")
 
+    def get_fields(self):
+        fields = super().get_fields()
+        # The schema states the server's ceiling as the field's maximum; validate_max_new_tokens
+        # enforces it (the setting as it is now).
+        budget = fields["max_new_tokens"]
+        budget.max_value = min(budget.max_value, settings.CHATBOT_MAX_NEW_TOKENS_LIMIT)
+        return fields
+
     def validate_max_new_tokens(self, value):
         validate_max_new_tokens(value)
         return value
