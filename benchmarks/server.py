@@ -33,7 +33,12 @@ class BenchServer:
         BENCH_DIR.mkdir(parents=True, exist_ok=True)
         self.var_dir = Path(tempfile.mkdtemp(prefix="server-", dir=BENCH_DIR))
         # Benchmarks measure throughput, not the per-user limits: one user posts them all.
-        env = {"CHATBOT_MESSAGES_PER_MINUTE": "0", "CHATBOT_REPLIES_PER_USER": "0", **(env or {})}
+        env = {
+            "CHATBOT_MESSAGES_PER_MINUTE": "0",
+            "CHATBOT_CONVERSATIONS_PER_MINUTE": "0",
+            "CHATBOT_REPLIES_PER_USER": "0",
+            **(env or {}),
+        }
         self.server = Server(self.var_dir, env=env)
         self.url = self.server.url
         self.token = secrets.token_hex(20)
