@@ -137,10 +137,7 @@ class ReplyWriter:
                 self.conversation, new_message=self.question, engine=self.engine, params=self.params
             )
             self._stream = self.engine.stream(
-                context.messages,
-                self.params,
-                cache_key=cache_key(self.conversation),
-                owner=str(self.conversation.owner_id),
+                context.messages, self.params, cache_key=cache_key(self.conversation)
             )
         except ContextOverflow as exc:
             yield self._fail(exc, exc.detail)

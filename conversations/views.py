@@ -62,9 +62,7 @@ def conversation_list(request):
 @login_required
 @require_POST
 def new_conversation(request):
-    if refused := refuse_page(request, MessageRateThrottle) or refuse_page(
-        request, ConversationRateThrottle
-    ):
+    if refused := refuse_page(request, MessageRateThrottle, ConversationRateThrottle):
         return refused
     form = NewConversationForm(request.POST)
     if not form.is_valid():

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .loading import LoadedModel, describe_source, load_model
-from .prefix_cache import CacheKey, PrefixCache
+from .prefix_cache import CacheKey, PrefixCache, owner_of
 from .scheduler import Scheduler
 from .tokens import (
     ID_BYTES,
@@ -109,7 +109,7 @@ class ReplyStream:
         self.messages = messages
         self.params = params
         self.cache_key = cache_key
-        self.owner = owner
+        self.owner = owner if owner is not None else owner_of(cache_key)
         self._request: ReplyRequest | None = None
         self.cancelled = threading.Event()
         self.result: Generation | None = None
@@ -376,8 +376,9 @@ class Engine:
         `cache_key` (a conversation and its owner), the keys and values of the turn are kept,
         and the next turn with the same key recomputes only the tokens that differ from this
         one's (on the lean decoder; models served by `generate` recompute everything). A new
-        conversation reuses only its owner's and what every user shares. `owner` (a user) is
-        whose reply it is: replies waiting for the model are let in owner by owner."""
+        conversation reuses only its owner's and what every user shares. `owner` (a user; by
+        default the cache key's) is whose reply it is: replies waiting for the model are let in
+        owner by owner."""
         return ReplyStream(self, messages, params, cache_key, owner)
 
     def generate(
