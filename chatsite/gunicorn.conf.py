@@ -6,7 +6,9 @@ import threading
 bind = os.environ.get("CHATBOT_BIND", "127.0.0.1:8000")
 # Each worker process holds its own copy of the model, so one is the default.
 workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
-worker_class = "gthread"
+# gunicorn's threaded worker, with requests read whole before a thread serves them: slow or
+# idle clients cost no thread.
+worker_class = "chatsite.workers.BufferedThreadWorker"
 # A streaming reply holds its thread until it ends: twice the replies the model writes at once
 # (CHATBOT_BATCH_SIZE) leaves as many threads for pages, stop requests and new messages while a
 # full batch streams (with only as many, those waited for a reply to end).

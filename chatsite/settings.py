@@ -285,6 +285,9 @@ CHATBOT_STALE_REPLY_SECONDS = max(1.0, env_float("CHATBOT_STALE_REPLY_SECONDS", 
 CHATBOT_BATCH_MEMORY_MB = env_int("CHATBOT_BATCH_MEMORY_MB", 512)
 # Memory for recent prompts' token ids, so that a growing history is not tokenized again.
 CHATBOT_TOKEN_CACHE_MB = env_int("CHATBOT_TOKEN_CACHE_MB", 32)
+# Seconds a client may take to send a request whole, and may stall reading a response: slower
+# ones are dropped, so that they cannot hold the server's threads (chatsite/workers.py).
+CHATBOT_CLIENT_TIMEOUT = max(1.0, env_float("CHATBOT_CLIENT_TIMEOUT", 30.0))
 # After the first exchange the model writes the conversation's title (else: the first message).
 CHATBOT_AUTO_TITLE = env_bool("CHATBOT_AUTO_TITLE", True)
 
