@@ -9,6 +9,8 @@ import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
@@ -58,6 +60,10 @@ class BenchServer:
 
     def start(self) -> None:
         self.server.start()
+
+    def warm_up(self) -> None:
+        """One short reply, so that the model is loaded before what follows."""
+        self.ask(self.new_conversation(max_new_tokens=4), "Hello!")
 
     def stop(self) -> None:
         try:
@@ -146,3 +152,16 @@ def proc_memory_mb(pid: int) -> dict:
         if name in ("VmHWM", "VmRSS"):
             fields[name] = int(value.split()[0]) / 1024  # kB -> MiB
     return fields
+
+
+@contextmanager
+def running(env: dict[str, str] | None = None) -> Iterator[BenchServer]:
+    """A BenchServer prepared, started and warmed up; stopped and removed after."""
+    server = BenchServer(env=env)
+    try:
+        server.prepare()
+        server.start()
+        server.warm_up()
+        yield server
+    finally:
+        server.stop()

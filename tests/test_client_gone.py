@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from benchmarks.server import REQUEST_TIMEOUT, BenchServer
+from benchmarks.server import REQUEST_TIMEOUT, running
 
 BOUND = 60  # seconds any one wait may take on a busy machine (no assertion on time)
 LONG_REPLY = {"temperature": 2.0, "max_new_tokens": 1000}
@@ -17,14 +17,8 @@ LONG_REPLY = {"temperature": 2.0, "max_new_tokens": 1000}
 
 @pytest.fixture(scope="module")
 def server():
-    bench = BenchServer(env={"CHATBOT_STALE_REPLY_SECONDS": "600"})
-    try:
-        bench.prepare()
-        bench.start()
-        bench.ask(bench.new_conversation(max_new_tokens=4), "Hello!")  # the model is loaded
+    with running(env={"CHATBOT_STALE_REPLY_SECONDS": "600"}) as bench:
         yield bench
-    finally:
-        bench.stop()
 
 
 def send_and_keep(server, path: str, body: dict, *, accept="application/json") -> socket.socket:

@@ -9,7 +9,7 @@ import time
 import requests
 
 from benchmarks.load import tally
-from benchmarks.server import REQUEST_TIMEOUT, BenchServer
+from benchmarks.server import REQUEST_TIMEOUT, BenchServer, running
 
 ROUNDS = 3
 
@@ -67,10 +67,7 @@ def test_a_full_batch_of_streaming_replies_leaves_threads_for_pages_and_stop():
     """With as many replies streaming as the model writes at once, the server still answers
     other requests at once: a page of conversations, and a stop that ends one reply."""
     batch = 8  # CHATBOT_BATCH_SIZE's default
-    with BenchServer(env={"CHATBOT_MAX_NEW_TOKENS": "400"}) as server:
-        server.prepare()
-        server.start()
-        server.ask(server.new_conversation(max_new_tokens=4), "Hello!")  # the model is loaded
+    with running(env={"CHATBOT_MAX_NEW_TOKENS": "400"}) as server:
         conversations = [server.new_conversation(max_new_tokens=400) for _ in range(batch)]
         streaming = threading.Barrier(batch + 1)
         ended: dict[str, tuple[float, str]] = {}

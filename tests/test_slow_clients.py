@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from benchmarks.server import REQUEST_TIMEOUT, BenchServer
+from benchmarks.server import REQUEST_TIMEOUT, running
 
 THREADS = 4
 CLIENT_TIMEOUT = 3
@@ -19,16 +19,10 @@ TCP_CLOSE, TCP_CLOSE_WAIT = 7, 8  # a connection's states (Linux's tcp_info.tcpi
 
 @pytest.fixture(scope="module")
 def server():
-    bench = BenchServer(
+    with running(
         env={"CHATBOT_WEB_THREADS": str(THREADS), "CHATBOT_CLIENT_TIMEOUT": str(CLIENT_TIMEOUT)}
-    )
-    try:
-        bench.prepare()
-        bench.start()
-        bench.ask(bench.new_conversation(max_new_tokens=4), "Hello!")  # the model is loaded
+    ) as bench:
         yield bench
-    finally:
-        bench.stop()
 
 
 def connect(server, *, receive_buffer: int | None = None) -> socket.socket:
