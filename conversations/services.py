@@ -168,6 +168,13 @@ def stop_generation(*, conversation: Conversation) -> bool:
     return stopped_here or bool(marked)
 
 
+def delete_conversation(*, conversation: Conversation) -> None:
+    """Delete a conversation and every message in it. A reply being written in it is stopped
+    first, so the model does not go on writing for a conversation that is gone."""
+    stop_generation(conversation=conversation)
+    conversation.delete()
+
+
 def interrupt_dead_replies(*, conversation: Conversation | None = None) -> int:
     """Mark the replies whose server stopped writing them (their lease ran out) as interrupted,
     in one conversation or, at a server's start, in all. Their text is kept; a reply another

@@ -124,8 +124,7 @@ def delete(request, conversation_id):
     conversation = _own_conversation(request, conversation_id)
     if request.method == "POST":
         title = conversation.display_title
-        services.stop_generation(conversation=conversation)
-        conversation.delete()
+        services.delete_conversation(conversation=conversation)
         flash.success(request, f"Deleted “{title}”.")
         return redirect(reverse("conversations:list"))
     count = conversation.messages.count()

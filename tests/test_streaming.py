@@ -338,6 +338,32 @@ def test_stop_of_another_users_conversation_is_404(api, other_api, owner, fake_e
     assert rest[-1][1]["content"] == SCRIPTED
 
 
+@pytest.mark.parametrize("where", ["api", "page"])
+def test_deleting_a_conversation_stops_the_reply_being_written(
+    api, client, owner, fake_engine, where
+):
+    conversation = make_conversation(owner)
+    fake_engine.replies = [SCRIPTED]
+    reader = EventReader(stream_post(api, url(conversation), {"content": "Count"}))
+    assert reader.until("delta") == ("delta", {"text": "one"})
+
+    if where == "api":
+        response = api.delete(f"/api/conversations/{conversation.pk}/")
+        assert response.status_code == 204
+    else:
+        client.force_login(owner)
+        response = client.post(f"/c/{conversation.pk}/delete/")
+        assert response.status_code == 302
+
+    rest = reader.rest()
+    assert rest[-1][0] == "done"
+    assert rest[-1][1]["status"] == "cancelled"
+    assert len(rest[-1][1]["content"].split()) < len(SCRIPTED.split())
+    assert not Conversation.objects.filter(pk=conversation.pk).exists()
+    assert not Message.objects.filter(conversation_id=conversation.pk).exists()
+    assert not keeper.stop_conversation(conversation.pk)  # nothing left running here
+
+
 def test_stop_without_credentials_is_401(anon_api, owner, fake_engine):
     conversation = make_conversation(owner)
 

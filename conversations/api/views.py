@@ -118,6 +118,9 @@ class ConversationViewSet(viewsets.ModelViewSet):
         conversation.message_count = 0
         serializer.instance = conversation
 
+    def perform_destroy(self, instance):
+        services.delete_conversation(conversation=instance)
+
     def perform_update(self, serializer):
         conversation = serializer.save()
         conversation.message_count = conversation.messages.active_path().count()
