@@ -21,6 +21,9 @@ class ConversationQuerySet(models.QuerySet):
 
 
 class Conversation(models.Model):
+    # What its owner may change after creating it (services.update_conversation).
+    SETTINGS_FIELDS = ("title", "system_prompt", "temperature", "max_new_tokens")
+
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations"

@@ -19,7 +19,8 @@ The JSON document keeps every version of every message, so an import restores th
     }
 
 `id`, `reply_to` and `version_group` are only references inside the document: an import gives
-every message and every version group a new id.
+every message and every version group a new id. A `system_prompt` left out or null is the
+server's default, and "" is none, as everywhere else (services.system_prompt_or_default).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from django.utils.text import slugify
 from . import quotas
 from .errors import ChatError
 from .models import REPLY_FIELDS, Conversation, Message
+from .services import system_prompt_or_default
 from .validators import lone_surrogate_problem
 
 FORMAT = "local-chat.conversation"
@@ -272,8 +274,11 @@ def _validate(document: Any) -> tuple[dict, list[dict]]:
 
     fields = {
         "title": _text(conversation, "title", "conversation", limit=MAX_TITLE_CHARS).strip(),
-        "system_prompt": _text(
-            conversation, "system_prompt", "conversation", limit=MAX_SYSTEM_PROMPT_CHARS
+        # Left out or null: the server's default, as when a conversation is created.
+        "system_prompt": system_prompt_or_default(
+            None
+            if conversation.get("system_prompt") is None
+            else _text(conversation, "system_prompt", "conversation", limit=MAX_SYSTEM_PROMPT_CHARS)
         ),
         "temperature": _number(conversation, "temperature", "conversation", 0.0, 2.0),
         "max_new_tokens": _integer(conversation, "max_new_tokens", "conversation", 1, 4096),

@@ -1,4 +1,3 @@
-from django.conf import settings
 from django.contrib import admin
 from django.contrib import messages as flash
 from django.contrib.auth import login
@@ -55,7 +54,7 @@ def conversation_list(request):
     return render(
         request,
         "conversations/list.html",
-        {"page": page, "form": NewConversationForm(initial=_default_prompt()), "query": query},
+        {"page": page, "form": NewConversationForm(), "query": query},
     )
 
 
@@ -77,7 +76,7 @@ def new_conversation(request):
         writer = services.open_new_conversation(
             owner=request.user,
             content=form.cleaned_data["content"],
-            system_prompt=form.cleaned_data["system_prompt"] or None,
+            system_prompt=form.cleaned_data["system_prompt"],
         )
     except ChatError as exc:  # refused before anything was stored (too many replies at once)
         flash.error(request, exc.detail)
@@ -87,10 +86,6 @@ def new_conversation(request):
     except ChatError as exc:
         flash.error(request, exc.detail)
     return redirect(writer.conversation)
-
-
-def _default_prompt():
-    return {"system_prompt": settings.CHATBOT_SYSTEM_PROMPT}
 
 
 class LoginView(auth_views.LoginView):

@@ -106,7 +106,7 @@ def conversation_settings(request, conversation_id):
         request.POST if request.method == "POST" else None, instance=conversation
     )
     if request.method == "POST" and form.is_valid():
-        form.save()
+        services.update_conversation(conversation=conversation, **form.cleaned_data)
         flash.success(request, "Settings saved.")
         return redirect(conversation)
     status = 400 if form.errors else 200

@@ -91,7 +91,8 @@ class ConversationSerializer(serializers.ModelSerializer):
         allow_blank=True,
         trim_whitespace=False,
         max_length=20000,
-        help_text="Omit (or null) for the server's default system prompt.",
+        help_text="Null (or omitted when creating): the server's default system prompt. "
+        "Empty: no system prompt.",
     )
     snippet = serializers.CharField(
         read_only=True,
@@ -129,11 +130,6 @@ class ConversationSerializer(serializers.ModelSerializer):
     def validate_max_new_tokens(self, value):
         validate_max_new_tokens(value)
         return value
-
-    def update(self, instance, validated_data):
-        if "system_prompt" in validated_data and validated_data["system_prompt"] is None:
-            validated_data["system_prompt"] = settings.CHATBOT_SYSTEM_PROMPT
-        return super().update(instance, validated_data)
 
 
 # (Braces doubled: DRF formats these messages.)

@@ -63,7 +63,12 @@ class ExportNegotiation(DefaultContentNegotiation):
 
 class ExportedConversationSerializer(serializers.Serializer):
     title = serializers.CharField(allow_blank=True)
-    system_prompt = serializers.CharField(allow_blank=True)
+    system_prompt = serializers.CharField(
+        allow_blank=True,
+        allow_null=True,
+        required=False,
+        help_text="Null or omitted: the server's default system prompt. Empty: none.",
+    )
     temperature = serializers.FloatField(allow_null=True, required=False)
     max_new_tokens = serializers.IntegerField(allow_null=True, required=False)
     created_at = serializers.DateTimeField(required=False)

@@ -122,7 +122,9 @@ class ConversationViewSet(viewsets.ModelViewSet):
         services.delete_conversation(conversation=instance)
 
     def perform_update(self, serializer):
-        conversation = serializer.save()
+        conversation = services.update_conversation(
+            conversation=serializer.instance, **serializer.validated_data
+        )
         conversation.message_count = conversation.messages.active_path().count()
 
     @extend_schema(
