@@ -17,7 +17,7 @@ class SystemPromptField(forms.CharField):
             label="System prompt",
             required=False,
             strip=False,
-            max_length=20000,
+            max_length=Conversation.MAX_SYSTEM_PROMPT_CHARS,
             widget=forms.Textarea(attrs={"rows": rows}),
             help_text=SYSTEM_PROMPT_HELP,
             **kwargs,
@@ -56,10 +56,7 @@ class ConversationSettingsForm(forms.ModelForm):
     class Meta:
         model = Conversation
         fields = Conversation.SETTINGS_FIELDS
-        widgets = {
-            "temperature": forms.NumberInput(attrs={"step": "0.1", "min": "0", "max": "2"}),
-            "max_new_tokens": forms.NumberInput(attrs={"min": "1"}),
-        }
+        widgets = {"temperature": forms.NumberInput(attrs={"step": "0.1"})}
         help_texts = {
             "title": "Leave empty to name the chat after its first message.",
             "temperature": "0 answers the same way every time (recommended for small models); "
@@ -69,7 +66,12 @@ class ConversationSettingsForm(forms.ModelForm):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fields["max_new_tokens"].widget.attrs["max"] = settings.CHATBOT_MAX_NEW_TOKENS_LIMIT
+        low, high = Conversation.TEMPERATURE_RANGE
+        self.fields["temperature"].widget.attrs.update(min=f"{low:g}", max=f"{high:g}")
+        # Replies are no longer than the server's ceiling, whatever the model allows.
+        low, high = Conversation.MAX_NEW_TOKENS_RANGE
+        limit = min(high, settings.CHATBOT_MAX_NEW_TOKENS_LIMIT)
+        self.fields["max_new_tokens"].widget.attrs.update(min=low, max=limit)
         # The page has no "default" button: it says what the default is, to copy back in.
         self.fields["system_prompt"].help_text = format_html(
             "{} The server's default: “{}”", SYSTEM_PROMPT_HELP, settings.CHATBOT_SYSTEM_PROMPT

@@ -9,6 +9,10 @@ from django.utils import timezone
 from .validators import clean_title
 
 
+def _between(low, high) -> list:
+    return [MinValueValidator(low), MaxValueValidator(high)]
+
+
 class ConversationQuerySet(models.QuerySet):
     def with_message_counts(self):
         """Annotate `message_count`: the messages the thread shows (the chosen versions).
@@ -23,6 +27,11 @@ class ConversationQuerySet(models.QuerySet):
 class Conversation(models.Model):
     # What its owner may change after creating it (services.update_conversation).
     SETTINGS_FIELDS = ("title", "system_prompt", "temperature", "max_new_tokens")
+    # Limits the forms, the API and the importer all read. (The server may cap replies lower:
+    # CHATBOT_MAX_NEW_TOKENS_LIMIT.)
+    MAX_SYSTEM_PROMPT_CHARS = 20_000
+    TEMPERATURE_RANGE = (0.0, 2.0)
+    MAX_NEW_TOKENS_RANGE = (1, 4096)
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     owner = models.ForeignKey(
@@ -31,11 +40,9 @@ class Conversation(models.Model):
     title = models.CharField(max_length=200, blank=True)
     system_prompt = models.TextField(blank=True)
     # Per-conversation generation parameters; null means the server's default.
-    temperature = models.FloatField(
-        null=True, blank=True, validators=[MinValueValidator(0.0), MaxValueValidator(2.0)]
-    )
+    temperature = models.FloatField(null=True, blank=True, validators=_between(*TEMPERATURE_RANGE))
     max_new_tokens = models.PositiveIntegerField(
-        null=True, blank=True, validators=[MinValueValidator(1), MaxValueValidator(4096)]
+        null=True, blank=True, validators=_between(*MAX_NEW_TOKENS_RANGE)
     )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     # Moves on every message, so lists can sort by last activity without a join.
@@ -66,16 +73,10 @@ class Conversation(models.Model):
         return self.title or "Untitled chat"
 
 
+# What a reply counts about how it was written: tokens, milliseconds, earlier turns.
+REPLY_COUNTS = ("prompt_tokens", "completion_tokens", "ttft_ms", "total_ms", "context_turns")
 # What a reply records about how it was written (empty on user messages).
-REPLY_FIELDS = (
-    "model",
-    "prompt_tokens",
-    "completion_tokens",
-    "ttft_ms",
-    "total_ms",
-    "context_turns",
-    "generation_params",
-)
+REPLY_FIELDS = ("model", *REPLY_COUNTS, "generation_params")
 
 
 class MessageQuerySet(models.QuerySet):

@@ -16,11 +16,11 @@ from conversations.api.serializers import MessageSerializer, message_data
 from conversations.leases import keeper
 from conversations.llm.engine import Generation
 from conversations.models import Conversation, Message
+from tests.test_api import REPLY_STATS
 
 pytestmark = pytest.mark.django_db
 
 SSE = "text/event-stream"
-REPLY_STATS = set("model prompt_tokens completion_tokens ttft_ms total_ms context_turns".split())
 SCRIPTED = "one two three four five six seven eight"
 
 

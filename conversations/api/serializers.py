@@ -90,7 +90,7 @@ class ConversationSerializer(serializers.ModelSerializer):
         allow_null=True,
         allow_blank=True,
         trim_whitespace=False,
-        max_length=20000,
+        max_length=Conversation.MAX_SYSTEM_PROMPT_CHARS,
         help_text="Null (or omitted when creating): the server's default system prompt. "
         "Empty: no system prompt.",
     )
