@@ -46,7 +46,6 @@ from .validators import lone_surrogate_problem
 FORMAT = "local-chat.conversation"
 VERSION = 1
 MAX_MESSAGES = 10_000
-DEFAULT_MAX_IMPORT_BYTES = 5 * 1024 * 1024  # settings.CHATBOT_MAX_IMPORT_BYTES overrides it
 MAX_TITLE_CHARS = Conversation._meta.get_field("title").max_length
 MAX_MODEL_CHARS = Message._meta.get_field("model").max_length
 MAX_ID_CHARS = 100
@@ -68,12 +67,8 @@ class ImportTooLarge(InvalidImport):
     status_code = 413
 
 
-def max_import_bytes() -> int:
-    return getattr(settings, "CHATBOT_MAX_IMPORT_BYTES", DEFAULT_MAX_IMPORT_BYTES)
-
-
 def check_import_size(size: int | None) -> None:
-    limit = max_import_bytes()
+    limit = settings.CHATBOT_MAX_IMPORT_BYTES
     if size is not None and size > limit:
         raise ImportTooLarge(
             f"The file is {_megabytes(size)}; the largest import accepted is {_megabytes(limit)}."
