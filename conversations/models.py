@@ -14,6 +14,16 @@ def _between(low, high) -> list:
 
 
 class ConversationQuerySet(models.QuerySet):
+    def owned_by(self, user):
+        """`user`'s conversations: the only ones their requests see or touch (any other id is
+        404, as if it did not exist)."""
+        return self.filter(owner=user)
+
+    def listed_for(self, user):
+        """`user`'s conversations as their list shows them: the most recently active first,
+        each with its `message_count`."""
+        return self.owned_by(user).with_message_counts().order_by("-updated_at")
+
     def with_message_counts(self):
         """Annotate `message_count`: the messages the thread shows (the chosen versions).
 

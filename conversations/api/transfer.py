@@ -126,7 +126,7 @@ class ConversationExportView(generics.GenericAPIView):
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):  # schema generation has no user
             return Conversation.objects.none()
-        return Conversation.objects.filter(owner=self.request.user)
+        return Conversation.objects.owned_by(self.request.user)
 
     @extend_schema(
         operation_id="conversations_export",
