@@ -68,10 +68,9 @@ class ConversationSettingsForm(forms.ModelForm):
         super().__init__(*args, **kwargs)
         low, high = Conversation.TEMPERATURE_RANGE
         self.fields["temperature"].widget.attrs.update(min=f"{low:g}", max=f"{high:g}")
-        # Replies are no longer than the server's ceiling, whatever the model allows.
-        low, high = Conversation.MAX_NEW_TOKENS_RANGE
-        limit = min(high, settings.CHATBOT_MAX_NEW_TOKENS_LIMIT)
-        self.fields["max_new_tokens"].widget.attrs.update(min=low, max=limit)
+        self.fields["max_new_tokens"].widget.attrs.update(
+            min=Conversation.MAX_NEW_TOKENS_RANGE[0], max=Conversation.max_new_tokens_ceiling()
+        )
         # The page has no "default" button: it says what the default is, to copy back in.
         self.fields["system_prompt"].help_text = format_html(
             "{} The server's default: “{}”", SYSTEM_PROMPT_HELP, settings.CHATBOT_SYSTEM_PROMPT

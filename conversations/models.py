@@ -38,7 +38,7 @@ class Conversation(models.Model):
     # What its owner may change after creating it (services.update_conversation).
     SETTINGS_FIELDS = ("title", "system_prompt", "temperature", "max_new_tokens")
     # Limits the forms, the API and the importer all read. (The server may cap replies lower:
-    # CHATBOT_MAX_NEW_TOKENS_LIMIT.)
+    # see max_new_tokens_ceiling.)
     MAX_SYSTEM_PROMPT_CHARS = 20_000
     TEMPERATURE_RANGE = (0.0, 2.0)
     MAX_NEW_TOKENS_RANGE = (1, 4096)
@@ -81,6 +81,12 @@ class Conversation(models.Model):
     @property
     def display_title(self) -> str:
         return self.title or "Untitled chat"
+
+    @classmethod
+    def max_new_tokens_ceiling(cls) -> int:
+        """The largest reply budget a conversation may ask for now: the field's range, capped
+        by the server's CHATBOT_MAX_NEW_TOKENS_LIMIT."""
+        return min(cls.MAX_NEW_TOKENS_RANGE[1], settings.CHATBOT_MAX_NEW_TOKENS_LIMIT)
 
 
 # What a reply counts about how it was written: tokens, milliseconds, earlier turns.

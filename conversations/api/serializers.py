@@ -123,8 +123,7 @@ class ConversationSerializer(serializers.ModelSerializer):
         fields = super().get_fields()
         # The schema states the server's ceiling as the field's maximum; validate_max_new_tokens
         # enforces it (the setting as it is now).
-        budget = fields["max_new_tokens"]
-        budget.max_value = min(budget.max_value, settings.CHATBOT_MAX_NEW_TOKENS_LIMIT)
+        fields["max_new_tokens"].max_value = Conversation.max_new_tokens_ceiling()
         return fields
 
     def validate_max_new_tokens(self, value):
