@@ -33,6 +33,22 @@ class MessageContentField(serializers.CharField):
         return super().to_internal_value(data)
 
 
+class SystemPromptField(serializers.CharField):
+    """A conversation's system prompt, kept as sent (services.system_prompt_or_default)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(
+            required=False,
+            allow_null=True,
+            allow_blank=True,
+            trim_whitespace=False,
+            max_length=Conversation.MAX_SYSTEM_PROMPT_CHARS,
+            help_text="Null, or left out when creating: the server's default system prompt. "
+            "Empty: no system prompt.",
+            **kwargs,
+        )
+
+
 class MessageSerializer(serializers.ModelSerializer):
     version = serializers.IntegerField(
         read_only=True, default=1, help_text="Which version this is among its siblings (1-based)."
@@ -85,15 +101,7 @@ def _shared_message_serializer() -> MessageSerializer:
 
 class ConversationSerializer(serializers.ModelSerializer):
     message_count = serializers.IntegerField(read_only=True)
-    system_prompt = serializers.CharField(
-        required=False,
-        allow_null=True,
-        allow_blank=True,
-        trim_whitespace=False,
-        max_length=Conversation.MAX_SYSTEM_PROMPT_CHARS,
-        help_text="Null (or omitted when creating): the server's default system prompt. "
-        "Empty: no system prompt.",
-    )
+    system_prompt = SystemPromptField()
     snippet = serializers.CharField(
         read_only=True,
         help_text="Only in search results (`?q=`): the best matching text, plain. "

@@ -20,7 +20,7 @@ from .. import transfer
 from ..models import Conversation, Message
 from ..throttles import ConversationRateThrottle
 from .parsers import JSONParser
-from .serializers import ConversationSerializer
+from .serializers import ConversationSerializer, SystemPromptField
 
 # Multipart boundaries and headers around the uploaded file.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -63,12 +63,7 @@ class ExportNegotiation(DefaultContentNegotiation):
 
 class ExportedConversationSerializer(serializers.Serializer):
     title = serializers.CharField(allow_blank=True)
-    system_prompt = serializers.CharField(
-        allow_blank=True,
-        allow_null=True,
-        required=False,
-        help_text="Null or omitted: the server's default system prompt. Empty: none.",
-    )
+    system_prompt = SystemPromptField()
     temperature = serializers.FloatField(allow_null=True, required=False)
     max_new_tokens = serializers.IntegerField(allow_null=True, required=False)
     created_at = serializers.DateTimeField(required=False)
