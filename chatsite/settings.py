@@ -5,6 +5,7 @@ Every setting reads the environment and falls back to a working local default, s
 """
 
 import contextlib
+import math
 import os
 import secrets
 from pathlib import Path
@@ -12,26 +13,51 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+# A value the server cannot read stops it at start, with the variable named: a typo must not
+# quietly turn into a default (DJANGO_DEBUG=ture, CHATBOT_BATCH_SIZE=8x).
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
 
 def env_str(name: str, default: str = "") -> str:
     return os.environ.get(name, default).strip()
 
 
 def env_bool(name: str, default: bool = False) -> bool:
-    value = os.environ.get(name)
-    if value is None or not value.strip():
+    value = env_str(name)
+    if not value:
         return default
-    return value.strip().lower() in {"1", "true", "yes", "on"}
+    if value.lower() in TRUE_WORDS:
+        return True
+    if value.lower() in FALSE_WORDS:
+        return False
+    raise ImproperlyConfigured(
+        f"{name} must be true or false ({'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS)}), "
+        f"got {value!r}."
+    )
 
 
 def env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    return int(value) if value else default
+    value = env_str(name)
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a whole number, got {value!r}.") from None
 
 
 def env_float(name: str, default: float) -> float:
-    value = os.environ.get(name, "").strip()
-    return float(value) if value else default
+    value = env_str(name)
+    if not value:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise ImproperlyConfigured(f"{name} must be a number, got {value!r}.")
+    return number
 
 
 def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -263,6 +289,8 @@ CHATBOT_CONVERSATIONS_PER_MINUTE = env_int("CHATBOT_CONVERSATIONS_PER_MINUTE", 1
 # system prompts).
 CHATBOT_MAX_CONVERSATIONS = env_int("CHATBOT_MAX_CONVERSATIONS", 10_000)
 CHATBOT_MAX_STORED_BYTES = env_int("CHATBOT_MAX_STORED_MB", 1024) * 1024 * 1024
+# The largest conversation export an import reads (API and pages), in megabytes.
+CHATBOT_MAX_IMPORT_BYTES = env_int("CHATBOT_MAX_IMPORT_MB", 5) * 1024 * 1024
 CHATBOT_TORCH_THREADS = env_int("CHATBOT_TORCH_THREADS", 0)
 # Memory for the keys and values of recent conversations' last turns, so a follow-up message
 # recomputes only its new tokens (0 turns the prefix cache off).

@@ -2,14 +2,12 @@ from django.contrib import admin
 from django.db.models import Count
 from django.template.defaultfilters import truncatechars
 
-from .models import Conversation, Message
-
-REPLY_STATS = ("prompt_tokens", "completion_tokens", "ttft_ms", "total_ms", "context_turns")
+from .models import REPLY_COUNTS, Conversation, Message
 
 
 class MessageInline(admin.TabularInline):
     model = Message
-    fields = ("created_at", "role", "status", "content", "error", "model", *REPLY_STATS)
+    fields = ("created_at", "role", "status", "content", "error", "model", *REPLY_COUNTS)
     readonly_fields = fields
     ordering = ("created_at",)
     extra = 0
@@ -64,7 +62,7 @@ class MessageAdmin(admin.ModelAdmin):
         "status",
         "short_content",
         "model",
-        *REPLY_STATS,
+        *REPLY_COUNTS,
     )
     list_select_related = ("conversation", "conversation__owner")
     list_filter = ("role", "status", "model", "created_at")

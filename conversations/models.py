@@ -9,7 +9,21 @@ from django.utils import timezone
 from .validators import clean_title
 
 
+def _between(low, high) -> list:
+    return [MinValueValidator(low), MaxValueValidator(high)]
+
+
 class ConversationQuerySet(models.QuerySet):
+    def owned_by(self, user):
+        """`user`'s conversations: the only ones their requests see or touch (any other id is
+        404, as if it did not exist)."""
+        return self.filter(owner=user)
+
+    def listed_for(self, user):
+        """`user`'s conversations as their list shows them: the most recently active first,
+        each with its `message_count`."""
+        return self.owned_by(user).with_message_counts().order_by("-updated_at")
+
     def with_message_counts(self):
         """Annotate `message_count`: the messages the thread shows (the chosen versions).
 
@@ -21,6 +35,14 @@ class ConversationQuerySet(models.QuerySet):
 
 
 class Conversation(models.Model):
+    # What its owner may change after creating it (services.update_conversation).
+    SETTINGS_FIELDS = ("title", "system_prompt", "temperature", "max_new_tokens")
+    # Limits the forms, the API and the importer all read. (The server may cap replies lower:
+    # see max_new_tokens_ceiling.)
+    MAX_SYSTEM_PROMPT_CHARS = 20_000
+    TEMPERATURE_RANGE = (0.0, 2.0)
+    MAX_NEW_TOKENS_RANGE = (1, 4096)
+
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations"
@@ -28,11 +50,9 @@ class Conversation(models.Model):
     title = models.CharField(max_length=200, blank=True)
     system_prompt = models.TextField(blank=True)
     # Per-conversation generation parameters; null means the server's default.
-    temperature = models.FloatField(
-        null=True, blank=True, validators=[MinValueValidator(0.0), MaxValueValidator(2.0)]
-    )
+    temperature = models.FloatField(null=True, blank=True, validators=_between(*TEMPERATURE_RANGE))
     max_new_tokens = models.PositiveIntegerField(
-        null=True, blank=True, validators=[MinValueValidator(1), MaxValueValidator(4096)]
+        null=True, blank=True, validators=_between(*MAX_NEW_TOKENS_RANGE)
     )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     # Moves on every message, so lists can sort by last activity without a join.
@@ -62,17 +82,17 @@ class Conversation(models.Model):
     def display_title(self) -> str:
         return self.title or "Untitled chat"
 
+    @classmethod
+    def max_new_tokens_ceiling(cls) -> int:
+        """The largest reply budget a conversation may ask for now: the field's range, capped
+        by the server's CHATBOT_MAX_NEW_TOKENS_LIMIT."""
+        return min(cls.MAX_NEW_TOKENS_RANGE[1], settings.CHATBOT_MAX_NEW_TOKENS_LIMIT)
 
+
+# What a reply counts about how it was written: tokens, milliseconds, earlier turns.
+REPLY_COUNTS = ("prompt_tokens", "completion_tokens", "ttft_ms", "total_ms", "context_turns")
 # What a reply records about how it was written (empty on user messages).
-REPLY_FIELDS = (
-    "model",
-    "prompt_tokens",
-    "completion_tokens",
-    "ttft_ms",
-    "total_ms",
-    "context_turns",
-    "generation_params",
-)
+REPLY_FIELDS = ("model", *REPLY_COUNTS, "generation_params")
 
 
 class MessageQuerySet(models.QuerySet):

@@ -35,9 +35,7 @@ def stored_bytes(owner) -> int:
     messages = Message.objects.filter(conversation__owner=owner).aggregate(
         n=Sum(TextBytes("content"))
     )["n"]
-    prompts = Conversation.objects.filter(owner=owner).aggregate(n=Sum(TextBytes("system_prompt")))[
-        "n"
-    ]
+    prompts = Conversation.objects.owned_by(owner).aggregate(n=Sum(TextBytes("system_prompt")))["n"]
     return (messages or 0) + (prompts or 0)
 
 
@@ -46,7 +44,7 @@ def check_room(*, owner, new_conversation: bool = False, texts: tuple[str, ...] 
     `new_conversation`) and `texts` would take `owner` past a limit."""
     limit = settings.CHATBOT_MAX_CONVERSATIONS
     if new_conversation and limit > 0:
-        count = Conversation.objects.filter(owner=owner).count()
+        count = Conversation.objects.owned_by(owner).count()
         if count >= limit:
             raise TooManyConversations(
                 f"You have {count} conversations; the limit is {limit} conversations per user. "

@@ -44,17 +44,40 @@ def fallback_title(content: str) -> str:
     return cut.rstrip(" ,.;:") + "…"
 
 
+def system_prompt_or_default(system_prompt: str | None) -> str:
+    """The system prompt to store for `system_prompt` as given by a person or a program: None
+    (left out, or null) is the server's default, CHATBOT_SYSTEM_PROMPT; an empty string is no
+    system prompt; any other text is itself. The default is stored as text, so a conversation
+    shows exactly what the model is told. Pages, the API and imports all mean this."""
+    return settings.CHATBOT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+
+
 def create_conversation(
     *, owner, title: str = "", system_prompt: str | None = None, **params
 ) -> Conversation:
-    """A new, empty conversation. Without a system prompt, the configured default is stored,
-    so the conversation shows exactly what the model is told."""
-    if system_prompt is None:
-        system_prompt = settings.CHATBOT_SYSTEM_PROMPT
+    """A new, empty conversation. `system_prompt`: None for the server's default, "" for none
+    (see system_prompt_or_default)."""
+    system_prompt = system_prompt_or_default(system_prompt)
     quotas.check_room(owner=owner, new_conversation=True, texts=(system_prompt,))
     return Conversation.objects.create(
         owner=owner, title=title.strip(), system_prompt=system_prompt, **params
     )
+
+
+def update_conversation(*, conversation: Conversation, **changes) -> Conversation:
+    """Change what is given of a conversation's title, system prompt, temperature and reply
+    budget (`max_new_tokens`); what is not given stays. A system prompt of None restores the
+    server's default and "" means none, as when a conversation is created; a temperature or
+    budget of None follows the server's default at every reply."""
+    unknown = set(changes) - set(Conversation.SETTINGS_FIELDS)
+    if unknown:
+        raise TypeError(f"Not a conversation setting: {', '.join(sorted(unknown))}")
+    if "system_prompt" in changes:
+        changes["system_prompt"] = system_prompt_or_default(changes["system_prompt"])
+    for field, value in changes.items():
+        setattr(conversation, field, value)
+    conversation.save(update_fields=list(changes))
+    return conversation
 
 
 def generation_params(conversation: Conversation):
@@ -166,6 +189,13 @@ def stop_generation(*, conversation: Conversation) -> bool:
         status=Message.Status.CANCELLED
     )
     return stopped_here or bool(marked)
+
+
+def delete_conversation(*, conversation: Conversation) -> None:
+    """Delete a conversation and every message in it. A reply being written in it is stopped
+    first, so the model does not go on writing for a conversation that is gone."""
+    stop_generation(conversation=conversation)
+    conversation.delete()
 
 
 def interrupt_dead_replies(*, conversation: Conversation | None = None) -> int:

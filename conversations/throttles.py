@@ -114,11 +114,19 @@ def refuse_page(request, *throttle_classes):
     return response
 
 
-def limit_sign_ins(view):
-    """A page view whose posts are sign-in attempts: limited per address and per username."""
+def throttled(*throttle_classes):
+    """Limit a page view by `throttle_classes`, as a DRF view's throttle_classes do: a request
+    one of them refuses gets the 429 page (refuse_page) instead of the view."""
 
-    @functools.wraps(view)
-    def limited(request, *args, **kwargs):
-        return refuse_page(request, *SIGN_IN_THROTTLES) or view(request, *args, **kwargs)
+    def decorate(view):
+        @functools.wraps(view)
+        def limited(request, *args, **kwargs):
+            return refuse_page(request, *throttle_classes) or view(request, *args, **kwargs)
 
-    return limited
+        return limited
+
+    return decorate
+
+
+# For a page view whose posts are sign-in attempts: limited per address and per username.
+limit_sign_ins = throttled(*SIGN_IN_THROTTLES)

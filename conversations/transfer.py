@@ -19,7 +19,8 @@ The JSON document keeps every version of every message, so an import restores th
     }
 
 `id`, `reply_to` and `version_group` are only references inside the document: an import gives
-every message and every version group a new id.
+every message and every version group a new id. A `system_prompt` left out or null is the
+server's default, and "" is none, as everywhere else (services.system_prompt_or_default).
 """
 
 from __future__ import annotations
@@ -38,22 +39,20 @@ from django.utils.text import slugify
 
 from . import quotas
 from .errors import ChatError
-from .models import REPLY_FIELDS, Conversation, Message
+from .models import REPLY_COUNTS, REPLY_FIELDS, Conversation, Message
+from .services import system_prompt_or_default
 from .validators import lone_surrogate_problem
 
 FORMAT = "local-chat.conversation"
 VERSION = 1
 MAX_MESSAGES = 10_000
-DEFAULT_MAX_IMPORT_BYTES = 5 * 1024 * 1024  # settings.CHATBOT_MAX_IMPORT_BYTES overrides it
 MAX_TITLE_CHARS = Conversation._meta.get_field("title").max_length
-MAX_SYSTEM_PROMPT_CHARS = 20_000  # as the forms and the API accept
 MAX_MODEL_CHARS = Message._meta.get_field("model").max_length
 MAX_ID_CHARS = 100
 MAX_GENERATION_PARAMS_CHARS = 10_000
 MAX_POSITIVE_INT = 2_147_483_647  # PositiveIntegerField's range on every database
 FILENAME_STEM_CHARS = 60
 
-COUNT_FIELDS = ("prompt_tokens", "completion_tokens", "ttft_ms", "total_ms", "context_turns")
 ROLES = tuple(Message.Role.values)
 STATUSES = tuple(Message.Status.values)
 
@@ -68,12 +67,8 @@ class ImportTooLarge(InvalidImport):
     status_code = 413
 
 
-def max_import_bytes() -> int:
-    return getattr(settings, "CHATBOT_MAX_IMPORT_BYTES", DEFAULT_MAX_IMPORT_BYTES)
-
-
 def check_import_size(size: int | None) -> None:
-    limit = max_import_bytes()
+    limit = settings.CHATBOT_MAX_IMPORT_BYTES
     if size is not None and size > limit:
         raise ImportTooLarge(
             f"The file is {_megabytes(size)}; the largest import accepted is {_megabytes(limit)}."
@@ -272,11 +267,13 @@ def _validate(document: Any) -> tuple[dict, list[dict]]:
 
     fields = {
         "title": _text(conversation, "title", "conversation", limit=MAX_TITLE_CHARS).strip(),
-        "system_prompt": _text(
-            conversation, "system_prompt", "conversation", limit=MAX_SYSTEM_PROMPT_CHARS
+        "system_prompt": _system_prompt(conversation),
+        "temperature": _number(
+            conversation, "temperature", "conversation", *Conversation.TEMPERATURE_RANGE
         ),
-        "temperature": _number(conversation, "temperature", "conversation", 0.0, 2.0),
-        "max_new_tokens": _integer(conversation, "max_new_tokens", "conversation", 1, 4096),
+        "max_new_tokens": _integer(
+            conversation, "max_new_tokens", "conversation", *Conversation.MAX_NEW_TOKENS_RANGE
+        ),
         "created_at": _timestamp(conversation, "created_at", "conversation", required=False),
     }
     rows = [_validate_message(item, f"messages[{index}]") for index, item in enumerate(messages)]
@@ -294,6 +291,14 @@ def _validate(document: Any) -> tuple[dict, list[dict]]:
             )
     _check_no_cycles(rows)
     return fields, rows
+
+
+def _system_prompt(conversation: dict) -> str:
+    # Left out or null: the server's default, as when a conversation is created.
+    if conversation.get("system_prompt") is None:
+        return system_prompt_or_default(None)
+    limit = Conversation.MAX_SYSTEM_PROMPT_CHARS
+    return _text(conversation, "system_prompt", "conversation", limit=limit)
 
 
 def _validate_message(item: Any, where: str) -> dict:
@@ -314,7 +319,7 @@ def _validate_message(item: Any, where: str) -> dict:
         "model": _text(item, "model", where, limit=MAX_MODEL_CHARS),
         "generation_params": _params(item, "generation_params", where),
     }
-    for field in COUNT_FIELDS:
+    for field in REPLY_COUNTS:
         row[field] = _integer(item, field, where, 0, MAX_POSITIVE_INT)
     if row["role"] == Message.Role.USER and not row["content"].strip():
         raise InvalidImport(f"{where}.content: a user message must not be empty.")

@@ -1,4 +1,3 @@
-from django.conf import settings
 from django.contrib import admin
 from django.contrib import messages as flash
 from django.contrib.auth import login
@@ -16,12 +15,7 @@ from .errors import ChatError
 from .forms import NewConversationForm
 from .models import Conversation
 from .search import search_conversations
-from .throttles import (
-    ConversationRateThrottle,
-    MessageRateThrottle,
-    limit_sign_ins,
-    refuse_page,
-)
+from .throttles import ConversationRateThrottle, MessageRateThrottle, limit_sign_ins, throttled
 
 CONVERSATIONS_PER_PAGE = 30
 
@@ -46,38 +40,23 @@ def conversation_list(request):
     if query:  # best match first, each with a snippet
         conversations = search_conversations(owner=request.user, query=query)
     else:
-        conversations = (
-            Conversation.objects.filter(owner=request.user)
-            .with_message_counts()
-            .order_by("-updated_at")
-        )
-    page = Paginator(conversations, CONVERSATIONS_PER_PAGE).get_page(request.GET.get("page"))
-    return render(
-        request,
-        "conversations/list.html",
-        {"page": page, "form": NewConversationForm(initial=_default_prompt()), "query": query},
-    )
+        conversations = Conversation.objects.listed_for(request.user)
+    return _list_page(request, conversations, form=NewConversationForm(), query=query)
 
 
 @login_required
 @require_POST
+@throttled(MessageRateThrottle, ConversationRateThrottle)
 def new_conversation(request):
-    if refused := refuse_page(request, MessageRateThrottle, ConversationRateThrottle):
-        return refused
     form = NewConversationForm(request.POST)
     if not form.is_valid():
-        conversations = (
-            Conversation.objects.filter(owner=request.user)
-            .with_message_counts()
-            .order_by("-updated_at")  # Meta.ordering does not apply to an aggregate query
-        )
-        page = Paginator(conversations, CONVERSATIONS_PER_PAGE).get_page(1)
-        return render(request, "conversations/list.html", {"page": page, "form": form}, status=400)
+        conversations = Conversation.objects.listed_for(request.user)
+        return _list_page(request, conversations, form=form, status=400)
     try:
         writer = services.open_new_conversation(
             owner=request.user,
             content=form.cleaned_data["content"],
-            system_prompt=form.cleaned_data["system_prompt"] or None,
+            system_prompt=form.cleaned_data["system_prompt"],
         )
     except ChatError as exc:  # refused before anything was stored (too many replies at once)
         flash.error(request, exc.detail)
@@ -89,8 +68,10 @@ def new_conversation(request):
     return redirect(writer.conversation)
 
 
-def _default_prompt():
-    return {"system_prompt": settings.CHATBOT_SYSTEM_PROMPT}
+def _list_page(request, conversations, *, form, query: str = "", status: int = 200):
+    page = Paginator(conversations, CONVERSATIONS_PER_PAGE).get_page(request.GET.get("page"))
+    context = {"page": page, "form": form, "query": query}
+    return render(request, "conversations/list.html", context, status=status)
 
 
 class LoginView(auth_views.LoginView):

@@ -1,6 +1,8 @@
 """The thread page and what can be done on it: send, regenerate, edit, switch versions,
 settings, delete. Every action works as a plain form post; app.js streams where it can."""
 
+import functools
+
 from django.contrib import messages as flash
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
@@ -14,11 +16,19 @@ from .disconnects import run_while_connected
 from .errors import ChatError
 from .forms import ConversationSettingsForm, MessageForm
 from .models import Conversation, Message
-from .throttles import MessageRateThrottle, refuse_page
+from .throttles import MessageRateThrottle, throttled
 
 
-def _own_conversation(request, conversation_id) -> Conversation:
-    return get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
+def owned_conversation(view):
+    """A page view of one of the user's conversations, called with it in place of its id.
+    Another user's conversation, like one that does not exist, is 404."""
+
+    @functools.wraps(view)
+    def with_conversation(request, conversation_id, **kwargs):
+        owned = Conversation.objects.owned_by(request.user)
+        return view(request, get_object_or_404(owned, pk=conversation_id), **kwargs)
+
+    return with_conversation
 
 
 def _back_to_thread(conversation):
@@ -27,10 +37,9 @@ def _back_to_thread(conversation):
 
 @login_required
 @require_http_methods(["GET", "POST"])
-def thread(request, conversation_id):
-    conversation = _own_conversation(request, conversation_id)
-    if refused := refuse_page(request, MessageRateThrottle):
-        return refused
+@owned_conversation
+@throttled(MessageRateThrottle)
+def thread(request, conversation):
     form = MessageForm(request.POST if request.method == "POST" else None)
     if request.method == "POST" and form.is_valid():
         content = form.cleaned_data["content"]
@@ -57,20 +66,18 @@ def thread(request, conversation_id):
 
 @login_required
 @require_POST
-def regenerate(request, conversation_id):
-    conversation = _own_conversation(request, conversation_id)
-    if refused := refuse_page(request, MessageRateThrottle):
-        return refused
+@owned_conversation
+@throttled(MessageRateThrottle)
+def regenerate(request, conversation):
     _run_reply(request, lambda: services.regenerate(conversation=conversation))
     return _back_to_thread(conversation)
 
 
 @login_required
 @require_POST
-def edit(request, conversation_id):
-    conversation = _own_conversation(request, conversation_id)
-    if refused := refuse_page(request, MessageRateThrottle):
-        return refused
+@owned_conversation
+@throttled(MessageRateThrottle)
+def edit(request, conversation):
     form = MessageForm(request.POST)
     if not form.is_valid():
         flash.error(request, " ".join(form.errors["content"]))
@@ -85,8 +92,8 @@ def edit(request, conversation_id):
 
 @login_required
 @require_POST
-def activate(request, conversation_id):
-    conversation = _own_conversation(request, conversation_id)
+@owned_conversation
+def activate(request, conversation):
     try:
         message = conversation.messages.get(pk=request.POST.get("message"))
     except (Message.DoesNotExist, ValidationError) as exc:  # unknown or malformed id
@@ -100,13 +107,13 @@ def activate(request, conversation_id):
 
 @login_required
 @require_http_methods(["GET", "POST"])
-def conversation_settings(request, conversation_id):
-    conversation = _own_conversation(request, conversation_id)
+@owned_conversation
+def conversation_settings(request, conversation):
     form = ConversationSettingsForm(
         request.POST if request.method == "POST" else None, instance=conversation
     )
     if request.method == "POST" and form.is_valid():
-        form.save()
+        services.update_conversation(conversation=conversation, **form.cleaned_data)
         flash.success(request, "Settings saved.")
         return redirect(conversation)
     status = 400 if form.errors else 200
@@ -120,12 +127,11 @@ def conversation_settings(request, conversation_id):
 
 @login_required
 @require_http_methods(["GET", "POST"])
-def delete(request, conversation_id):
-    conversation = _own_conversation(request, conversation_id)
+@owned_conversation
+def delete(request, conversation):
     if request.method == "POST":
         title = conversation.display_title
-        services.stop_generation(conversation=conversation)
-        conversation.delete()
+        services.delete_conversation(conversation=conversation)
         flash.success(request, f"Deleted “{title}”.")
         return redirect(reverse("conversations:list"))
     count = conversation.messages.count()

@@ -5,21 +5,21 @@ import json
 from django.contrib import messages as flash
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpResponse
-from django.shortcuts import get_object_or_404, redirect
+from django.shortcuts import redirect
 from django.views.decorators.http import require_GET, require_http_methods
 
 from . import transfer
 from .errors import ChatError
-from .models import Conversation
-from .throttles import ConversationRateThrottle, refuse_page
+from .throttles import ConversationRateThrottle, throttled
+from .views_thread import owned_conversation
 
 CONTENT_TYPES = {"json": "application/json", "md": "text/markdown; charset=utf-8"}
 
 
 @login_required
 @require_GET
-def export(request, conversation_id):
-    conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
+@owned_conversation
+def export(request, conversation):
     extension = request.GET.get("format", "json")
     if extension == "json":
         document = transfer.export_conversation(conversation)
@@ -36,12 +36,11 @@ def export(request, conversation_id):
 
 @login_required
 @require_http_methods(["GET", "POST"])
+@throttled(ConversationRateThrottle)
 def import_conversation(request):
     """The form is on the chat list; a GET just goes there."""
     if request.method == "GET":
         return redirect("conversations:list")
-    if refused := refuse_page(request, ConversationRateThrottle):
-        return refused
     upload = request.FILES.get("file")
     try:
         if upload is None:

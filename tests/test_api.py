@@ -208,6 +208,19 @@ def test_create_without_system_prompt_stores_the_default(api, settings, payload)
     assert conversation.system_prompt == "You are a terse test assistant."
 
 
+def test_create_with_an_empty_system_prompt_has_none(api, settings, fake_engine):
+    settings.CHATBOT_SYSTEM_PROMPT = "You are a terse test assistant."
+
+    response = api.post("/api/conversations/", {"system_prompt": ""}, format="json")
+
+    assert response.status_code == 201
+    assert response.json()["system_prompt"] == ""
+    conversation = Conversation.objects.get(pk=response.json()["id"])
+    assert conversation.system_prompt == ""
+    api.post(messages_url(conversation), {"content": "Hi"}, format="json")
+    assert fake_engine.calls[-1] == [{"role": "user", "content": "Hi"}]
+
+
 def test_retrieve(api, owner):
     conversation = make_conversation(owner, "One", messages=3, system_prompt="Be kind.")
 
@@ -249,6 +262,27 @@ def test_patch_with_null_system_prompt_restores_the_default(api, owner, settings
     assert response.json()["system_prompt"] == settings.CHATBOT_SYSTEM_PROMPT
     conversation.refresh_from_db()
     assert conversation.system_prompt == settings.CHATBOT_SYSTEM_PROMPT
+
+
+def test_patch_with_an_empty_system_prompt_removes_it(api, owner, settings):
+    conversation = make_conversation(owner, "Chat", system_prompt="Old prompt.")
+
+    response = api.patch(detail_url(conversation), {"system_prompt": ""}, format="json")
+
+    assert response.status_code == 200
+    assert response.json()["system_prompt"] == ""
+    conversation.refresh_from_db()
+    assert conversation.system_prompt == ""
+
+
+def test_patch_without_a_system_prompt_keeps_it(api, owner):
+    conversation = make_conversation(owner, "Chat", system_prompt="Old prompt.")
+
+    response = api.patch(detail_url(conversation), {"title": "Renamed"}, format="json")
+
+    assert response.status_code == 200
+    conversation.refresh_from_db()
+    assert (conversation.title, conversation.system_prompt) == ("Renamed", "Old prompt.")
 
 
 def test_patch_ignores_read_only_fields(api, owner, other_user):

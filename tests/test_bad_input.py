@@ -348,3 +348,64 @@ def test_a_user_has_a_cap_on_stored_text(api, owner, fake_engine, settings):
     assert (Conversation.objects.count(), Message.objects.count()) == before
     # What fits is still taken.
     assert api.post(messages_url(chat), {"content": "ok"}, format="json").status_code == 201
+
+
+# One value past each limit of a conversation, and the field it is given in.
+PAST_THE_LIMITS = [
+    pytest.param("system_prompt", "p" * (Conversation.MAX_SYSTEM_PROMPT_CHARS + 1), id="prompt"),
+    pytest.param("temperature", Conversation.TEMPERATURE_RANGE[1] + 0.5, id="temperature-high"),
+    pytest.param("temperature", Conversation.TEMPERATURE_RANGE[0] - 0.5, id="temperature-low"),
+    pytest.param("max_new_tokens", Conversation.MAX_NEW_TOKENS_RANGE[0] - 1, id="budget-low"),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), PAST_THE_LIMITS)
+def test_every_door_holds_a_conversations_limits(
+    api, client, owner, conversation, unchanged, field, value
+):
+    """Creating or changing a conversation on the API or the pages, and importing one: each
+    refuses what the model's limits refuse, and stores nothing."""
+    client.force_login(owner)
+    before = Conversation.objects.values().get(pk=conversation.pk)
+    document = _export_document()
+    document["conversation"][field] = value
+    settings_form = {"title": "Chat", "system_prompt": "", "temperature": "", "max_new_tokens": ""}
+
+    refusals = [
+        api.post("/api/conversations/", {field: value}, format="json"),
+        api.patch(f"/api/conversations/{conversation.pk}/", {field: value}, format="json"),
+        api.post(IMPORT, document, format="json"),
+        client.post(f"/c/{conversation.pk}/settings/", {**settings_form, field: value}),
+    ]
+    if field == "system_prompt":
+        refusals.append(client.post("/new/", {"content": "hi", field: value}))
+
+    assert [response.status_code for response in refusals] == [400] * len(refusals)
+    assert Conversation.objects.values().get(pk=conversation.pk) == before
+
+
+def test_a_conversations_limits_are_reached_and_kept(api, client, owner, conversation):
+    """The limits themselves are accepted, on the API, the pages and in an import."""
+    client.force_login(owner)
+    prompt = "p" * Conversation.MAX_SYSTEM_PROMPT_CHARS
+    temperature = Conversation.TEMPERATURE_RANGE[1]
+    budget = Conversation.MAX_NEW_TOKENS_RANGE[0]
+    document = _export_document()
+    document["conversation"].update(
+        system_prompt=prompt, temperature=temperature, max_new_tokens=budget
+    )
+    fields = {"system_prompt": prompt, "temperature": temperature, "max_new_tokens": budget}
+
+    created = api.post("/api/conversations/", fields, format="json")
+    patched = api.patch(f"/api/conversations/{conversation.pk}/", fields, format="json")
+    imported = api.post(IMPORT, document, format="json")
+    saved = client.post(f"/c/{conversation.pk}/settings/", {"title": "Chat", **fields})
+
+    assert [r.status_code for r in (created, patched, imported, saved)] == [201, 200, 201, 302]
+    for pk in (created.json()["id"], conversation.pk, imported.json()["id"]):
+        stored = Conversation.objects.get(pk=pk)
+        assert (stored.system_prompt, stored.temperature, stored.max_new_tokens) == (
+            prompt,
+            temperature,
+            budget,
+        )

@@ -1,6 +1,8 @@
 """One user cannot hold the model for everyone: a cap on each user's replies in flight, a
 ceiling on the reply budget, and the model thread admitting waiting replies user by user."""
 
+import re
+
 import pytest
 
 from conversations import services
@@ -104,6 +106,23 @@ def test_the_settings_page_refuses_a_budget_above_the_ceiling(client, owner, set
     assert "at most 100 tokens" in response.content.decode()
     conversation.refresh_from_db()
     assert conversation.max_new_tokens is None
+
+
+@pytest.mark.parametrize(("limit", "ceiling"), [(100, 100), (10_000, 4096)])
+def test_the_schema_and_the_settings_page_state_the_same_ceiling(
+    api, client, owner, settings, limit, ceiling
+):
+    """The server's limit, or the field's own range where the limit is higher."""
+    settings.CHATBOT_MAX_NEW_TOKENS_LIMIT = limit
+    conversation = make_conversation(owner, "Chat")
+    client.force_login(owner)
+
+    schema = api.get("/api/schema/", {"format": "json"}).json()
+    page = client.get(f"/c/{conversation.pk}/settings/").content.decode()
+
+    budget = schema["components"]["schemas"]["ConversationRequest"]["properties"]["max_new_tokens"]
+    assert budget["maximum"] == ceiling
+    assert re.search(rf'name="max_new_tokens" min="1" max="{ceiling}"', page)
 
 
 def test_a_stored_budget_above_the_ceiling_is_cut_to_it(api, owner, fake_engine, settings):

@@ -232,9 +232,29 @@ def test_new_conversation_without_a_system_prompt_uses_the_default(
 ):
     settings.CHATBOT_SYSTEM_PROMPT = "Default prompt."
 
-    owner_client.post("/new/", {"content": "Hi", "system_prompt": ""})
+    owner_client.post("/new/", {"content": "Hi"})
 
     assert Conversation.objects.get().system_prompt == "Default prompt."
+
+
+def test_the_new_chat_form_offers_the_default_system_prompt(owner_client, settings):
+    settings.CHATBOT_SYSTEM_PROMPT = "Default <prompt>."
+
+    page = html(owner_client.get("/"))
+
+    assert re.search(
+        r'<textarea name="system_prompt"[^>]*>\s*Default &lt;prompt&gt;\.</textarea>', page
+    )
+
+
+def test_new_conversation_with_an_empty_system_prompt_has_none(owner_client, fake_engine, settings):
+    """Emptied on the page, as on the API and in an import: no system prompt at all."""
+    settings.CHATBOT_SYSTEM_PROMPT = "Default prompt."
+
+    owner_client.post("/new/", {"content": "Hi", "system_prompt": ""})
+
+    assert Conversation.objects.get().system_prompt == ""
+    assert fake_engine.calls[0] == [{"role": "user", "content": "Hi"}]
 
 
 @pytest.mark.parametrize("content", ["", "   \n "])

@@ -129,6 +129,54 @@ def test_a_server_for_other_hosts_refuses_to_start_without_a_secret_key(tmp_path
     assert not (tmp_path / "secret_key").exists()
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "said"),
+    [
+        ("CHATBOT_BATCH_SIZE", "x", "CHATBOT_BATCH_SIZE must be a whole number, got 'x'"),
+        ("CHATBOT_MAX_IMPORT_MB", "2.5", "CHATBOT_MAX_IMPORT_MB must be a whole number, got '2.5'"),
+        ("DJANGO_DEBUG", "ture", "DJANGO_DEBUG must be true or false"),
+        ("CHATBOT_AUTO_TITLE", "nope", "got 'nope'"),
+        ("CHATBOT_TEMPERATURE", "warm", "CHATBOT_TEMPERATURE must be a number, got 'warm'"),
+        ("CHATBOT_TOP_P", "nan", "CHATBOT_TOP_P must be a number, got 'nan'"),
+    ],
+)
+def test_a_setting_the_server_cannot_read_stops_it_naming_the_variable(
+    tmp_path, variable, value, said
+):
+    result = run_python(SHOW_SETTINGS, {"CHATBOT_VAR_DIR": str(tmp_path), variable: value})
+
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr
+    assert said in result.stderr
+
+
+SHOW_READ_SETTINGS = """
+import json, django
+from django.conf import settings
+django.setup()
+print(json.dumps({
+    "import_bytes": settings.CHATBOT_MAX_IMPORT_BYTES,
+    "debug": settings.DEBUG,
+    "auto_title": settings.CHATBOT_AUTO_TITLE,
+}))
+"""
+
+
+def test_settings_read_their_values_from_the_environment(tmp_path):
+    base = {"CHATBOT_VAR_DIR": str(tmp_path)}
+    default = json.loads(run_python(SHOW_READ_SETTINGS, base).stdout)
+    env = {
+        **base,
+        "CHATBOT_MAX_IMPORT_MB": "12",
+        "DJANGO_DEBUG": "Yes",
+        "CHATBOT_AUTO_TITLE": "off",
+    }
+    shown = json.loads(run_python(SHOW_READ_SETTINGS, env).stdout)
+
+    assert default == {"import_bytes": 5 * 1024 * 1024, "debug": False, "auto_title": True}
+    assert shown == {"import_bytes": 12 * 1024 * 1024, "debug": True, "auto_title": False}
+
+
 def test_security_headers_and_cookies_follow_the_settings(client, settings, django_user_model):
     settings.SECURE_HSTS_SECONDS = 3600
     settings.SECURE_HSTS_INCLUDE_SUBDOMAINS = True

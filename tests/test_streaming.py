@@ -16,11 +16,11 @@ from conversations.api.serializers import MessageSerializer, message_data
 from conversations.leases import keeper
 from conversations.llm.engine import Generation
 from conversations.models import Conversation, Message
+from tests.test_api import REPLY_STATS
 
 pytestmark = pytest.mark.django_db
 
 SSE = "text/event-stream"
-REPLY_STATS = set("model prompt_tokens completion_tokens ttft_ms total_ms context_turns".split())
 SCRIPTED = "one two three four five six seven eight"
 
 
@@ -336,6 +336,32 @@ def test_stop_of_another_users_conversation_is_404(api, other_api, owner, fake_e
     rest = reader.rest()
     assert rest[-1][1]["status"] == "ok"
     assert rest[-1][1]["content"] == SCRIPTED
+
+
+@pytest.mark.parametrize("where", ["api", "page"])
+def test_deleting_a_conversation_stops_the_reply_being_written(
+    api, client, owner, fake_engine, where
+):
+    conversation = make_conversation(owner)
+    fake_engine.replies = [SCRIPTED]
+    reader = EventReader(stream_post(api, url(conversation), {"content": "Count"}))
+    assert reader.until("delta") == ("delta", {"text": "one"})
+
+    if where == "api":
+        response = api.delete(f"/api/conversations/{conversation.pk}/")
+        assert response.status_code == 204
+    else:
+        client.force_login(owner)
+        response = client.post(f"/c/{conversation.pk}/delete/")
+        assert response.status_code == 302
+
+    rest = reader.rest()
+    assert rest[-1][0] == "done"
+    assert rest[-1][1]["status"] == "cancelled"
+    assert len(rest[-1][1]["content"].split()) < len(SCRIPTED.split())
+    assert not Conversation.objects.filter(pk=conversation.pk).exists()
+    assert not Message.objects.filter(conversation_id=conversation.pk).exists()
+    assert not keeper.stop_conversation(conversation.pk)  # nothing left running here
 
 
 def test_stop_without_credentials_is_401(anon_api, owner, fake_engine):

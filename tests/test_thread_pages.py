@@ -120,6 +120,29 @@ def test_settings_rename_and_parameters(owner_client, chat, fake_engine):
     assert fake_engine.calls[-1][0] == {"role": "system", "content": "Be brief."}
 
 
+def test_settings_with_an_empty_system_prompt_removes_it(owner_client, chat, fake_engine):
+    """The same meaning as on the API and when a chat is started: empty is no system prompt."""
+    response = owner_client.post(
+        url(chat, "settings"),
+        {"title": "Chat", "system_prompt": "", "temperature": "", "max_new_tokens": ""},
+    )
+
+    assert response.status_code == 302
+    chat.refresh_from_db()
+    assert chat.system_prompt == ""
+    services.post_message(conversation=chat, content="again")
+    assert fake_engine.calls[-1][0]["role"] == "user"
+
+
+def test_settings_page_shows_the_default_system_prompt(owner_client, chat, settings):
+    settings.CHATBOT_SYSTEM_PROMPT = "Default <prompt>."
+
+    html = owner_client.get(url(chat, "settings")).content.decode()
+
+    assert "Empty: no system prompt." in html
+    assert "Default &lt;prompt&gt;." in html, "shown as text"
+
+
 def test_settings_reject_out_of_range_values(owner_client, chat):
     response = owner_client.post(
         url(chat, "settings"),

@@ -89,6 +89,25 @@ def test_sending_from_the_pages_is_limited(client, owner, fake_engine, two_per_m
     assert client.get(url).status_code == 200
 
 
+def test_every_page_that_asks_the_model_is_limited_after_its_ownership_check(
+    client, owner, other_user, fake_engine, two_per_minute
+):
+    client.force_login(owner)
+    mine = make_conversation(owner, "Chat")
+    theirs = make_conversation(other_user, "Theirs")
+    for text in ("one", "two"):
+        assert client.post(f"/c/{mine.pk}/", {"content": text}).status_code == 302
+    stored = Message.objects.count()
+
+    for action in ("", "regenerate/", "edit/"):
+        refused = client.post(f"/c/{mine.pk}/{action}", {"content": "three"})
+        assert refused.status_code == 429
+        assert_retry_after(refused)
+        # Someone else's conversation is not found, limit or not.
+        assert client.post(f"/c/{theirs.pk}/{action}", {"content": "x"}).status_code == 404
+    assert Message.objects.count() == stored
+
+
 # --- who a client is: the address the server sees, not a header it sends --------------------------
 
 

@@ -443,6 +443,25 @@ def test_import_of_a_minimal_hand_made_document(owner):
     assert conversation.title == "Hand-made"
 
 
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        ({}, "Default prompt."),
+        ({"system_prompt": None}, "Default prompt."),
+        ({"system_prompt": ""}, ""),
+        ({"system_prompt": "Be brief."}, "Be brief."),
+    ],
+    ids=["omitted", "null", "empty", "text"],
+)
+def test_an_imported_system_prompt_means_what_it_means_everywhere(owner, settings, given, stored):
+    settings.CHATBOT_SYSTEM_PROMPT = "Default prompt."
+    document = minimal_document(conversation={"title": "Hand-made", **given})
+
+    conversation = transfer.import_conversation(owner=owner, document=document)
+
+    assert conversation.system_prompt == stored
+
+
 def test_a_reply_still_streaming_is_imported_as_interrupted(owner):
     document = with_message(1, status="streaming", content="half a sent")
 

@@ -33,6 +33,22 @@ class MessageContentField(serializers.CharField):
         return super().to_internal_value(data)
 
 
+class SystemPromptField(serializers.CharField):
+    """A conversation's system prompt, kept as sent (services.system_prompt_or_default)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(
+            required=False,
+            allow_null=True,
+            allow_blank=True,
+            trim_whitespace=False,
+            max_length=Conversation.MAX_SYSTEM_PROMPT_CHARS,
+            help_text="Null, or left out when creating: the server's default system prompt. "
+            "Empty: no system prompt.",
+            **kwargs,
+        )
+
+
 class MessageSerializer(serializers.ModelSerializer):
     version = serializers.IntegerField(
         read_only=True, default=1, help_text="Which version this is among its siblings (1-based)."
@@ -85,14 +101,7 @@ def _shared_message_serializer() -> MessageSerializer:
 
 class ConversationSerializer(serializers.ModelSerializer):
     message_count = serializers.IntegerField(read_only=True)
-    system_prompt = serializers.CharField(
-        required=False,
-        allow_null=True,
-        allow_blank=True,
-        trim_whitespace=False,
-        max_length=20000,
-        help_text="Omit (or null) for the server's default system prompt.",
-    )
+    system_prompt = SystemPromptField()
     snippet = serializers.CharField(
         read_only=True,
         help_text="Only in search results (`?q=`): the best matching text, plain. "
@@ -122,18 +131,12 @@ class ConversationSerializer(serializers.ModelSerializer):
         fields = super().get_fields()
         # The schema states the server's ceiling as the field's maximum; validate_max_new_tokens
         # enforces it (the setting as it is now).
-        budget = fields["max_new_tokens"]
-        budget.max_value = min(budget.max_value, settings.CHATBOT_MAX_NEW_TOKENS_LIMIT)
+        fields["max_new_tokens"].max_value = Conversation.max_new_tokens_ceiling()
         return fields
 
     def validate_max_new_tokens(self, value):
         validate_max_new_tokens(value)
         return value
-
-    def update(self, instance, validated_data):
-        if "system_prompt" in validated_data and validated_data["system_prompt"] is None:
-            validated_data["system_prompt"] = settings.CHATBOT_SYSTEM_PROMPT
-        return super().update(instance, validated_data)
 
 
 # (Braces doubled: DRF formats these messages.)

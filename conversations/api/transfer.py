@@ -20,7 +20,7 @@ from .. import transfer
 from ..models import Conversation, Message
 from ..throttles import ConversationRateThrottle
 from .parsers import JSONParser
-from .serializers import ConversationSerializer
+from .serializers import ConversationSerializer, SystemPromptField
 
 # Multipart boundaries and headers around the uploaded file.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -63,7 +63,7 @@ class ExportNegotiation(DefaultContentNegotiation):
 
 class ExportedConversationSerializer(serializers.Serializer):
     title = serializers.CharField(allow_blank=True)
-    system_prompt = serializers.CharField(allow_blank=True)
+    system_prompt = SystemPromptField()
     temperature = serializers.FloatField(allow_null=True, required=False)
     max_new_tokens = serializers.IntegerField(allow_null=True, required=False)
     created_at = serializers.DateTimeField(required=False)
@@ -121,7 +121,7 @@ class ConversationExportView(generics.GenericAPIView):
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):  # schema generation has no user
             return Conversation.objects.none()
-        return Conversation.objects.filter(owner=self.request.user)
+        return Conversation.objects.owned_by(self.request.user)
 
     @extend_schema(
         operation_id="conversations_export",

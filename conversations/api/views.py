@@ -82,10 +82,9 @@ class ConversationViewSet(viewsets.ModelViewSet):
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):  # schema generation has no user
             return Conversation.objects.none()
-        queryset = Conversation.objects.filter(owner=self.request.user).order_by("-updated_at")
         if self.action in ("list", "retrieve"):
-            queryset = queryset.with_message_counts()
-        return queryset
+            return Conversation.objects.listed_for(self.request.user)
+        return Conversation.objects.owned_by(self.request.user)
 
     @extend_schema(
         parameters=[
@@ -118,8 +117,13 @@ class ConversationViewSet(viewsets.ModelViewSet):
         conversation.message_count = 0
         serializer.instance = conversation
 
+    def perform_destroy(self, instance):
+        services.delete_conversation(conversation=instance)
+
     def perform_update(self, serializer):
-        conversation = serializer.save()
+        conversation = services.update_conversation(
+            conversation=serializer.instance, **serializer.validated_data
+        )
         conversation.message_count = conversation.messages.active_path().count()
 
     @extend_schema(
@@ -249,7 +253,8 @@ class StartMessageView(generics.GenericAPIView):
         content = serializer.validated_data["content"]
         conversation_id = serializer.validated_data.get("conversation")
         if conversation_id:
-            conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
+            owned = Conversation.objects.owned_by(request.user)
+            conversation = get_object_or_404(owned, pk=conversation_id)
             writer = services.open_message_stream(conversation=conversation, content=content)
         else:
             writer = services.open_new_conversation(owner=request.user, content=content)

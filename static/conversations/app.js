@@ -187,7 +187,8 @@ function setupNewChat() {
     const systemPrompt = form.querySelector("textarea[name=system_prompt]");
     if (!content.trim()) return;
     event.preventDefault();
-    const body = systemPrompt && systemPrompt.value.trim() ? { system_prompt: systemPrompt.value } : {};
+    // Sent as typed: emptied, it means no system prompt, as without JavaScript.
+    const body = systemPrompt ? { system_prompt: systemPrompt.value } : {};
     try {
       const response = await postJSON(form.dataset.api, body);
       const conversation = await response.json();
