@@ -100,11 +100,10 @@ class BufferedThreadWorker(ThreadWorker):
         super().load_wsgi()  # loads the application: Django's settings are ready after it
         from django.conf import settings
 
-        from conversations.transfer import max_import_bytes
-
         self.client_timeout = float(settings.CHATBOT_CLIENT_TIMEOUT)
         self.body_limit = (
-            max(settings.DATA_UPLOAD_MAX_MEMORY_SIZE or 0, max_import_bytes()) + UPLOAD_FRAMING
+            max(settings.DATA_UPLOAD_MAX_MEMORY_SIZE or 0, settings.CHATBOT_MAX_IMPORT_BYTES)
+            + UPLOAD_FRAMING
         )
 
     @classmethod
