@@ -289,6 +289,12 @@ class BufferedThreadWorker(ThreadWorker):
             self._drop(conn)
         for conn in [conn for conn, deadline in self.lingering.items() if deadline <= now]:
             self._end_linger(conn)
+        if not self.alive:
+            # Stopping: connections that have sent nothing yet are not waited for.
+            for conn in [
+                conn for conn, arriving in self.arriving.items() if not arriving.data.tell()
+            ]:
+                self._drop(conn)
 
     # -- serving in a thread ---------------------------------------------------------------
 

@@ -3,13 +3,19 @@ model: none of them may hold one of the server's threads. The server here has 4 
 3-second client timeout, so a handful of sockets would be enough to stop it if they could."""
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
 
 from benchmarks.server import REQUEST_TIMEOUT, running
+from tests.live_server import ROOT, free_port
 
 THREADS = 4
 CLIENT_TIMEOUT = 3
@@ -175,3 +181,52 @@ def test_clients_that_stop_reading_their_response_are_dropped(server):
     assert all(closed_by_server(sock) for sock in stalled)
     for sock in stalled:
         sock.close()
+
+
+def test_a_stopping_server_does_not_wait_for_connections_that_sent_nothing(tmp_path):
+    # The worker alone, around a three-line application: what is tested is its event loop.
+    (tmp_path / "hello.py").write_text(
+        "def app(environ, start_response):\n"
+        "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+        "    return [b'hello']\n"
+    )
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "gunicorn"),
+            "--worker-class=chatsite.workers.BufferedThreadWorker",
+            "--threads=2",
+            f"--bind=127.0.0.1:{port}",
+            "--graceful-timeout=300",
+            "--no-control-socket",
+            "hello:app",
+        ],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}",
+            "DJANGO_SETTINGS_MODULE": "chatsite.settings",
+            "CHATBOT_CLIENT_TIMEOUT": "600",
+        },
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + BOUND
+        while True:
+            try:
+                assert requests.get(f"http://127.0.0.1:{port}/", timeout=5).text == "hello"
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        idle = socket.create_connection(("127.0.0.1", port))
+        time.sleep(0.5)  # accepted
+
+        server.send_signal(signal.SIGTERM)
+        # Neither the 600 s a client may take nor the 300 s a stop may take: it stops at once.
+        assert server.wait(timeout=BOUND) == 0
+        idle.close()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
