@@ -2,6 +2,7 @@
 too. Receivers rather than a service, so that every way of deleting (pages, API, admin, a user's
 deletion cascading to their conversations) does it."""
 
+from django.db.models import QuerySet
 from django.db.models.signals import post_delete
 from django.dispatch import receiver
 
@@ -15,5 +16,8 @@ def forget_deleted_conversation(sender, instance: Conversation, **kwargs) -> Non
 
 
 @receiver(post_delete, sender=Message)
-def forget_deleted_message(sender, instance: Message, **kwargs) -> None:
-    forget_cached_turns(instance.conversation_id)
+def forget_deleted_message(sender, instance: Message, origin=None, **kwargs) -> None:
+    # Messages deleted with their conversation (or its owner) are forgotten with it, once,
+    # rather than once per message.
+    if isinstance(origin, Message) or (isinstance(origin, QuerySet) and origin.model is Message):
+        forget_cached_turns(instance.conversation_id)

@@ -320,3 +320,13 @@ def test_every_way_of_deleting_tells_the_engine(owner, api, client, fake_engine)
     )
     owner.delete()
     assert ids[3] in fake_engine.forgotten
+
+
+def test_deleting_a_conversation_tells_the_engine_once(owner, api, fake_engine):
+    conversation = make_conversation(owner, "Long chat", messages=40)
+    Message.objects.filter(conversation=conversation)[:1].get().delete()
+    Message.objects.filter(pk__in=conversation.messages.values("pk")[:2]).delete()
+    assert fake_engine.forgotten.count(str(conversation.pk)) == 3  # a message deleted alone: one
+
+    assert api.delete(f"/api/conversations/{conversation.pk}/").status_code == 204
+    assert fake_engine.forgotten.count(str(conversation.pk)) == 4  # not one per message
