@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from django.db import transaction
@@ -22,6 +23,7 @@ from django.utils import timezone
 from .context import build_context
 from .errors import ChatError, ContextOverflow, GenerationFailed
 from .leases import keeper
+from .llm.interface import FinishReason
 from .models import Conversation, Message
 from .runtime import cache_key
 
@@ -36,12 +38,20 @@ class Exchange:
     reply: Message
 
 
+class EventKind(StrEnum):
+    """What a ReplyEvent says (its value names the event on the wire)."""
+
+    DELTA = "delta"  # data: the next piece of text
+    DONE = "done"  # data: the saved reply
+    ERROR = "error"  # data: the failed reply; detail: why
+    TITLE = "title"  # data: the conversation's new title
+
+
 @dataclass(frozen=True)
 class ReplyEvent:
-    """What a streaming client hears: "delta" (data: text), "done" (data: the reply),
-    "error" (data: the failed reply; detail: why), "title" (data: the new title)."""
+    """What a streaming client hears of a reply."""
 
-    kind: str
+    kind: EventKind
     data: Any
     detail: str = ""
 
@@ -155,11 +165,11 @@ class ReplyWriter:
                 if time.monotonic() - last_flush >= FLUSH_SECONDS:
                     self._flush(text)
                     last_flush = time.monotonic()
-                yield ReplyEvent("delta", delta)
+                yield ReplyEvent(EventKind.DELTA, delta)
         except Exception as exc:
             yield self._fail_unexpected(exc, text)
             return False
-        yield ReplyEvent("done", self._finish(context.context_turns))
+        yield ReplyEvent(EventKind.DONE, self._finish(context.context_turns))
         return True
 
     # Rows
@@ -175,7 +185,7 @@ class ReplyWriter:
 
     def _finish(self, context_turns: int) -> Message:
         result = self._stream.result
-        cancelled = result.finish_reason == "cancelled"
+        cancelled = result.finish_reason == FinishReason.CANCELLED
         fields = {
             "content": result.text,
             "status": Message.Status.CANCELLED if cancelled else Message.Status.OK,
@@ -202,7 +212,7 @@ class ReplyWriter:
         self._save(fields)
         error.exchange = Exchange(self.question, self.reply)
         self.error = error
-        return ReplyEvent("error", self.reply, detail=error.detail)
+        return ReplyEvent(EventKind.ERROR, self.reply, detail=error.detail)
 
     def _fail_unexpected(self, exc: Exception, text: str) -> ReplyEvent:
         logger.exception("Generation failed in conversation %s", self.conversation.pk)

@@ -4,7 +4,7 @@ test_engine_*.py and test_end_to_end.py."""
 import threading
 import time
 
-from conversations.llm.engine import Generation
+from conversations.llm.interface import FinishReason, Generation
 
 
 class FakeStream:
@@ -46,7 +46,9 @@ class FakeStream:
                 completion_tokens=len(sent),
                 ttft_ms=5,
                 total_ms=20,
-                finish_reason="cancelled" if self.cancelled.is_set() else "stop",
+                finish_reason=(
+                    FinishReason.CANCELLED if self.cancelled.is_set() else FinishReason.STOP
+                ),
             )
 
 

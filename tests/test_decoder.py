@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from benchmarks.quality import SCORED_QUESTION, SCORED_TEXT
 from conversations.llm.decoder import LlamaDecoder, SlotCache
 from conversations.llm.engine import Engine, GenerationParams
+from conversations.llm.events import ReplyEnded, TokensWritten
 from conversations.llm.scheduler import PREFILL_CHUNK, ReplyRequest
 from tests.steering import steered
 from tests.tiny_models import WORDS, build_tiny_causal
@@ -226,15 +227,15 @@ def test_tokens_reach_a_lone_reply_one_by_one_and_several_replies_in_groups(tiny
     lone = reply_request(engine, "hello", 24)
     submit_together(engine, [lone])
     events = events_of(lone)
-    assert [kind for kind, _, _ in events] == ["tokens"] * len(lone.generated) + ["end"]
-    assert all(len(tokens) == 1 for _, tokens, _ in events[:-1])
+    assert [type(e) for e in events] == [TokensWritten] * len(lone.generated) + [ReplyEnded]
+    assert all(len(event.ids) == 1 for event in events[:-1])
 
     together = [reply_request(engine, text, 200) for text in ("hello", "how are you", "paris")]
     submit_together(engine, together)
     for request in together:
         events = events_of(request)
-        assert events[-1][0] == "end"
-        deliveries = [tokens for kind, tokens, _ in events[:-1]]
+        assert isinstance(events[-1], ReplyEnded)
+        deliveries = [event.ids for event in events[:-1]]
         assert deliveries[0] == request.generated[:1], "the first token goes at once"
         assert [t for tokens in deliveries for t in tokens] == request.generated
         assert len(deliveries) < len(request.generated) / 2, "the rest in groups"

@@ -19,10 +19,11 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .events import ModelEvent, ReplyEnded, ReplyFailed, TokensWritten
+from .interface import FinishReason, Generation, GenerationParams
 from .loading import LoadedModel, describe_source, load_model
 from .prefix_cache import CacheKey, PrefixCache, owner_of
 from .scheduler import Scheduler
@@ -38,6 +39,8 @@ from .tokens import (
 if TYPE_CHECKING:
     from .scheduler import ReplyRequest
 
+__all__ = ["Engine", "Generation", "GenerationParams", "ReplyStream"]
+
 # Used only for causal models whose tokenizer ships no chat template.
 PLAIN_TRANSCRIPT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
@@ -52,33 +55,11 @@ SEQ2SEQ_TURN_SEPARATOR = "  "
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class GenerationParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 0.9
-    repetition_penalty: float = 1.1
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class Generation:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    ttft_ms: int
-    total_ms: int
-    # "stop": the model ended its turn; "length": the reply budget ran out; "cancelled": stopped
-    finish_reason: str
-
-
 class _TokenQueue:
     """A generate() streamer that hands each new token to the consuming thread."""
 
     def __init__(self) -> None:
-        self.queue: queue.Queue = queue.Queue()
+        self.queue: queue.Queue[ModelEvent] = queue.Queue()
         self._seen_prompt = False
 
     def put(self, value) -> None:
@@ -86,7 +67,7 @@ class _TokenQueue:
         if not self._seen_prompt:
             self._seen_prompt = True
             return
-        self.queue.put(("tokens", value.reshape(-1).tolist(), time.perf_counter()))
+        self.queue.put(TokensWritten(value.reshape(-1).tolist(), time.perf_counter()))
 
     def end(self) -> None:
         pass
@@ -156,15 +137,16 @@ class ReplyStream:
         text = ReplyText(loaded.tokenizer)  # (its `ids`: the reply's tokens so far)
         try:
             while True:
-                kind, payload, at = events.get()
-                if kind == "error":
-                    raise payload
-                if kind == "end":
-                    finished = at
-                    break
-                first_at = first_at or at
-                if piece := text.add(payload):
-                    yield piece
+                match events.get():
+                    case TokensWritten(ids, at):
+                        first_at = first_at or at
+                        if piece := text.add(ids):
+                            yield piece
+                    case ReplyEnded(at):
+                        finished = at
+                        break
+                    case ReplyFailed(error):
+                        raise error
         finally:
             if finished is None:  # the consumer left early, or the model failed
                 cancelled.set()
@@ -188,7 +170,7 @@ class ReplyStream:
                 return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool)
 
         try:
-            # Cancelled before it began: nothing to generate, but the reader still hears "end".
+            # Cancelled before it began: nothing to generate, but the reader still hears the end.
             if not cancelled.is_set():
                 with torch.inference_mode():
                     prompt = torch.tensor([input_ids], dtype=torch.long)
@@ -200,18 +182,18 @@ class ReplyStream:
                         stopping_criteria=StoppingCriteriaList([StopWhenCancelled()]),
                     )
         except BaseException as exc:
-            streamer.queue.put(("error", exc, time.perf_counter()))
+            streamer.queue.put(ReplyFailed(exc, time.perf_counter()))
         else:
-            streamer.queue.put(("end", None, time.perf_counter()))
+            streamer.queue.put(ReplyEnded(time.perf_counter()))
 
     def _result(self, tokens, prompt_tokens, budget, started, first_at, finished) -> Generation:
         stopped = bool(tokens) and tokens[-1] in self.engine._stop_ids()
         if stopped or (not self.cancelled.is_set() and len(tokens) < budget):
-            reason = "stop"
+            reason = FinishReason.STOP
         elif self.cancelled.is_set():
-            reason = "cancelled"
+            reason = FinishReason.CANCELLED
         else:
-            reason = "length"
+            reason = FinishReason.LENGTH
         return Generation(
             text=self.engine.load().tokenizer.decode(tokens, skip_special_tokens=True).strip(),
             prompt_tokens=prompt_tokens,
