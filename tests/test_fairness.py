@@ -146,7 +146,7 @@ def test_waiting_replies_are_let_in_user_by_user_not_first_come(tiny_dir, tmp_pa
     names = ["flood-1", "flood-2", "flood-3", "flood-4", "bob-1", "bob-2", "carol-1"]
     requests = {
         name: ReplyRequest(
-            prompt=engine._encode(chat(f"hello {name}")),
+            prompt=engine.encode(chat(f"hello {name}")),
             max_new_tokens=4,
             stop_ids=frozenset(),
             owner=name.split("-")[0],
