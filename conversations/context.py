@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import ContextOverflow
+from .llm.interface import ChatEngine, ChatMessage, GenerationParams
 from .models import Conversation, Message
 
 # Replies the model sees again later: finished ones, and the part of a stopped one that was kept.
@@ -17,13 +18,13 @@ SEEN_STATUSES = [Message.Status.OK, Message.Status.CANCELLED, Message.Status.INT
 
 @dataclass(frozen=True)
 class ModelContext:
-    messages: list[dict]  # system prompt, the earlier turns kept, the new user message
+    messages: list[ChatMessage]  # system prompt, the earlier turns kept, the new user message
     prompt_tokens: int
     context_turns: int  # earlier messages the model sees
     dropped_turns: int  # earlier messages left out for lack of room
 
 
-def load_history(conversation: Conversation, *, before: Message) -> list[dict]:
+def load_history(conversation: Conversation, *, before: Message) -> list[ChatMessage]:
     """The conversation's earlier turns on the active path (the chosen versions), oldest first,
     in one query, as chat messages ({"role", "content"})."""
     return list(
@@ -40,9 +41,9 @@ def load_history(conversation: Conversation, *, before: Message) -> list[dict]:
     )
 
 
-def group_turns(history: list[dict]) -> list[list[dict]]:
+def group_turns(history: list[ChatMessage]) -> list[list[ChatMessage]]:
     """Split messages into turns, each a user message and the replies that followed it."""
-    turns: list[list[dict]] = []
+    turns: list[list[ChatMessage]] = []
     for message in history:
         if message["role"] == Message.Role.USER or not turns:
             turns.append([])
@@ -51,7 +52,11 @@ def group_turns(history: list[dict]) -> list[list[dict]]:
 
 
 def build_context(
-    conversation: Conversation, *, new_message: Message, engine, params
+    conversation: Conversation,
+    *,
+    new_message: Message,
+    engine: ChatEngine,
+    params: GenerationParams,
 ) -> ModelContext:
     """The model's input for answering `new_message`.
 
@@ -59,14 +64,14 @@ def build_context(
     the model's context window minus the reply budget, counted with the model's own tokenizer and
     chat template. Whole turns are dropped, oldest first.
     """
-    head = []
+    head: list[ChatMessage] = []
     if conversation.system_prompt:
         head.append({"role": "system", "content": conversation.system_prompt})
-    tail = [{"role": "user", "content": new_message.content}]
+    tail: list[ChatMessage] = [{"role": "user", "content": new_message.content}]
     turns = group_turns(load_history(conversation, before=new_message))
     budget = engine.prompt_budget(params)
 
-    def assemble(kept: int) -> list[dict]:
+    def assemble(kept: int) -> list[ChatMessage]:
         recent = turns[len(turns) - kept :] if kept else []
         return head + [m for turn in recent for m in turn] + tail
 

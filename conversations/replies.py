@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from django.db import transaction
@@ -22,6 +23,7 @@ from django.utils import timezone
 from .context import build_context
 from .errors import ChatError, ContextOverflow, GenerationFailed
 from .leases import keeper
+from .llm.interface import ChatEngine, FinishReason, GenerationParams, StreamingReply
 from .models import Conversation, Message
 from .runtime import cache_key
 
@@ -36,24 +38,38 @@ class Exchange:
     reply: Message
 
 
+class EventKind(StrEnum):
+    """What a ReplyEvent says (its value names the event on the wire)."""
+
+    DELTA = "delta"  # data: the next piece of text
+    DONE = "done"  # data: the saved reply
+    ERROR = "error"  # data: the failed reply; detail: why
+    TITLE = "title"  # data: the conversation's new title
+
+
 @dataclass(frozen=True)
 class ReplyEvent:
-    """What a streaming client hears: "delta" (data: text), "done" (data: the reply),
-    "error" (data: the failed reply; detail: why), "title" (data: the new title)."""
+    """What a streaming client hears of a reply."""
 
-    kind: str
+    kind: EventKind
     data: Any
     detail: str = ""
 
 
-def reserve_reply(question: Message, *, engine, params, new_question: bool = False) -> Message:
+def reserve_reply(
+    question: Message,
+    *,
+    engine: ChatEngine,
+    params: GenerationParams,
+    new_question: bool = False,
+) -> Message:
     """The row of the reply to `question`, before any text: status streaming, so the
     conversation counts as busy from the moment the question is saved (call it in the same
     transaction). Regenerating: the earlier replies stay, as inactive versions (`new_question`:
     it has no replies yet, nothing to set aside)."""
     if not new_question:
         question.replies.filter(is_active=True).update(is_active=False)
-    reply = Message.objects.create(
+    reply: Message = Message.objects.create(
         conversation_id=question.conversation_id,
         role=Message.Role.ASSISTANT,
         content="",
@@ -77,13 +93,13 @@ class ReplyWriter:
     conversation: Conversation
     question: Message
     reply: Message  # reserved with the question (reserve_reply), status streaming, no text yet
-    engine: Any
-    params: Any
+    engine: ChatEngine
+    params: GenerationParams
     # Called after a finished reply; may return one more event (the conversation's new title).
     after_done: Callable[[ReplyWriter], ReplyEvent | None] | None = None
     error: ChatError | None = None
-    _stream: Any = field(default=None, repr=False)
-    _events: Any = field(default=None, repr=False)
+    _stream: StreamingReply | None = field(default=None, repr=False)
+    _events: Iterator[ReplyEvent] | None = field(default=None, repr=False)
     _stopped: bool = field(default=False, repr=False)
 
     def __iter__(self) -> Iterator[ReplyEvent]:
@@ -136,7 +152,7 @@ class ReplyWriter:
             context = build_context(
                 self.conversation, new_message=self.question, engine=self.engine, params=self.params
             )
-            self._stream = self.engine.stream(
+            stream = self._stream = self.engine.stream(
                 context.messages, self.params, cache_key=cache_key(self.conversation)
             )
         except ContextOverflow as exc:
@@ -146,20 +162,20 @@ class ReplyWriter:
             yield self._fail_unexpected(exc, "")
             return False
         if self._stopped:  # stopped while the context was being built
-            self._stream.cancel()
+            stream.cancel()
 
         text, last_flush = "", 0.0  # (so the first piece of text is saved at once)
         try:
-            for delta in self._stream:
+            for delta in stream:
                 text += delta
                 if time.monotonic() - last_flush >= FLUSH_SECONDS:
                     self._flush(text)
                     last_flush = time.monotonic()
-                yield ReplyEvent("delta", delta)
+                yield ReplyEvent(EventKind.DELTA, delta)
         except Exception as exc:
             yield self._fail_unexpected(exc, text)
             return False
-        yield ReplyEvent("done", self._finish(context.context_turns))
+        yield ReplyEvent(EventKind.DONE, self._finish(stream, context.context_turns))
         return True
 
     # Rows
@@ -173,10 +189,11 @@ class ReplyWriter:
         if not saved:
             self.stop()
 
-    def _finish(self, context_turns: int) -> Message:
-        result = self._stream.result
-        cancelled = result.finish_reason == "cancelled"
-        fields = {
+    def _finish(self, stream: StreamingReply, context_turns: int) -> Message:
+        result = stream.result
+        assert result is not None, "a stream read to its end holds its result"
+        cancelled = result.finish_reason == FinishReason.CANCELLED
+        fields: dict[str, Any] = {
             "content": result.text,
             "status": Message.Status.CANCELLED if cancelled else Message.Status.OK,
             "prompt_tokens": result.prompt_tokens,
@@ -202,7 +219,7 @@ class ReplyWriter:
         self._save(fields)
         error.exchange = Exchange(self.question, self.reply)
         self.error = error
-        return ReplyEvent("error", self.reply, detail=error.detail)
+        return ReplyEvent(EventKind.ERROR, self.reply, detail=error.detail)
 
     def _fail_unexpected(self, exc: Exception, text: str) -> ReplyEvent:
         logger.exception("Generation failed in conversation %s", self.conversation.pk)
@@ -212,7 +229,7 @@ class ReplyWriter:
         error = GenerationFailed(f"The model could not answer: {reason}. Your message was saved.")
         return self._fail(error, reason)
 
-    def _save(self, fields: dict, *, only_streaming: bool = False) -> bool:
+    def _save(self, fields: dict[str, Any], *, only_streaming: bool = False) -> bool:
         """Update the reply's row and the conversation's time. With `only_streaming`, nothing
         happens (and False is returned) unless the row still says streaming."""
         now = timezone.now()

@@ -1,18 +1,26 @@
-"""The seam between Django and the generation layer.
+"""The seam between Django and the generation layer: the process's ChatEngine.
 
 The engine is built from settings on first use and shared by every thread of the process.
 Importing this module imports no torch: the engine loads its model only when first asked.
 """
 
+from __future__ import annotations
+
 import threading
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 
-_engine = None
+if TYPE_CHECKING:
+    from .llm.interface import ChatEngine, GenerationParams
+    from .llm.prefix_cache import CacheKey
+    from .models import Conversation
+
+_engine: ChatEngine | None = None
 _engine_lock = threading.Lock()
 
 
-def get_engine():
+def get_engine() -> ChatEngine:
     """The process's one engine (conversations.llm.engine.Engine, or a test's replacement)."""
     global _engine
     if _engine is None:
@@ -36,7 +44,7 @@ def get_engine():
     return _engine
 
 
-def cache_key(conversation):
+def cache_key(conversation: Conversation) -> CacheKey:
     """The engine's key for what it keeps of a conversation's turns: the conversation and its
     owner (a new conversation reuses only its owner's, see llm/prefix_cache.py)."""
     from .llm.prefix_cache import CacheKey
@@ -44,14 +52,14 @@ def cache_key(conversation):
     return CacheKey(owner=str(conversation.owner_id), conversation=str(conversation.pk))
 
 
-def forget_cached_turns(conversation_id) -> None:
+def forget_cached_turns(conversation_id: object) -> None:
     """Drop what the engine keeps of a conversation whose text was deleted. Nothing to do when
     this process has built no engine yet."""
     if _engine is not None:
         _engine.forget(str(conversation_id))
 
 
-def set_engine(engine):
+def set_engine(engine: ChatEngine | None) -> ChatEngine | None:
     """Replace the process's engine (tests of the web layer do this); returns the previous one."""
     global _engine
     with _engine_lock:
@@ -59,8 +67,8 @@ def set_engine(engine):
     return previous
 
 
-def default_generation_params():
-    from .llm.engine import GenerationParams
+def default_generation_params() -> GenerationParams:
+    from .llm.interface import GenerationParams
 
     return GenerationParams(
         max_new_tokens=settings.CHATBOT_MAX_NEW_TOKENS,

@@ -20,6 +20,7 @@ from django.utils import timezone
 
 from . import leases, quotas
 from .errors import Conflict, TooManyReplies
+from .llm.interface import FinishReason
 from .models import Conversation, Message
 from .replies import Exchange, ReplyEvent, ReplyWriter, reserve_reply
 from .runtime import default_generation_params, get_engine
@@ -310,7 +311,7 @@ def _write_title(writer: ReplyWriter) -> ReplyEvent | None:
         logger.exception("Writing a title failed; keeping %r", fallback)
         return None
     title = _clean_title(generation.text)
-    if generation.finish_reason != "stop" or not title:
+    if generation.finish_reason != FinishReason.STOP or not title:
         return None
     if not Conversation.objects.filter(pk=conversation.pk, title=fallback).update(title=title):
         return None

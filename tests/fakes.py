@@ -1,16 +1,33 @@
 """A stand-in engine for tests of the web layer. The real engine and model are tested in
 test_engine_*.py and test_end_to_end.py."""
 
+from __future__ import annotations
+
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from typing import TYPE_CHECKING
 
-from conversations.llm.engine import Generation
+from conversations.llm.interface import (
+    ChatMessage,
+    FinishReason,
+    Generation,
+    GenerationParams,
+    read_to_end,
+)
+from conversations.llm.prefix_cache import CacheKey
+
+if TYPE_CHECKING:
+    from conversations.llm.interface import ChatEngine
 
 
 class FakeStream:
     """Streams the echo word by word, like ReplyStream streams tokens."""
 
-    def __init__(self, engine: "FakeEngine", messages: list[dict], params) -> None:
+    def __init__(
+        self, engine: FakeEngine, messages: list[ChatMessage], params: GenerationParams
+    ) -> None:
         self.engine = engine
         self.messages = messages
         self.params = params
@@ -20,7 +37,7 @@ class FakeStream:
     def cancel(self) -> None:
         self.cancelled.set()
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         engine = self.engine
         engine.calls.append(self.messages)
         if engine.fail_with is not None and engine.fail_after is None:
@@ -46,7 +63,9 @@ class FakeStream:
                 completion_tokens=len(sent),
                 ttft_ms=5,
                 total_ms=20,
-                finish_reason="cancelled" if self.cancelled.is_set() else "stop",
+                finish_reason=(
+                    FinishReason.CANCELLED if self.cancelled.is_set() else FinishReason.STOP
+                ),
             )
 
 
@@ -61,29 +80,50 @@ class FakeEngine:
         self.fail_with = fail_with
         self.fail_after: int | None = None
         self.word_delay = 0.0
-        self.calls: list[list[dict]] = []
+        self.calls: list[list[ChatMessage]] = []
         self.replies: list[str] = []  # replies to give, in order, before echoing
         self.forgotten: list[str] = []  # conversations whose cached turns were dropped
 
-    def prompt_budget(self, params) -> int:
+    def load(self) -> None:
+        pass
+
+    def prompt_budget(self, params: GenerationParams) -> int:
         return self.window - params.max_new_tokens
 
-    def count_tokens(self, messages: list[dict]) -> int:
+    def count_tokens(self, messages: list[ChatMessage]) -> int:
         return sum(len(m["content"].split()) + 2 for m in messages)
 
-    def reply_for(self, messages: list[dict]) -> str:
+    def reply_for(self, messages: list[ChatMessage]) -> str:
         if self.replies:
             return self.replies.pop(0)
         return f"Echo: {messages[-1]['content']}"
 
-    def stream(self, messages: list[dict], params, *, cache_key=None, owner=None) -> FakeStream:
+    def stream(
+        self,
+        messages: list[ChatMessage],
+        params: GenerationParams,
+        *,
+        cache_key: CacheKey | None = None,
+        owner: str | None = None,
+    ) -> FakeStream:
         return FakeStream(self, messages, params)
 
-    def generate(self, messages: list[dict], params, *, cache_key=None, owner=None) -> Generation:
-        stream = self.stream(messages, params)
-        for _ in stream:
-            pass
-        return stream.result
+    def generate(
+        self,
+        messages: list[ChatMessage],
+        params: GenerationParams,
+        *,
+        cache_key: CacheKey | None = None,
+        owner: str | None = None,
+    ) -> Generation:
+        return read_to_end(self.stream(messages, params))
 
-    def forget(self, conversation: str) -> None:
+    def forget(self, conversation: str) -> Future[None]:
         self.forgotten.append(conversation)
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+
+if TYPE_CHECKING:  # the type checker holds the fake to the engine's seam
+    _: ChatEngine = FakeEngine()

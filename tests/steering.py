@@ -12,7 +12,7 @@ import torch
 
 
 class Steering:
-    """A sampler (see scheduler.ReplyRequest.samplers) that writes `ids` in turn, or, without
+    """A sampler (see backends.DecoderBackend.samplers) that writes `ids` in turn, or, without
     them, the model's most likely token other than those in `banned`. Each step's scores (after
     the repetition penalty) are kept in `scores`, the tokens written in `written`."""
 
@@ -50,13 +50,14 @@ def steered(engine, **steering):
         steerings.append(Steering(**steering))
         return [steerings[-1]]
 
-    engine._samplers = samplers
+    backend = engine.backend
+    backend.samplers = samplers
     try:
         yield steerings
     finally:
-        del engine._samplers
+        del backend.samplers
 
 
 def written_ids(stream) -> list[int]:
     """The ids a finished ReplyStream's reply was written in (its stop token included)."""
-    return list(stream._request.generated)
+    return stream.token_ids

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from benchmarks.quality import SCORED_QUESTION, SCORED_TEXT
 from conversations.llm.decoder import LlamaDecoder, SlotCache
 from conversations.llm.engine import Engine, GenerationParams
+from conversations.llm.events import ReplyEnded, TokensWritten
 from conversations.llm.scheduler import PREFILL_CHUNK, ReplyRequest
 from tests.steering import steered
 from tests.tiny_models import WORDS, build_tiny_causal
@@ -83,7 +84,7 @@ def test_the_slot_cache_keeps_rows_through_growth_moves_and_round_trips():
 def test_fp32_decoder_answers_exactly_as_generate(tiny_dir, tmp_path, text):
     engine = Engine(model=str(tiny_dir), cache_dir=tmp_path, weights="fp32")
     result = engine.generate(chat(text), GREEDY)
-    assert engine._decoder is not None, "the tiny Llama runs on the lean decoder"
+    assert engine.decoder is not None, "the tiny Llama runs on the lean decoder"
     assert result.prompt_tokens > (2 * PREFILL_CHUNK if len(text) > 100 else 0)
     assert result.text == generate_reference(tiny_dir, chat(text), GREEDY)
 
@@ -168,7 +169,7 @@ def test_concurrent_replies_share_decode_steps_and_answer_as_alone(tiny_dir, tmp
     engine = Engine(model=str(tiny_dir), cache_dir=tmp_path, weights="fp32")
     texts = ["hello", "how are you", "tell me about paris", "what is the capital of germany"]
     alone = [engine.generate(chat(text), GREEDY).text for text in texts]
-    steps_before = engine._scheduler.steps
+    steps_before = engine.scheduler.steps
     start = threading.Barrier(len(texts))
     together = [None] * len(texts)
 
@@ -182,15 +183,15 @@ def test_concurrent_replies_share_decode_steps_and_answer_as_alone(tiny_dir, tmp
     for thread in threads:
         thread.join(timeout=60)
     assert together == alone
-    assert engine._scheduler.widest >= 2, "replies were written in shared decode steps"
-    assert engine._scheduler.steps > steps_before
+    assert engine.scheduler.widest >= 2, "replies were written in shared decode steps"
+    assert engine.scheduler.steps > steps_before
 
 
 def reply_request(engine, text, max_new_tokens):
     return ReplyRequest(
-        prompt=engine._encode(chat(text)),
+        prompt=engine.encode(chat(text)),
         max_new_tokens=max_new_tokens,
-        stop_ids=frozenset(engine._stop_ids()),
+        stop_ids=engine.stop_ids,
     )
 
 
@@ -203,10 +204,10 @@ def submit_together(engine, requests):
         holding.set()
         release.wait(timeout=30)
 
-    held = engine._scheduler.call(hold)
+    held = engine.scheduler.call(hold)
     assert holding.wait(timeout=30)
     for request in requests:
-        engine._scheduler.submit(request)
+        engine.scheduler.submit(request)
     release.set()
     held.result(timeout=30)
     for request in requests:
@@ -226,15 +227,15 @@ def test_tokens_reach_a_lone_reply_one_by_one_and_several_replies_in_groups(tiny
     lone = reply_request(engine, "hello", 24)
     submit_together(engine, [lone])
     events = events_of(lone)
-    assert [kind for kind, _, _ in events] == ["tokens"] * len(lone.generated) + ["end"]
-    assert all(len(tokens) == 1 for _, tokens, _ in events[:-1])
+    assert [type(e) for e in events] == [TokensWritten] * len(lone.generated) + [ReplyEnded]
+    assert all(len(event.ids) == 1 for event in events[:-1])
 
     together = [reply_request(engine, text, 200) for text in ("hello", "how are you", "paris")]
     submit_together(engine, together)
     for request in together:
         events = events_of(request)
-        assert events[-1][0] == "end"
-        deliveries = [tokens for kind, tokens, _ in events[:-1]]
+        assert isinstance(events[-1], ReplyEnded)
+        deliveries = [event.ids for event in events[:-1]]
         assert deliveries[0] == request.generated[:1], "the first token goes at once"
         assert [t for tokens in deliveries for t in tokens] == request.generated
         assert len(deliveries) < len(request.generated) / 2, "the rest in groups"
@@ -243,7 +244,7 @@ def test_tokens_reach_a_lone_reply_one_by_one_and_several_replies_in_groups(tiny
 def test_replies_that_arrive_together_grow_the_slot_tensors_once(tiny_dir, tmp_path):
     engine = Engine(model=str(tiny_dir), cache_dir=tmp_path, weights="fp32")
     engine.generate(chat("hello"), GREEDY)
-    cache = engine._decoder.cache
+    cache = engine.decoder.cache
     cache.clear()
     grown = []
     real_reserve = cache.reserve
@@ -269,13 +270,13 @@ def test_prompts_of_very_different_lengths_are_read_in_separate_passes(tiny_dir,
         submit_together(engine, [request])
         alone.append(request.generated)
     passes = []
-    real_prefill_many = engine._decoder.prefill_many
+    real_prefill_many = engine.decoder.prefill_many
 
     def prefill_many(runs):
         passes.append(sorted(len(tokens) for _, tokens, _ in runs))
         return real_prefill_many(runs)
 
-    engine._decoder.prefill_many = prefill_many
+    engine.decoder.prefill_many = prefill_many
     together = [reply_request(engine, text, 6) for text in texts]
     submit_together(engine, together)
 
@@ -299,7 +300,7 @@ def test_a_failing_step_ends_the_replies_in_flight_and_the_next_reply_works(
 ):
     engine = Engine(model=str(tiny_dir), cache_dir=tmp_path)
     engine.load()
-    real_decode = engine._decoder.decode
+    real_decode = engine.decoder.decode
     failures = iter([RuntimeError("out of memory in a decode step")])
 
     def decode_failing_once(*args):
@@ -308,7 +309,7 @@ def test_a_failing_step_ends_the_replies_in_flight_and_the_next_reply_works(
             raise failure
         return real_decode(*args)
 
-    monkeypatch.setattr(engine._decoder, "decode", decode_failing_once)
+    monkeypatch.setattr(engine.decoder, "decode", decode_failing_once)
     with pytest.raises(RuntimeError, match="out of memory"):
         engine.generate(chat("hello"), GREEDY)
     assert engine.generate(chat("hello"), GREEDY).completion_tokens > 0
@@ -328,7 +329,7 @@ def test_cancelling_one_reply_leaves_the_others_writing(bundled_int4):
     """The model may not end its turn (its choices otherwise its own), so that a reply left
     writing runs to its budget whatever words this CPU has it choose."""
     params = GenerationParams(max_new_tokens=48)
-    with steered(bundled_int4, banned=frozenset(bundled_int4._stop_ids())):
+    with steered(bundled_int4, banned=bundled_int4.stop_ids):
         streams = [
             bundled_int4.stream(chat(f"Write a long story about a {animal}."), params)
             for animal in ("cat", "dog", "fox")
@@ -365,8 +366,8 @@ def test_int4_weights_keep_perplexity_within_3_percent_of_fp32(bundled_int4, fp3
     ppl_int4 = torch.exp(torch.tensor(-bundled_int4.score_reply(question, text) / len(reply)))
     assert float(ppl_int4 / ppl_fp32) <= 1.03, (float(ppl_int4), float(ppl_fp32))
     # ... and one token at a time, as a single reply is written (int4 products only).
-    decoder, scheduler = bundled_int4._decoder, bundled_int4._scheduler
-    prompt = bundled_int4._encode(question)
+    decoder, scheduler = bundled_int4.decoder, bundled_int4.scheduler
+    prompt = bundled_int4.encode(question)
 
     def one_row():
         with torch.inference_mode():
@@ -379,7 +380,7 @@ def test_int4_weights_keep_perplexity_within_3_percent_of_fp32(bundled_int4, fp3
 
     ppl_one_row = torch.exp(torch.tensor(-scheduler.call(one_row).result() / len(reply)))
     assert float(ppl_one_row / ppl_fp32) <= 1.03, (float(ppl_one_row), float(ppl_fp32))
-    assert bundled_int4._decoder.decode_weight_bytes < fp32._decoder.decode_weight_bytes / 3
+    assert bundled_int4.decoder.decode_weight_bytes < fp32.decoder.decode_weight_bytes / 3
 
 
 @pytest.mark.model
@@ -395,13 +396,13 @@ def test_steps_of_five_or_more_replies_multiply_in_int8_with_smoothed_inputs(
     from conversations.llm.decoder import BATCH_INT8_ROWS
 
     engine = torch_kernels_engine
-    decoder, scheduler = engine._decoder, engine._scheduler
+    decoder, scheduler = engine.decoder, engine.scheduler
     for layer in decoder.layers:
         for linear in (layer.qkv, layer.gate_up):
             assert linear.batch is not None, "x86 has FBGEMM"
             assert linear.smoothing is not None and bool((linear.smoothing > 0).all())
         assert layer.out.batch is None and layer.down.batch is None
-    prompts = [engine._encode(chat(f"Tell me about the number {i}.")) for i in range(8)]
+    prompts = [engine.encode(chat(f"Tell me about the number {i}.")) for i in range(8)]
 
     def step(rows):
         with torch.inference_mode():

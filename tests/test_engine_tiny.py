@@ -238,10 +238,11 @@ def test_a_history_that_fits_is_counted_once(db, conversation, tiny_engine, monk
 
 def test_a_counted_prompt_is_not_tokenized_again_to_generate(tiny_engine, monkeypatch):
     messages = [{"role": "user", "content": "hello how are you"}]
-    tiny_engine._encoded.clear()  # the engine is shared by this module's tests
+    tiny_engine.encodings.clear()  # the engine is shared by this module's tests
     calls = []
-    tokenize = tiny_engine._tokenize
-    monkeypatch.setattr(tiny_engine, "_tokenize", lambda m: calls.append(m) or tokenize(m))
+    prompts = tiny_engine.backend.prompts
+    render = prompts.render
+    monkeypatch.setattr(prompts, "render", lambda m: calls.append(m) or render(m))
     counted = tiny_engine.count_tokens(messages)
     result = tiny_engine.generate(messages, GenerationParams(max_new_tokens=3))
     assert result.prompt_tokens == counted
@@ -278,10 +279,9 @@ def test_remembered_encodings_stay_within_their_bytes(tiny_causal_dir, tmp_path)
     for chat in chats:
         engine.count_tokens(chat)
         held = sum(
-            engine_module._encoding_bytes(key, text, ids)
-            for key, (text, ids) in engine._encoded.items()
+            engine_module.encoding_bytes(key, prompt) for key, prompt in engine.encodings.items()
         )
-        assert engine._encoded.nbytes == held <= 4_000  # half of them (the other: the prompts')
-        assert engine._prompts.nbytes <= 4_000
-    assert 1 < len(engine._encoded) < len(chats)
-    assert list(engine._encoded)[-1] == (("user", chats[-1][0]["content"]),)
+        assert engine.encodings.nbytes == held <= 4_000  # half of them (the other: the prompts')
+        assert engine.prompt_tokenizer.nbytes <= 4_000
+    assert 1 < len(engine.encodings) < len(chats)
+    assert list(engine.encodings)[-1] == (("user", chats[-1][0]["content"]),)

@@ -156,6 +156,7 @@ def test_waiting_replies_are_let_in_user_by_user_not_first_come(tiny_dir, tmp_pa
     """One reply at a time; a flooder's four replies are queued before two of Bob's and one of
     Carol's. The others do not wait for all of the flooder's: users take turns."""
     from conversations.llm.engine import Engine
+    from conversations.llm.events import ReplyEnded
     from conversations.llm.scheduler import ReplyRequest
     from tests.test_decoder import chat, submit_together
 
@@ -164,7 +165,7 @@ def test_waiting_replies_are_let_in_user_by_user_not_first_come(tiny_dir, tmp_pa
     names = ["flood-1", "flood-2", "flood-3", "flood-4", "bob-1", "bob-2", "carol-1"]
     requests = {
         name: ReplyRequest(
-            prompt=engine._encode(chat(f"hello {name}")),
+            prompt=engine.encode(chat(f"hello {name}")),
             max_new_tokens=4,
             stop_ids=frozenset(),
             owner=name.split("-")[0],
@@ -175,8 +176,8 @@ def test_waiting_replies_are_let_in_user_by_user_not_first_come(tiny_dir, tmp_pa
 
     # One reply at a time: each ends before the next is let in, so their ends give the order.
     ended = {name: r.events.queue[-1] for name, r in requests.items()}
-    assert all(kind == "end" for kind, _, _ in ended.values())
-    order = sorted(names, key=lambda name: ended[name][2])
+    assert all(isinstance(event, ReplyEnded) for event in ended.values())
+    order = sorted(names, key=lambda name: ended[name].at)
     assert order == ["flood-1", "bob-1", "carol-1", "flood-2", "bob-2", "flood-3", "flood-4"]
 
 

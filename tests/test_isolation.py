@@ -224,7 +224,7 @@ def product_engine():
     engine = runtime.get_engine()
     engine.load()
     yield engine
-    engine._scheduler.stop()
+    engine.scheduler.stop()
     runtime.set_engine(previous)
 
 
@@ -243,7 +243,7 @@ def replies(product_engine, monkeypatch, settings):
 
     monkeypatch.setattr(product_engine, "stream", recording)
     # Each test starts with nothing kept (its users may have an earlier test's ids).
-    scheduler = product_engine._scheduler
+    scheduler = product_engine.scheduler
     scheduler.call(lambda: scheduler.forget(lambda key: True)).result()
     return opened
 
@@ -288,11 +288,11 @@ def test_a_copy_of_another_users_text_reuses_what_a_wrong_guess_does(
 
 def kept_owners(engine) -> set[str]:
     """The owners of what the engine keeps: the prefix cache's entries and the parked row."""
-    scheduler = engine._scheduler
+    scheduler = engine.scheduler
 
     def owners():
         parked = [scheduler._parked[0]] if scheduler._parked else []
-        return {key.owner for key in [*engine._prefix_cache._entries, *parked]}
+        return {key.owner for key in [*engine.prefix_cache._entries, *parked]}
 
     return scheduler.call(owners).result()
 

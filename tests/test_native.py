@@ -315,7 +315,7 @@ def test_where_the_kernels_cannot_be_built_the_decoder_uses_torchs(monkeypatch, 
 
 def text_parts(engine, rows=8):
     """SCORED_TEXT in `rows` parts of one length, and each step's next tokens, (steps, rows)."""
-    ids = engine._prompts.encode(SCORED_TEXT)
+    ids = engine.prompt_tokenizer.encode(SCORED_TEXT)
     part = len(ids) // rows
     parts = [ids[row * part : (row + 1) * part] for row in range(rows)]
     return parts, torch.tensor([[tokens[step + 1] for tokens in parts] for step in range(part - 1)])
@@ -324,7 +324,7 @@ def text_parts(engine, rows=8):
 def read_in_steps(engine, parts):
     """The engine's scores as rows 0..n-1 read their parts one token a step, as n replies are
     written: (steps, rows, vocab). (No reply is in flight: none is parked either.)"""
-    decoder, scheduler = engine._decoder, engine._scheduler
+    decoder, scheduler = engine.decoder, engine.scheduler
 
     def read():
         assert scheduler.spare_row == 0
@@ -352,7 +352,7 @@ def test_decode_steps_of_the_real_model_score_a_text_as_with_torch_attention(def
     whichever way attention is rounded: with attention computed exactly in fp32, perplexity
     46.01, torch's bf16 kernel gave 45.73 and ours 45.96, each agreeing with its top token at
     95% of the steps.)"""
-    decoder = default_engine._decoder
+    decoder = default_engine.decoder
     assert decoder.native_attention, "built and loaded on this CPU"
     parts, targets = text_parts(default_engine)
     try:
@@ -378,8 +378,8 @@ def test_decode_steps_of_the_real_model_score_a_text_as_with_torchs_kernels(
     rounded to int8 in groups of 32) the scores are those of torch's kernels (int4 on bf16
     inputs; FBGEMM's int8 for the head, and at eight rows for query-key-value and gate-up) but
     for rounding."""
-    assert default_engine._decoder.layers[0].qkv.fmt == "int4-vnni"
-    assert torch_kernels_engine._decoder.layers[0].qkv.fmt == "int4"
+    assert default_engine.decoder.layers[0].qkv.fmt == "int4-vnni"
+    assert torch_kernels_engine.decoder.layers[0].qkv.fmt == "int4"
     parts, targets = text_parts(default_engine, rows)
     ours = read_in_steps(default_engine, parts)
     theirs = read_in_steps(torch_kernels_engine, parts)
@@ -397,14 +397,14 @@ def test_the_setting_turns_the_kernels_off(torch_kernels_engine, request):
     off = torch_kernels_engine
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     assert "Paris" in off.generate(messages, GenerationParams(max_new_tokens=16)).text
-    assert off._decoder.native_attention is False
+    assert off.decoder.native_attention is False
 
     def calls(engine):
         """Of a two-reply step, per layer: (our attention, torch's, our int4 products, torch's);
         and (our head product, FBGEMM's)."""
-        assert engine._scheduler.spare_row == 0  # rows 0 and 1 are free: none is parked
+        assert engine.scheduler.spare_row == 0  # rows 0 and 1 are free: none is parked
         with torch.inference_mode(), profile() as trace:
-            engine._decoder.decode([42, 42], [3, 5])
+            engine.decoder.decode([42, 42], [3, 5])
         counts = {event.key: event.count for event in trace.key_averages()}
         per_layer = [
             "chat::decode_attention",
@@ -412,17 +412,17 @@ def test_the_setting_turns_the_kernels_off(torch_kernels_engine, request):
             "chat::int4_linear",
             "aten::_weight_int4pack_mm_for_cpu",
         ]
-        layers = len(engine._decoder.layers)
+        layers = len(engine.decoder.layers)
         head = ["chat::int8_linear", "quantized::linear_dynamic"]
         return (
             tuple(counts.get(name, 0) // layers for name in per_layer),
             tuple(counts.get(name, 0) for name in head),
         )
 
-    assert off._scheduler.call(lambda: calls(off)).result() == ((0, 1, 0, 4), (0, 1))
+    assert off.scheduler.call(lambda: calls(off)).result() == ((0, 1, 0, 4), (0, 1))
     if native.supported():
         on = request.getfixturevalue("default_engine")
-        assert on._scheduler.call(lambda: calls(on)).result() == ((1, 0, 4, 0), (1, 0))
+        assert on.scheduler.call(lambda: calls(on)).result() == ((1, 0, 4, 0), (1, 0))
 
 
 @pytest.mark.model
@@ -432,7 +432,7 @@ def test_each_kernel_path_tested_is_the_one_the_engine_runs(real_engine, request
     (the run of `make test` with ATEN_CPU_CAPABILITY=avx2, as on a CPU without it), only
     torch's, and no kernel of ours is loaded into the process."""
     path = request.node.callspec.params["real_engine"]
-    decoder, ours = real_engine._decoder, path == "ours"
+    decoder, ours = real_engine.decoder, path == "ours"
     assert decoder.native is ours and decoder.native_attention is ours
     assert {layer.qkv.fmt for layer in decoder.layers} == {"int4-vnni" if ours else "int4"}
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
@@ -453,7 +453,7 @@ from conversations.llm.engine import Engine, GenerationParams
 engine = Engine(model="", cache_dir=sys.argv[1])
 messages = [{"role": "user", "content": "What is the capital of France?"}]
 answer = engine.generate(messages, GenerationParams(max_new_tokens=16)).text
-decoder = engine._decoder
+decoder = engine.decoder
 print(json.dumps({
     "capability": torch.backends.cpu.get_cpu_capability(),
     "supported": native.supported(),

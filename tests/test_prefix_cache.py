@@ -134,7 +134,7 @@ def test_follow_up_reuses_the_previous_turn_and_answers_the_same(tiny_dir, tmp_p
         ]
     assert with_cache.reused_tokens > 10, "the third turn reused the earlier ones"
     assert without.reused_tokens == 0
-    assert cached._prefix_cache.hits >= 2
+    assert cached.prefix_cache.hits >= 2
 
 
 def test_an_edited_history_reuses_only_what_is_unchanged(tiny_dir, tmp_path):
@@ -162,8 +162,8 @@ def assert_same_row_0(engine, plain, length):
     """Both engines' slot row 0 holds the same keys and values for the first `length`
     positions."""
     for ours, theirs in zip(
-        engine._decoder.cache.keys + engine._decoder.cache.values,
-        plain._decoder.cache.keys + plain._decoder.cache.values,
+        engine.decoder.cache.keys + engine.decoder.cache.values,
+        plain.decoder.cache.keys + plain.decoder.cache.values,
         strict=True,
     ):
         torch.testing.assert_close(ours[0, :, :length], theirs[0, :, :length], rtol=1e-4, atol=1e-4)
@@ -177,7 +177,7 @@ def test_the_last_conversation_answered_stays_in_place_until_its_row_is_wanted(t
     b = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "how are you"}]
 
     a_reply = turn(engine, a, key="a").result.text
-    assert len(engine._prefix_cache) == 0, "the last conversation answered is parked, not copied"
+    assert len(engine.prefix_cache) == 0, "the last conversation answered is parked, not copied"
     a = follow_up(a, a_reply, "what is the capital of france")
     a_second = turn(engine, a, key="a")
     assert a_second.reused_tokens > 10
@@ -185,7 +185,7 @@ def test_the_last_conversation_answered_stays_in_place_until_its_row_is_wanted(t
 
     # Another conversation takes the row: the parked one is copied to the prefix cache first.
     b_reply = turn(engine, b, key="b").result.text
-    assert len(engine._prefix_cache) == 1
+    assert len(engine.prefix_cache) == 1
     a = follow_up(a, a_second.result.text, "tell me about paris")
     a_third = turn(engine, a, key="a")
     assert a_third.reused_tokens > a_second.reused_tokens
@@ -214,7 +214,7 @@ def test_a_new_conversation_starts_from_the_system_prompt_its_owner_computed(tin
     assert b_turn.result.text == turn(plain, b).result.text
     # Row 0 of both engines holds conversation b: borrowed and continued here, at once there.
     assert_same_row_0(engine, plain, b_turn.result.prompt_tokens)
-    assert len(engine._prefix_cache) == 1, "conversation a keeps its entry"
+    assert len(engine.prefix_cache) == 1, "conversation a keeps its entry"
 
 
 def test_another_users_copy_reuses_no_more_than_a_wrong_guess(tiny_dir, tmp_path):
@@ -252,30 +252,30 @@ def test_forgetting_a_conversation_drops_its_entry_its_parked_row_and_its_reply(
     chats = {name: [system, {"role": "user", "content": f"hello {name}"}] for name in "abc"}
     turn(engine, chats["a"], key=CacheKey("ann", "a"))
     turn(engine, chats["b"], key=CacheKey("ann", "b"))  # a goes to the cache; b is parked
-    assert len(engine._prefix_cache) == 1 and engine._scheduler._parked is not None
+    assert len(engine.prefix_cache) == 1 and engine.scheduler._parked is not None
     engine.forget("a").result()
     engine.forget("b").result()
-    assert len(engine._prefix_cache) == 0 and engine._scheduler._parked is None
+    assert len(engine.prefix_cache) == 0 and engine.scheduler._parked is None
     assert turn(engine, chats["c"], key=CacheKey("ann", "c")).reused_tokens == 0
     # A reply in flight when its conversation is deleted keeps nothing when it ends.
-    engine._scheduler.forget(lambda key: key == CacheKey("ann", "c"))  # (parked c goes)
+    engine.scheduler.forget(lambda key: key == CacheKey("ann", "c"))  # (parked c goes)
     busy = threading.Event()
-    engine._scheduler.call(busy.wait)
+    engine.scheduler.call(busy.wait)
     stream = engine.stream(
         chats["a"], GenerationParams(max_new_tokens=6), cache_key=CacheKey("ann", "a")
     )
     reader = threading.Thread(target=lambda: [*stream])
     reader.start()
     deadline = time.monotonic() + 30
-    while not engine._scheduler._inbox and time.monotonic() < deadline:
+    while not engine.scheduler._inbox and time.monotonic() < deadline:
         time.sleep(0.01)
     forgotten = engine.forget("a")
     busy.set()
     reader.join(timeout=60)
     forgotten.result()
-    engine._scheduler.call(lambda: None).result()
+    engine.scheduler.call(lambda: None).result()
     assert stream.result.completion_tokens > 0
-    assert len(engine._prefix_cache) == 0 and engine._scheduler._parked is None
+    assert len(engine.prefix_cache) == 0 and engine.scheduler._parked is None
 
 
 def write_together(engine, chats, params, keys):
@@ -283,13 +283,13 @@ def write_together(engine, chats, params, keys):
     together (one step feeds them all), read to the end."""
     engine.load()
     busy = threading.Event()
-    engine._scheduler.call(busy.wait)
+    engine.scheduler.call(busy.wait)
     streams = [engine.stream(c, params, cache_key=k) for c, k in zip(chats, keys, strict=True)]
     readers = [threading.Thread(target=lambda s=stream: [*s]) for stream in streams]
     for reader in readers:
         reader.start()
     deadline = time.monotonic() + 30
-    while len(engine._scheduler._inbox) < len(chats) and time.monotonic() < deadline:
+    while len(engine.scheduler._inbox) < len(chats) and time.monotonic() < deadline:
         time.sleep(0.01)
     busy.set()
     for reader in readers:
@@ -310,14 +310,14 @@ def test_a_burst_keeps_its_slot_rows_for_a_moment_then_gives_them_back(
     engine = Engine(model=str(tiny_dir), cache_dir=tmp_path)
     chats = [[{"role": "user", "content": f"hello number {i}"}] for i in range(3)]
     streams = write_together(engine, chats, GenerationParams(max_new_tokens=6), ["0", "1", "2"])
-    cache = engine._decoder.cache
-    assert engine._scheduler.widest == 3
+    cache = engine.decoder.cache
+    assert engine.scheduler.widest == 3
     assert cache.rows == 3, "kept for the burst's next messages"
 
     deadline = time.monotonic() + 30
     while cache.rows and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert cache.rows == 0 and len(engine._prefix_cache) == 3
+    assert cache.rows == 0 and len(engine.prefix_cache) == 3
     again = turn(engine, follow_up(chats[1], streams[1].result.text, "and you"), key="1")
     assert again.reused_tokens > 0
 
@@ -334,10 +334,10 @@ def test_the_model_thread_ends_when_stopped_even_while_it_waits_to_free_memory(
     engine = Engine(model=str(tiny_dir), cache_dir=tmp_path)
     chats = [[{"role": "user", "content": f"hi {i}"}] for i in range(2)]
     write_together(engine, chats, GenerationParams(max_new_tokens=4), [None, None])
-    assert engine._decoder.cache.rows == 2  # the thread now waits up to 60 s to free them
+    assert engine.decoder.cache.rows == 2  # the thread now waits up to 60 s to free them
     started = time.monotonic()
-    engine._scheduler.stop()
-    assert not engine._scheduler._thread.is_alive() and time.monotonic() - started < 5
+    engine.scheduler.stop()
+    assert not engine.scheduler._thread.is_alive() and time.monotonic() - started < 5
 
 
 def test_a_reply_whose_ids_cannot_be_remembered_still_ends_whole(tiny_dir, tmp_path, caplog):
@@ -347,7 +347,7 @@ def test_a_reply_whose_ids_cannot_be_remembered_still_ends_whole(tiny_dir, tmp_p
     def fail(*args):
         raise RuntimeError("no")
 
-    engine._prompts.remember = fail
+    engine.prompt_tokenizer.remember = fail
     history = [{"role": "system", "content": "be good"}, {"role": "user", "content": "hello"}]
     stream = turn(engine, history, key="chat")
     assert stream.result.finish_reason in ("stop", "length") and stream.result.completion_tokens
@@ -381,12 +381,12 @@ def test_slot_rows_widened_by_a_long_conversation_are_cut_back_once_it_has_left(
     plain = Engine(model=str(wide_dir), cache_dir=tmp_path, prefix_cache_bytes=0)
     params = GenerationParams(max_new_tokens=6)
     turn(engine, long_chat())
-    cache = engine._decoder.cache
+    cache = engine.decoder.cache
     assert cache.positions >= 768
     chats = [[{"role": "user", "content": f"hello number {i}"}] for i in range(3)]
     streams = write_together(engine, chats, params, ["0", "1", "2"])
-    engine._scheduler.call(lambda: None).result()  # the model thread has let go of the rows
-    assert engine._scheduler.widest == 3
+    engine.scheduler.call(lambda: None).result()  # the model thread has let go of the rows
+    assert engine.scheduler.widest == 3
     assert (cache.rows, cache.positions) == (3, 256), "cut back to what the short ones need"
     # What the rows held is intact: the conversation parked in row 0 (or cached) goes on.
     for i in range(3):
@@ -399,7 +399,7 @@ def test_slot_rows_widened_by_a_long_conversation_are_cut_back_once_it_has_left(
 def test_replies_wait_rather_than_take_the_slot_rows_past_their_bytes(wide_dir, tmp_path):
     engine = Engine(model=str(wide_dir), cache_dir=tmp_path)
     engine.load()
-    cache = engine._decoder.cache
+    cache = engine.decoder.cache
     cache.max_bytes = cache.bytes_for(2, 256)  # two short replies' rows
     engine.batch_bytes = cache.max_bytes
     sizes = []
@@ -413,7 +413,7 @@ def test_replies_wait_rather_than_take_the_slot_rows_past_their_bytes(wide_dir, 
     params = GenerationParams(max_new_tokens=6)
     chats = [[{"role": "user", "content": f"hello number {i}"}] for i in range(4)]
     streams = write_together(engine, chats, params, ["0", "1", "2", "3"])
-    assert engine._scheduler.widest == 2, "two rows at a time: the others waited"
+    assert engine.scheduler.widest == 2, "two rows at a time: the others waited"
     assert all(s.result.completion_tokens > 0 for s in streams)
     # A long conversation with short ones: it runs, alone, though its one row passes the bytes.
     streams = write_together(engine, [long_chat(), *chats[:2]], params, ["long", "0", "1"])

@@ -7,7 +7,7 @@ from django.http import StreamingHttpResponse
 from rest_framework import renderers
 
 from ..rendering import render_markdown
-from ..replies import ReplyWriter
+from ..replies import EventKind, ReplyWriter
 from .serializers import load_versions, message_data
 
 EVENT_STREAM = "text/event-stream"
@@ -73,15 +73,15 @@ class _ReplyEvents:
             data["conversation"] = str(user_message.conversation_id)
             yield format_event("user_message", data)
         for event in writer:
-            if event.kind == "delta":
-                yield format_event("delta", {"text": event.data})
-            elif event.kind == "done":
+            if event.kind == EventKind.DELTA:
+                yield format_event(event.kind, {"text": event.data})
+            elif event.kind == EventKind.DONE:
                 load_versions(event.data)
                 reply = message_data(event.data)
                 reply["html"] = str(render_markdown(event.data.content))
-                yield format_event("done", reply)
-            elif event.kind == "error":
+                yield format_event(event.kind, reply)
+            elif event.kind == EventKind.ERROR:
                 reply = message_data(event.data)
-                yield format_event("error", {"detail": event.detail, "reply": reply})
-            elif event.kind == "title":
-                yield format_event("title", {"title": event.data})
+                yield format_event(event.kind, {"detail": event.detail, "reply": reply})
+            elif event.kind == EventKind.TITLE:
+                yield format_event(event.kind, {"title": event.data})

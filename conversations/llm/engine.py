@@ -1,95 +1,53 @@
 """The one owner of the model in a process: it loads lazily, counts tokens, generates and scores.
+It is what the web side's seam (interface.ChatEngine) is, in the server's own process.
 
-Llama-architecture models (the bundled SmolLM2 among them) run on the lean decoder
-(decoder.py), whose replies share batched decode steps (scheduler.py); other models, seq2seq
-ones included, run through transformers' `generate`, one reply at a time. Either way every torch
-call happens on the scheduler's one model thread.
+What writes replies depends on the model (backends.py): Llama-architecture models (the bundled
+SmolLM2 among them) run on the lean decoder, whose replies share batched decode steps; other
+models, seq2seq ones included, run through transformers' `generate`, one reply at a time.
+Either way every torch call happens on the scheduler's one model thread.
 
-Messages come in as chat messages, [{"role": "system" | "user" | "assistant", "content": ...}].
-Causal chat models format them with their own chat template; seq2seq dialogue models
-(Blenderbot) read the turns joined into one text, the way they were trained.
+Messages come in as chat messages, [{"role": "system" | "user" | "assistant", "content": ...}],
+and become the model's prompt as its kind reads them (prompts.py).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from concurrent import futures
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .loading import LoadedModel, describe_source, load_model
-from .prefix_cache import CacheKey, PrefixCache, owner_of
-from .scheduler import Scheduler
-from .tokens import (
-    ID_BYTES,
-    SAMPLE_CONVERSATION,
-    PromptTokenizer,
-    Recent,
-    ReplyText,
-    prompt_bytes,
+from .backends import Backend, DecoderBackend, GenerateBackend, ReplyJob, Running
+from .events import ReplyEnded, TokensWritten
+from .interface import (
+    ChatMessage,
+    FinishReason,
+    Generation,
+    GenerationParams,
+    read_to_end,
 )
+from .loading import LoadedModel, describe_source, load_model
+from .prefix_cache import PrefixCache, owner_of
+from .prompts import ChatTemplate, JoinedTurns, Prompt
+from .scheduler import Scheduler
+from .tokens import ID_BYTES, PromptTokenizer, Recent, ReplyText, prompt_bytes
 
 if TYPE_CHECKING:
-    from .scheduler import ReplyRequest
+    from .decoder import LlamaDecoder
 
-# Used only for causal models whose tokenizer ships no chat template.
-PLAIN_TRANSCRIPT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
-    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
-)
-# Prompt encodings remembered (see Engine._prompt): at most this many, in at most half the
-# engine's `token_cache_bytes` (tokens.PromptTokenizer has the other half).
+__all__ = ["Engine", "Generation", "GenerationParams", "ReplyStream"]
+
+# Prompt encodings remembered (see Engine.prompt): at most this many, in at most half the
+# engine's `token_cache_bytes` (the chat template's tokens.PromptTokenizer has the other half).
 ENCODINGS_KEPT = 16
-# Blenderbot separates dialogue turns by two spaces.
-SEQ2SEQ_TURN_SEPARATOR = "  "
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 0.9
-    repetition_penalty: float = 1.1
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class Generation:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    ttft_ms: int
-    total_ms: int
-    # "stop": the model ended its turn; "length": the reply budget ran out; "cancelled": stopped
-    finish_reason: str
-
-
-class _TokenQueue:
-    """A generate() streamer that hands each new token to the consuming thread."""
-
-    def __init__(self) -> None:
-        self.queue: queue.Queue = queue.Queue()
-        self._seen_prompt = False
-
-    def put(self, value) -> None:
-        # The first call carries the prompt (or the decoder start token): not part of the reply.
-        if not self._seen_prompt:
-            self._seen_prompt = True
-            return
-        self.queue.put(("tokens", value.reshape(-1).tolist(), time.perf_counter()))
-
-    def end(self) -> None:
-        pass
+# A message list as a key: (role, content) pairs.
+Messages = tuple[tuple[str, str], ...]
 
 
 class ReplyStream:
@@ -100,9 +58,9 @@ class ReplyStream:
     def __init__(
         self,
         engine: Engine,
-        messages: list[dict],
+        messages: list[ChatMessage],
         params: GenerationParams,
-        cache_key: CacheKey | None = None,
+        cache_key: Hashable | None = None,
         owner: str | None = None,
     ) -> None:
         self.engine = engine
@@ -110,9 +68,10 @@ class ReplyStream:
         self.params = params
         self.cache_key = cache_key
         self.owner = owner if owner is not None else owner_of(cache_key)
-        self._request: ReplyRequest | None = None
         self.cancelled = threading.Event()
         self.result: Generation | None = None
+        self._running: Running | None = None
+        self._text: ReplyText | None = None
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -120,100 +79,72 @@ class ReplyStream:
     @property
     def reused_tokens(self) -> int:
         """Prompt tokens whose keys and values came from the prefix cache."""
-        return self._request.reused_tokens if self._request is not None else 0
+        return self._running.reused_tokens if self._running is not None else 0
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The ids the reply is written in, so far (its stop token included)."""
+        return list(self._text.ids) if self._text is not None else []
 
     def __iter__(self) -> Iterator[str]:
-        from .scheduler import ReplyRequest
-
         engine, cancelled = self.engine, self.cancelled
-        loaded = engine.load()
-        prompt_text, input_ids = engine._prompt(self.messages)
-        input_ids = list(input_ids)
+        backend = engine.backend
+        prompt = engine.prompt(self.messages)
+        input_ids = list(prompt.ids)
         budget = engine.reply_budget(self.params)
-        if engine._decoder is not None:
-            self._request = ReplyRequest(
-                prompt=input_ids,
-                max_new_tokens=budget,
-                stop_ids=frozenset(engine._stop_ids()),
-                repetition_penalty=self.params.repetition_penalty,
-                samplers=engine._samplers(self.params),
-                cache_key=self.cache_key,
-                owner=self.owner,
-                cancelled=cancelled,
-            )
-            events = self._request.events
-            engine._scheduler.submit(self._request)
-            wait = self._request.done.wait
-        else:
-            streamer = _TokenQueue()
-            events = streamer.queue
-            config = engine._generation_config(self.params)
-            job = engine._scheduler.call(lambda: self._generate(input_ids, config, streamer))
-            wait = lambda: futures.wait([job])  # noqa: E731
+        running = self._running = backend.start(
+            ReplyJob(input_ids, self.params, budget, cancelled, self.cache_key, self.owner)
+        )
 
         started = time.perf_counter()
-        first_at = finished = None
-        text = ReplyText(loaded.tokenizer)  # (its `ids`: the reply's tokens so far)
+        first_at: float | None = None
+        finished: float | None = None
+        text = self._text = ReplyText(backend.loaded.tokenizer)  # (its `ids`: the tokens so far)
         try:
             while True:
-                kind, payload, at = events.get()
-                if kind == "error":
-                    raise payload
-                if kind == "end":
-                    finished = at
+                # (isinstance, not match: a class pattern measured ten times slower, per token)
+                event = running.events.get()
+                if isinstance(event, TokensWritten):
+                    first_at = first_at or event.at
+                    if piece := text.add(event.ids):
+                        yield piece
+                elif isinstance(event, ReplyEnded):
+                    finished = event.at
                     break
-                first_at = first_at or at
-                if piece := text.add(payload):
-                    yield piece
+                else:  # ReplyFailed
+                    raise event.error
         finally:
             if finished is None:  # the consumer left early, or the model failed
                 cancelled.set()
-            wait()
+            running.wait()
             finished = finished or time.perf_counter()
+            written: list[int] = text.ids
+            stopped = bool(written) and written[-1] in backend.stop_ids
             self.result = self._result(
-                text.ids, len(input_ids), budget, started, first_at, finished
+                written, stopped, len(input_ids), budget, started, first_at, finished
             )
-            if prompt_text is not None:  # the next turn's prompt holds the ids written here
-                engine._remember(prompt_text, input_ids, text.ids, self.result.text)
+            # The next turn's prompt holds the ids written here.
+            backend.prompts.remember(prompt, written[:-1] if stopped else written, self.result.text)
 
-    def _generate(self, input_ids: list[int], config, streamer: _TokenQueue) -> None:
-        """`generate`, for models the decoder does not run (on the model thread)."""
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        cancelled = self.cancelled
-
-        class StopWhenCancelled(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool)
-
-        try:
-            # Cancelled before it began: nothing to generate, but the reader still hears "end".
-            if not cancelled.is_set():
-                with torch.inference_mode():
-                    prompt = torch.tensor([input_ids], dtype=torch.long)
-                    self.engine.load().model.generate(
-                        input_ids=prompt,
-                        attention_mask=torch.ones_like(prompt),
-                        generation_config=config,
-                        streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([StopWhenCancelled()]),
-                    )
-        except BaseException as exc:
-            streamer.queue.put(("error", exc, time.perf_counter()))
-        else:
-            streamer.queue.put(("end", None, time.perf_counter()))
-
-    def _result(self, tokens, prompt_tokens, budget, started, first_at, finished) -> Generation:
-        stopped = bool(tokens) and tokens[-1] in self.engine._stop_ids()
+    def _result(
+        self,
+        tokens: list[int],
+        stopped: bool,
+        prompt_tokens: int,
+        budget: int,
+        started: float,
+        first_at: float | None,
+        finished: float,
+    ) -> Generation:
         if stopped or (not self.cancelled.is_set() and len(tokens) < budget):
-            reason = "stop"
+            reason = FinishReason.STOP
         elif self.cancelled.is_set():
-            reason = "cancelled"
+            reason = FinishReason.CANCELLED
         else:
-            reason = "length"
+            reason = FinishReason.LENGTH
+        text: str = self.engine.load().tokenizer.decode(tokens, skip_special_tokens=True)
         return Generation(
-            text=self.engine.load().tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+            text=text.strip(),
             prompt_tokens=prompt_tokens,
             completion_tokens=len(tokens),
             ttft_ms=round(((first_at or finished) - started) * 1000),
@@ -254,29 +185,32 @@ class Engine:
         self.shared_system_prompt = shared_system_prompt
         self._prefix_cache = PrefixCache(prefix_cache_bytes)
         self.model_name = describe_source(model)
-        self._loaded: LoadedModel | None = None
+        # Set by loading: what writes replies on the model. The scheduler's one thread runs
+        # every torch call, loading included: decoding measured 40% slower when torch had run
+        # on another thread of the process.
+        self._backend: Backend | None = None
         self._load_lock = threading.Lock()
-        # The decoder is set by load() (None for models it does not run: they go through
-        # `generate`). The scheduler's one thread runs every torch call, loading included:
-        # decoding measured 40% slower when torch had run on another thread of the process.
-        self._decoder = None
-        self._encoded = Recent(ENCODINGS_KEPT, token_cache_bytes // 2)
+        self._encoded: Recent[Messages, Prompt] = Recent(ENCODINGS_KEPT, token_cache_bytes // 2)
         self._encoded_lock = threading.Lock()
-        self._prompts: PromptTokenizer | None = None  # set by load() for chat models
         self._scheduler = Scheduler(None, self._prefix_cache, max(1, max_batch))
 
     # Loading
 
     def load(self) -> LoadedModel:
-        """Load the model once; concurrent callers wait for the same load. The model thread
-        does the loading: every torch call of the process stays on that one thread."""
-        if self._loaded is None:
-            with self._load_lock:
-                if self._loaded is None:
-                    self._scheduler.call(self._load_on_model_thread).result()
-        return self._loaded
+        """Load the model once; concurrent callers wait for the same load."""
+        return self.backend.loaded
 
-    def _load_on_model_thread(self) -> None:
+    @property
+    def backend(self) -> Backend:
+        """What writes replies on the loaded model (loads it). The model thread does the
+        loading: every torch call of the process stays on that one thread."""
+        if self._backend is None:
+            with self._load_lock:
+                if self._backend is None:
+                    self._backend = self._scheduler.call(self._load_on_model_thread).result()
+        return self._backend
+
+    def _load_on_model_thread(self) -> Backend:
         import torch
 
         from . import decoder
@@ -284,50 +218,60 @@ class Engine:
         if self.torch_threads > 0:
             torch.set_num_threads(self.torch_threads)
         loaded = load_model(self.model_setting, self.cache_dir)
-        if not loaded.is_seq2seq and not loaded.tokenizer.chat_template:
-            loaded.tokenizer.chat_template = PLAIN_TRANSCRIPT_TEMPLATE
-        if not loaded.is_seq2seq:
-            self._prompts = _prompt_tokenizer(loaded.tokenizer, self.token_cache_bytes // 2)
-        if not loaded.is_seq2seq and decoder.supports(loaded.model):
-            self._decoder = decoder.LlamaDecoder(
-                loaded.model,
-                fmt=self.weights,
-                limit=self._window(loaded),
-                slot_bytes=self.batch_bytes,
-                # fp32 shares the model's own tensors; other formats hold copies.
-                release=self.weights != "fp32",
-                calibration=self._prompts.encode(
-                    loaded.tokenizer.apply_chat_template(decoder.CALIBRATION, tokenize=False)
-                ),
-                kernels=self.cache_dir if self.native_kernels else None,
-            )
-            self._scheduler.decoder = self._decoder
-            self._share_system_prompt(loaded.tokenizer)
-            _return_freed_memory()
-        self._loaded = loaded
-
-    def _share_system_prompt(self, tokenizer) -> None:
-        """Compute the keys and values of what every conversation may start with (the
-        template's header and the server's default system prompt) once, from that text alone,
-        for every user's conversations to borrow (see prefix_cache.PrefixCache.take)."""
-        if self.shared_system_prompt is None or self.prefix_cache_bytes <= 0:
-            return
-        try:
-            text = tokenizer.apply_chat_template(
-                [{"role": "system", "content": self.shared_system_prompt}], tokenize=False
-            )
-        except Exception:  # a template without a system role: nothing is shared
-            logger.info("The chat template refused a system prompt; no prefix is shared")
-            return
-        ids = self._prompts.encode(text)
-        if ids:
-            self._decoder.prefill(0, ids, 0)
-            self._prefix_cache.share(ids, self._decoder.cache.export(0, len(ids)))
-            self._decoder.cache.clear()
+        if loaded.is_seq2seq:
+            return GenerateBackend(loaded, self._scheduler, JoinedTurns(loaded.tokenizer))
+        prompts = ChatTemplate(loaded.tokenizer, max_bytes=self.token_cache_bytes // 2)
+        if not decoder.supports(loaded.model):
+            return GenerateBackend(loaded, self._scheduler, prompts)
+        backend = DecoderBackend(
+            loaded,
+            self._scheduler,
+            prompts,
+            self._prefix_cache,
+            fmt=self.weights,
+            limit=self._window(loaded),
+            slot_bytes=self.batch_bytes,
+            kernels=self.cache_dir if self.native_kernels else None,
+        )
+        backend.share_system_prompt(self.shared_system_prompt)
+        _return_freed_memory()
+        return backend
 
     @property
     def is_loaded(self) -> bool:
-        return self._loaded is not None
+        return self._backend is not None
+
+    # What the model runs on (read by tests)
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self._scheduler
+
+    @property
+    def prefix_cache(self) -> PrefixCache:
+        return self._prefix_cache
+
+    @property
+    def decoder(self) -> LlamaDecoder | None:
+        """The lean decoder running the model (None: the model runs through `generate`)."""
+        backend = self.backend
+        return backend.decoder if isinstance(backend, DecoderBackend) else None
+
+    @property
+    def prompt_tokenizer(self) -> PromptTokenizer | None:
+        """A chat model's prompt tokenizer (None: a seq2seq model, whose turns are joined)."""
+        prompts = self.backend.prompts
+        return prompts.encoder if isinstance(prompts, ChatTemplate) else None
+
+    @property
+    def encodings(self) -> Recent[Messages, Prompt]:
+        """The last prompts' encodings, by their messages (see prompt())."""
+        return self._encoded
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """The tokens that end the model's turn."""
+        return self.backend.stop_ids
 
     # Sizes
 
@@ -337,39 +281,50 @@ class Engine:
 
     def _window(self, loaded: LoadedModel) -> int:
         config = loaded.model.config
-        own = getattr(config, "max_position_embeddings", None) or 2048
+        own: int = getattr(config, "max_position_embeddings", None) or 2048
         if self.context_tokens > 0:
             return min(own, self.context_tokens)
         return own
 
     def reply_budget(self, params: GenerationParams) -> int:
-        """Tokens set aside for the reply: max_new_tokens, but never more than half the window,
-        so a model with a short window still reads the message it answers."""
-        window = self.context_window()
-        if self.load().is_seq2seq:
-            # The decoder has positions of its own (as many as the encoder, at most).
-            return min(params.max_new_tokens, window - 1)
-        return min(params.max_new_tokens, window // 2)
+        """Tokens set aside for the reply: max_new_tokens, but never more than the window
+        allows (half of it for a causal model, so that it still reads the message it answers)."""
+        return self.backend.prompts.reply_budget(params, self.context_window())
 
     def prompt_budget(self, params: GenerationParams) -> int:
         """Tokens left for the prompt once the reply budget is set aside."""
-        if self.load().is_seq2seq:
-            # The encoder reads the prompt; the decoder writes the reply in its own positions.
-            return self.context_window()
-        return self.context_window() - self.reply_budget(params)
+        return self.backend.prompts.prompt_budget(params, self.context_window())
 
-    def count_tokens(self, messages: list[dict]) -> int:
+    def count_tokens(self, messages: list[ChatMessage]) -> int:
         """Prompt tokens for these messages, as the model will see them."""
-        return len(self._encode(messages))
+        return len(self.prompt(messages).ids)
+
+    def encode(self, messages: list[ChatMessage]) -> list[int]:
+        """The prompt's token ids."""
+        return list(self.prompt(messages).ids)
+
+    def prompt(self, messages: list[ChatMessage]) -> Prompt:
+        """The prompt for these messages, rendered and tokenized. The last few are remembered:
+        the server counts a message list's tokens to fit the context and then generates from
+        the same list, and tokenizing a long history costs milliseconds."""
+        key = tuple((m["role"], m["content"]) for m in messages)
+        with self._encoded_lock:
+            known = self._encoded.get(key)
+        if known is not None:
+            return known
+        prompt = self.backend.prompts.render(messages)
+        with self._encoded_lock:
+            self._encoded.put(key, prompt, encoding_bytes(key, prompt))
+        return prompt
 
     # Generation
 
     def stream(
         self,
-        messages: list[dict],
+        messages: list[ChatMessage],
         params: GenerationParams,
         *,
-        cache_key: CacheKey | None = None,
+        cache_key: Hashable | None = None,
         owner: str | None = None,
     ) -> ReplyStream:
         """The assistant's next turn for these messages, as a stream of text pieces. With a
@@ -383,156 +338,41 @@ class Engine:
 
     def generate(
         self,
-        messages: list[dict],
+        messages: list[ChatMessage],
         params: GenerationParams,
         *,
-        cache_key: CacheKey | None = None,
+        cache_key: Hashable | None = None,
         owner: str | None = None,
     ) -> Generation:
         """Write the assistant's next turn for these messages."""
-        stream = self.stream(messages, params, cache_key=cache_key, owner=owner)
-        for _ in stream:
-            pass
-        return stream.result
+        return read_to_end(self.stream(messages, params, cache_key=cache_key, owner=owner))
 
-    def forget(self, conversation: str) -> futures.Future:
+    def forget(self, conversation: str) -> futures.Future[None]:
         """Drop the keys and values kept for a conversation (it, or some of its messages, was
         deleted). Returns the Future of the model thread doing it."""
 
-        def matches(key) -> bool:
-            return getattr(key, "conversation", key) == conversation
+        def matches(key: object) -> bool:
+            return bool(getattr(key, "conversation", key) == conversation)
 
-        return self._scheduler.call(lambda: self._scheduler.forget(matches))
+        scheduler = self._scheduler
+        done: futures.Future[None] = scheduler.call(lambda: scheduler.forget(matches))
+        return done
 
-    def score_reply(self, messages: list[dict], reply: str) -> float:
+    def score_reply(self, messages: list[ChatMessage], reply: str) -> float:
         """Log-probability (natural log, summed over tokens) that the model answers `reply`.
 
         Used to check what the model makes of a context without sampling from it.
         """
-        import torch
-
-        loaded = self.load()
-        if loaded.is_seq2seq:
-            raise NotImplementedError("Scoring is implemented for causal models.")
-        prompt_ids = self._encode(messages)
-        reply_ids = loaded.tokenizer(reply, add_special_tokens=False)["input_ids"]
-        ids = prompt_ids + reply_ids
-
-        def forward():
-            with torch.inference_mode():
-                if self._decoder is not None:  # the kernels of a batched decode step
-                    logits = self._decoder.prefill(self._scheduler.spare_row, ids, 0, every=True)
-                else:
-                    logits = loaded.model(input_ids=torch.tensor([ids])).logits[0].float()
-                log_probs = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
-                targets = torch.tensor(reply_ids, dtype=torch.long)
-                return float(log_probs.gather(1, targets.unsqueeze(1)).sum())
-
-        return self._scheduler.call(forward).result()
-
-    # Internals
-
-    def _encode(self, messages: list[dict]) -> list[int]:
-        """The prompt's token ids."""
-        return list(self._prompt(messages)[1])
-
-    def _prompt(self, messages: list[dict]) -> tuple[str | None, tuple[int, ...]]:
-        """The prompt's text as the chat template renders it (None for a model without one)
-        and its token ids. The last few are remembered: the server counts a message list's
-        tokens to fit the context and then generates from the same list, and tokenizing a long
-        history costs milliseconds."""
-        key = tuple((m["role"], m["content"]) for m in messages)
-        with self._encoded_lock:
-            known = self._encoded.get(key)
-        if known is not None:
-            return known
-        text, ids = self._tokenize(messages)
-        with self._encoded_lock:
-            self._encoded.put(key, (text, tuple(ids)), _encoding_bytes(key, text, ids))
-        return text, tuple(ids)
-
-    def _tokenize(self, messages: list[dict]) -> tuple[str | None, list[int]]:
-        loaded = self.load()
-        tokenizer = loaded.tokenizer
-        if loaded.is_seq2seq:
-            text = SEQ2SEQ_TURN_SEPARATOR.join(m["content"] for m in messages)
-            return None, tokenizer(text)["input_ids"]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return text, self._prompts.encode(text)
-
-    def _remember(self, prompt: str, prompt_ids: list[int], written: list[int], text: str) -> None:
-        """Let the next turn's prompt hold the ids the reply to `prompt` was written in (see
-        tokens.PromptTokenizer.remember). Only ever a saving: should it fail, the reply is
-        still whole and the next prompt is tokenized as usual."""
-        if written and written[-1] in self._stop_ids():
-            written = written[:-1]
-        try:
-            self._prompts.remember(prompt, prompt_ids, written, text)
-        except Exception:
-            logger.exception("Could not remember the ids of a reply; the next turn reads it again")
-
-    def _stop_ids(self) -> set[int]:
-        loaded = self.load()
-        ids: set[int] = set()
-        for source in (loaded.model.generation_config.eos_token_id, loaded.tokenizer.eos_token_id):
-            if isinstance(source, int):
-                ids.add(source)
-            elif source:
-                ids.update(source)
-        return ids
-
-    def _samplers(self, params: GenerationParams) -> list:
-        """transformers' warpers for sampling with these parameters ([] for greedy), in the
-        order `generate` chains them."""
-        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
-
-        if params.temperature <= 0:
-            return []
-        samplers = [TemperatureLogitsWarper(params.temperature)]
-        if params.top_p < 1.0:
-            samplers.append(TopPLogitsWarper(params.top_p))
-        return samplers
-
-    def _generation_config(self, params: GenerationParams):
-        import copy
-
-        loaded = self.load()
-        config = copy.deepcopy(loaded.model.generation_config)
-        sample = params.temperature > 0
-        config.update(
-            max_new_tokens=self.reply_budget(params),
-            do_sample=sample,
-            temperature=params.temperature if sample else None,
-            top_p=params.top_p if sample else None,
-            top_k=None,
-            repetition_penalty=params.repetition_penalty,
-            eos_token_id=sorted(self._stop_ids()),
-        )
-        if config.pad_token_id is None:
-            config.pad_token_id = loaded.tokenizer.pad_token_id or min(self._stop_ids())
-        return config
+        backend = self.backend
+        prompt_ids = self.encode(messages)
+        reply_ids = backend.loaded.tokenizer(reply, add_special_tokens=False)["input_ids"]
+        return backend.score(prompt_ids, reply_ids)
 
 
-def _encoding_bytes(key: tuple, text: str | None, ids) -> int:
+def encoding_bytes(key: Messages, prompt: Prompt) -> int:
     """An encoding's memory, about: its messages, and its prompt with its ids."""
     contents = sum(sys.getsizeof(content) for _, content in key)
-    return contents + prompt_bytes(text or "", ids, per_token=ID_BYTES)
-
-
-def _prompt_tokenizer(tokenizer, max_bytes: int) -> PromptTokenizer:
-    """Prompt tokenization reusing the last prompts' ids, if this tokenizer allows (tokens.py)."""
-    prompts = PromptTokenizer(tokenizer, max_bytes=max_bytes)
-    try:
-        sample = tokenizer.apply_chat_template(
-            SAMPLE_CONVERSATION, add_generation_prompt=True, tokenize=False
-        )
-    except Exception:  # a template that refuses the sample (no system role, say)
-        logger.info("The chat template refused the sample; prompts are tokenized whole")
-        return prompts
-    reply = next(m["content"] for m in SAMPLE_CONVERSATION if m["role"] == "assistant")
-    if not prompts.check(sample, reply):
-        logger.info("This tokenizer does not encode pieces alone; prompts are tokenized whole")
-    return prompts
+    return contents + prompt_bytes(prompt.text or "", prompt.ids, per_token=ID_BYTES)
 
 
 def _return_freed_memory() -> None:

@@ -28,6 +28,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .events import ModelEvent, ReplyEnded, ReplyFailed, TokensWritten
 from .prefix_cache import PrefixCache, reusable_length
 
 if TYPE_CHECKING:
@@ -68,9 +69,9 @@ DELIVERY_SECONDS = 0.05
 
 @dataclass(eq=False)
 class ReplyRequest:
-    """One reply to write. The scheduler puts ("tokens", [ids], time) as it writes (see
-    DELIVERY_SECONDS), then ("end", None, time) or ("error", exception, time) on `events`, and
-    sets `done` once it has let go of it."""
+    """One reply to write. The scheduler puts TokensWritten as it writes (see
+    DELIVERY_SECONDS), then ReplyEnded or ReplyFailed on `events`, and sets `done` once it has
+    let go of it."""
 
     prompt: list[int]
     max_new_tokens: int
@@ -84,7 +85,7 @@ class ReplyRequest:
     # Whose reply it is (a user): waiting replies are let in user by user (see _next_waiting).
     owner: str | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
-    events: queue.Queue = field(default_factory=queue.Queue)
+    events: queue.Queue[ModelEvent] = field(default_factory=queue.Queue)
     done: threading.Event = field(default_factory=threading.Event)
     reused_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     # The scheduler's state
@@ -326,7 +327,7 @@ class Scheduler:
                 self._deliver(request, now)
 
     def _deliver(self, request: ReplyRequest, now: float) -> None:
-        request.events.put(("tokens", request.unsent, now))
+        request.events.put(TokensWritten(request.unsent, now))
         request.unsent = []
         request.next_delivery = now + DELIVERY_SECONDS
 
@@ -344,8 +345,7 @@ class Scheduler:
         now = time.perf_counter()
         if request.unsent:
             self._deliver(request, now)
-        kind, payload = ("error", error) if error is not None else ("end", None)
-        request.events.put((kind, payload, now))
+        request.events.put(ReplyFailed(error, now) if error is not None else ReplyEnded(now))
         if request.row < 0:
             request.done.set()
 

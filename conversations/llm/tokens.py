@@ -24,6 +24,8 @@ import bisect
 import sys
 import threading
 from collections import OrderedDict
+from collections.abc import Hashable, Iterator
+from typing import Generic, TypeVar
 
 from .prefix_cache import common_prefix_length
 
@@ -45,7 +47,11 @@ def prompt_bytes(text: str, ids, per_token: int = 2 * ID_BYTES) -> int:
     return sys.getsizeof(text) + per_token * len(ids)
 
 
-class Recent:
+Key = TypeVar("Key", bound=Hashable)
+Value = TypeVar("Value")
+
+
+class Recent(Generic[Key, Value]):
     """The entries put last, at most `kept` of them in at most `max_bytes` (each one's size
     given as it is put): the oldest go first, and the newest always stays, whatever its size.
     Not locked: its owner holds a lock of its own."""
@@ -53,16 +59,16 @@ class Recent:
     def __init__(self, kept: int, max_bytes: int) -> None:
         self.kept, self.max_bytes = kept, max_bytes
         self.nbytes = 0
-        self._entries: OrderedDict = OrderedDict()  # key: (value, size)
+        self._entries: OrderedDict[Key, tuple[Value, int]] = OrderedDict()  # key: (value, size)
 
-    def get(self, key, default=None):
+    def get(self, key: Key, default: Value | None = None) -> Value | None:
         entry = self._entries.get(key)
         if entry is None:
             return default
         self._entries.move_to_end(key)
         return entry[0]
 
-    def put(self, key, value, size: int) -> None:
+    def put(self, key: Key, value: Value, size: int) -> None:
         self.pop(key)
         self._entries[key] = (value, size)
         self.nbytes += size
@@ -71,19 +77,19 @@ class Recent:
         ):
             self.pop(next(iter(self._entries)))
 
-    def pop(self, key) -> None:
+    def pop(self, key: Key) -> None:
         entry = self._entries.pop(key, None)
         if entry is not None:
             self.nbytes -= entry[1]
 
-    def items(self) -> list[tuple]:
+    def items(self) -> list[tuple[Key, Value]]:
         """(key, value) pairs, oldest first."""
         return [(key, value) for key, (value, _) in self._entries.items()]
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Key]:
         return iter(list(self._entries))
 
     def clear(self) -> None:

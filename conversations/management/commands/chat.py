@@ -5,6 +5,7 @@ from django.core.management.base import BaseCommand, CommandError
 from conversations import services
 from conversations.errors import ChatError
 from conversations.models import Conversation
+from conversations.replies import EventKind
 from conversations.validators import terminal_text, validate_message_content
 
 EXIT_WORDS = {"/quit", "/exit"}
@@ -63,15 +64,15 @@ class Command(BaseCommand):
         self.stdout.write("bot> ", ending="")
         try:
             for event in writer:
-                if event.kind == "delta":
+                if event.kind == EventKind.DELTA:
                     self.stdout.write(terminal_text(event.data), ending="")
                     self.stdout.flush()
-                elif event.kind == "done":
+                elif event.kind == EventKind.DONE:
                     self.stdout.write("")
-                elif event.kind == "error":
+                elif event.kind == EventKind.ERROR:
                     self.stdout.write("")
                     self.stderr.write(f"error: {event.detail}")
-                elif event.kind == "title":
+                elif event.kind == EventKind.TITLE:
                     self.stdout.write(f"(this chat is now titled {terminal_text(event.data)!r})")
         finally:
             writer.cancel_and_finish()

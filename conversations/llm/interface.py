@@ -1,0 +1,116 @@
+"""What the web side needs from an engine: the seam between Django and the generation layer.
+
+The views, services and context builder depend on `ChatEngine` alone. The embedded engine
+(engine.Engine) implements it, and so does the tests' stand-in (tests/fakes.py); an engine that
+asks an inference server instead would implement the same. Importing this module imports no
+torch and no Django.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from typing import Any, Protocol, TypedDict
+
+from .prefix_cache import CacheKey
+
+
+class ChatMessage(TypedDict):
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+class FinishReason(StrEnum):
+    """Why a reply ended (stored with it, as its value)."""
+
+    STOP = "stop"  # the model ended its turn
+    LENGTH = "length"  # the reply budget ran out
+    CANCELLED = "cancelled"  # stopped before either
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_ms: int
+    total_ms: int
+    finish_reason: FinishReason
+
+
+class StreamingReply(Protocol):
+    """One reply being written: iterate it for pieces of text as they come. Once iteration
+    ends (finished, cancelled, or abandoned by the consumer), `result` holds the Generation."""
+
+    @property
+    def result(self) -> Generation | None: ...
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def cancel(self) -> None:
+        """Stop writing (thread-safe); the reply ends with what was written."""
+
+
+class ChatEngine(Protocol):
+    """Writes the assistant's turns of chats. Messages are the whole chat as the model should
+    read it, oldest first; what the engine keeps between turns is only ever a saving."""
+
+    @property
+    def model_name(self) -> str:
+        """The name replies are labelled with, known without loading anything."""
+
+    def load(self) -> object:
+        """Get ready to answer (the first reply does it otherwise)."""
+
+    def prompt_budget(self, params: GenerationParams) -> int:
+        """Tokens the prompt may take once the reply's budget is set aside."""
+
+    def count_tokens(self, messages: list[ChatMessage]) -> int:
+        """Prompt tokens for these messages, as the model will read them."""
+
+    def stream(
+        self,
+        messages: list[ChatMessage],
+        params: GenerationParams,
+        *,
+        cache_key: CacheKey | None = None,
+        owner: str | None = None,
+    ) -> StreamingReply:
+        """The next turn, as it is written. `cache_key` names the conversation (what is kept
+        of it serves its next turn); `owner` is whose reply it is (by default the key's)."""
+
+    def generate(
+        self,
+        messages: list[ChatMessage],
+        params: GenerationParams,
+        *,
+        cache_key: CacheKey | None = None,
+        owner: str | None = None,
+    ) -> Generation:
+        """The next turn, written whole."""
+
+    def forget(self, conversation: str) -> Future[None]:
+        """Drop what is kept of a conversation's turns (its text was deleted); the Future is
+        done once it is gone."""
+
+
+def read_to_end(stream: StreamingReply) -> Generation:
+    """Read a reply to its end; its Generation."""
+    for _ in stream:
+        pass
+    if stream.result is None:
+        raise RuntimeError("The reply ended without its result")
+    return stream.result
