@@ -1,4 +1,4 @@
-"""python -m benchmarks [--only decode,ttft,quality,concurrency,memory,api,soak] [--quick]
+"""python -m benchmarks [--only decode,ttft,quality,concurrency,fairness,memory,api,soak] [--quick]
 
 Runs the benchmarks (all but the soak by default: it takes an hour or more), prints a table with
 the ratios and the targets, and writes var/bench/results-<timestamp>.json. Figures only: nothing
@@ -22,6 +22,7 @@ BENCHMARKS = {
     "ttft": "Time to first token vs history length",
     "quality": "Quality guard: greedy answers and perplexity vs the fp32 reference",
     "concurrency": "Concurrent conversations through the HTTP server",
+    "fairness": "Another user's first token while one user floods the model",
     "memory": "Start-up time and peak memory of the server",
     "api": "API overhead without generation on 1k and 100k messages",
     "soak": "The worker's memory over 1,000 messages of a mixed workload",

@@ -49,13 +49,22 @@ class BenchServer:
     def prepare(self) -> None:
         """Database, static files and the API user (outside any timing)."""
         self.server.prepare()
+        self._create_user(USERNAME, self.token)
+
+    def add_user(self, username: str) -> dict[str, str]:
+        """Another API user; returns the headers that sign its requests."""
+        token = secrets.token_hex(20)
+        self._create_user(username, token)
+        return {"Authorization": f"Token {token}"}
+
+    def _create_user(self, username: str, token: str) -> None:
         self.server.manage(
             "shell",
             "-c",
             "from django.contrib.auth import get_user_model; "
             "from accounts.keys import issue_key; "
-            f"user = get_user_model().objects.create_user({USERNAME!r}, password={PASSWORD!r}); "
-            f"issue_key(user=user, name='benchmark', key={self.token!r})",
+            f"user = get_user_model().objects.create_user({username!r}, password={PASSWORD!r}); "
+            f"issue_key(user=user, name='benchmark', key={token!r})",
         )
 
     def start(self) -> None:
@@ -79,18 +88,19 @@ class BenchServer:
 
     # API
 
-    def new_conversation(self, **fields) -> str:
-        """A conversation with a title (so the model writes no title after the first reply)."""
+    def new_conversation(self, headers: dict[str, str] | None = None, **fields) -> str:
+        """A conversation with a title (so the model writes no title after the first reply),
+        of the benchmark's user or of the one `headers` sign for."""
         response = requests.post(
             f"{self.url}/api/conversations/",
             json={"title": "Benchmark", **fields},
-            headers=self.headers,
+            headers=headers or self.headers,
             timeout=REQUEST_TIMEOUT,
         )
         response.raise_for_status()
         return response.json()["id"]
 
-    def ask(self, conversation: str, content: str, on_first_text=None) -> dict:
+    def ask(self, conversation: str, content: str, on_first_text=None, headers=None) -> dict:
         """Post a message and read the streamed reply: seconds to the first text and to the
         end, as the client sees them, and the reply's completion tokens. `on_first_text()` is
         called when the first text arrives (the reply is being written)."""
@@ -101,7 +111,7 @@ class BenchServer:
         with requests.post(
             f"{self.url}/api/conversations/{conversation}/messages/",
             json={"content": content},
-            headers={**self.headers, "Accept": "text/event-stream"},
+            headers={**(headers or self.headers), "Accept": "text/event-stream"},
             stream=True,
             timeout=REQUEST_TIMEOUT,
         ) as response:
