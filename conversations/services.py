@@ -22,7 +22,7 @@ from . import leases, quotas
 from .errors import Conflict, TooManyReplies
 from .llm.interface import FinishReason
 from .models import Conversation, Message
-from .replies import Exchange, ReplyEvent, ReplyWriter, reserve_reply
+from .replies import EventKind, Exchange, ReplyEvent, ReplyWriter, reserve_reply
 from .runtime import default_generation_params, get_engine
 from .validators import clean_title
 
@@ -316,7 +316,7 @@ def _write_title(writer: ReplyWriter) -> ReplyEvent | None:
     if not Conversation.objects.filter(pk=conversation.pk, title=fallback).update(title=title):
         return None
     conversation.title = title
-    return ReplyEvent("title", title)
+    return ReplyEvent(EventKind.TITLE, title)
 
 
 def _clean_title(text: str) -> str:
