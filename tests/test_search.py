@@ -423,7 +423,7 @@ def test_page_snippets_are_escaped(owner, owner_client):
 
 
 def test_page_pager_keeps_the_query(owner, owner_client, monkeypatch):
-    monkeypatch.setattr("conversations.views.CONVERSATIONS_PER_PAGE", 2)
+    monkeypatch.setattr("conversations.pages.chats.CONVERSATIONS_PER_PAGE", 2)
     for i in range(3):
         make_conversation(owner, f"chat {i}", texts=["plum"])
 

@@ -205,10 +205,10 @@ import sys, django
 django.setup()
 from django.core.management import call_command
 call_command("migrate", verbosity=0)
-import chatsite.urls, conversations.admin, conversations.api.views, conversations.views
+import chatsite.urls, conversations.admin, conversations.api.views, conversations.pages.chats
 import conversations.services, conversations.runtime
 from django.test import Client
-import conversations.views_thread, conversations.views_transfer, conversations.search
+import conversations.pages.thread, conversations.pages.exports, conversations.search
 assert Client().get("/accounts/login/").status_code == 200
 assert Client().get("/api/conversations/").status_code == 401
 heavy = sorted(m for m in ("torch", "transformers") if m in sys.modules)

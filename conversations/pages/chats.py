@@ -9,13 +9,13 @@ from django.shortcuts import redirect, render
 from django.utils.decorators import method_decorator
 from django.views.decorators.http import require_http_methods, require_POST
 
-from . import services
-from .disconnects import run_while_connected
-from .errors import ChatError
+from .. import services
+from ..disconnects import run_while_connected
+from ..errors import ChatError
+from ..models import Conversation
+from ..search import search_conversations
+from ..throttles import ConversationRateThrottle, MessageRateThrottle, limit_sign_ins, throttled
 from .forms import NewConversationForm
-from .models import Conversation
-from .search import search_conversations
-from .throttles import ConversationRateThrottle, MessageRateThrottle, limit_sign_ins, throttled
 
 CONVERSATIONS_PER_PAGE = 30
 

@@ -8,10 +8,10 @@ from django.http import Http404, HttpResponse
 from django.shortcuts import redirect
 from django.views.decorators.http import require_GET, require_http_methods
 
-from . import transfer
-from .errors import ChatError
-from .throttles import ConversationRateThrottle, throttled
-from .views_thread import owned_conversation
+from .. import transfer
+from ..errors import ChatError
+from ..throttles import ConversationRateThrottle, throttled
+from .thread import owned_conversation
 
 CONTENT_TYPES = {"json": "application/json", "md": "text/markdown; charset=utf-8"}
 
