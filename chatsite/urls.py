@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.urls import include, path
 
-from conversations.pages.chats import admin_login
+from conversations.pages.auth import admin_login
 from conversations.pages.urls import auth_urlpatterns
 
 urlpatterns = [

@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from . import chats, exports, thread
+from . import auth, chats, exports, imports, thread
 
 app_name = "conversations"
 
@@ -19,11 +19,11 @@ urlpatterns = [
     ),
     path("c/<uuid:conversation_id>/delete/", thread.delete, name="delete"),
     path("c/<uuid:conversation_id>/export/", exports.export, name="export"),
-    path("import/", exports.import_conversation, name="import"),
+    path("import/", imports.import_conversation, name="import"),
 ]
 
 auth_urlpatterns = [
-    path("signup/", chats.signup, name="signup"),
-    path("login/", chats.LoginView.as_view(), name="login"),
+    path("signup/", auth.signup, name="signup"),
+    path("login/", auth.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
 ]
