@@ -16,7 +16,7 @@ from rest_framework.parsers import MultiPartParser
 from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.response import Response
 
-from .. import transfer
+from .. import exports, imports
 from ..models import Conversation, Message
 from ..throttles import ConversationRateThrottle
 from .parsers import JSONParser
@@ -96,8 +96,8 @@ class ExportedMessageSerializer(serializers.Serializer):
 
 
 class ExportDocumentSerializer(serializers.Serializer):
-    format = serializers.ChoiceField(choices=[transfer.FORMAT])
-    version = serializers.ChoiceField(choices=[transfer.VERSION])
+    format = serializers.ChoiceField(choices=[exports.FORMAT])
+    version = serializers.ChoiceField(choices=[exports.VERSION])
     exported_at = serializers.DateTimeField(required=False)
     conversation = ExportedConversationSerializer()
     messages = ExportedMessageSerializer(
@@ -147,10 +147,10 @@ class ConversationExportView(generics.GenericAPIView):
     def get(self, request, pk):
         conversation = self.get_object()
         if request.accepted_renderer.format == MarkdownRenderer.format:
-            body, extension = transfer.export_markdown(conversation), "md"
+            body, extension = exports.export_markdown(conversation), "md"
         else:
-            body, extension = transfer.export_conversation(conversation), "json"
-        filename = transfer.export_filename(conversation, extension)
+            body, extension = exports.export_conversation(conversation), "json"
+        filename = exports.export_filename(conversation, extension)
         return Response(body, headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
     def finalize_response(self, request, response, *args, **kwargs):
@@ -185,16 +185,16 @@ class ConversationImportView(generics.GenericAPIView):
             length = int(request.META.get("CONTENT_LENGTH") or 0)
         except ValueError:
             length = 0
-        transfer.check_import_size(length - (MULTIPART_OVERHEAD if multipart else 0))
+        imports.check_import_size(length - (MULTIPART_OVERHEAD if multipart else 0))
         if multipart:
             upload = request.FILES.get("file")
             if upload is None:
-                raise transfer.InvalidImport('Upload the export file as the field "file".')
-            transfer.check_import_size(upload.size)
-            document = transfer.parse_document(upload.read())
+                raise imports.InvalidImport('Upload the export file as the field "file".')
+            imports.check_import_size(upload.size)
+            document = imports.parse_document(upload.read())
         else:
             document = request.data
-        conversation = transfer.import_conversation(owner=request.user, document=document)
+        conversation = imports.import_conversation(owner=request.user, document=document)
         conversation.message_count = conversation.messages.active_path().count()
         return Response(
             ConversationSerializer(conversation).data,

@@ -7,7 +7,7 @@ from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpResponse
 from django.views.decorators.http import require_GET
 
-from .. import transfer
+from .. import exports
 from .thread import owned_conversation
 
 CONTENT_TYPES = {"json": "application/json", "md": "text/markdown; charset=utf-8"}
@@ -19,13 +19,13 @@ CONTENT_TYPES = {"json": "application/json", "md": "text/markdown; charset=utf-8
 def export(request, conversation):
     extension = request.GET.get("format", "json")
     if extension == "json":
-        document = transfer.export_conversation(conversation)
+        document = exports.export_conversation(conversation)
         body = json.dumps(document, ensure_ascii=False, indent=2)
     elif extension == "md":
-        body = transfer.export_markdown(conversation)
+        body = exports.export_markdown(conversation)
     else:
         raise Http404("Unknown export format.")
     response = HttpResponse(body.encode("utf-8"), content_type=CONTENT_TYPES[extension])
-    filename = transfer.export_filename(conversation, extension)
+    filename = exports.export_filename(conversation, extension)
     response["Content-Disposition"] = f'attachment; filename="{filename}"'
     return response

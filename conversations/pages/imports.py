@@ -5,7 +5,7 @@ from django.contrib.auth.decorators import login_required
 from django.shortcuts import redirect
 from django.views.decorators.http import require_http_methods
 
-from .. import transfer
+from .. import imports
 from ..errors import ChatError
 from ..throttles import ConversationRateThrottle, throttled
 
@@ -20,10 +20,10 @@ def import_conversation(request):
     upload = request.FILES.get("file")
     try:
         if upload is None:
-            raise transfer.InvalidImport("Choose a JSON export file to import.")
-        transfer.check_import_size(upload.size)
-        document = transfer.parse_document(upload.read())
-        conversation = transfer.import_conversation(owner=request.user, document=document)
+            raise imports.InvalidImport("Choose a JSON export file to import.")
+        imports.check_import_size(upload.size)
+        document = imports.parse_document(upload.read())
+        conversation = imports.import_conversation(owner=request.user, document=document)
     except ChatError as exc:  # not an export, or past a storage limit
         flash.error(request, f"Could not import the file: {exc.detail}")
         return redirect("conversations:list")
