@@ -4,7 +4,7 @@ from rest_framework.routers import DefaultRouter
 
 from accounts.views import TokenView
 
-from .transfer import ConversationExportView, ConversationImportView
+from .exports import ConversationExportView, ConversationImportView
 from .views import ConversationViewSet, StartMessageView
 
 router = DefaultRouter()
