@@ -1,5 +1,5 @@
 """Export a conversation: as a JSON document, which imports.py reads back, or as a Markdown
-transcript. The pages and the API both serve these.
+transcript. The pages and the API both send the download that export_download builds.
 
 The JSON document keeps every version of every message, so an import restores the branches:
 
@@ -24,8 +24,10 @@ server's default, and "" is none, as everywhere else (services.system_prompt_or_
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 
+from django.http import HttpResponse
 from django.utils import timezone
 from django.utils.text import slugify
 
@@ -34,6 +36,24 @@ from .models import REPLY_FIELDS, Conversation, Message
 FORMAT = "local-chat.conversation"
 VERSION = 1
 FILENAME_STEM_CHARS = 60
+# The download formats, by file extension (the `?format=` of the pages and the API alike).
+DOWNLOAD_CONTENT_TYPES = {"json": "application/json", "md": "text/markdown; charset=utf-8"}
+
+
+def export_download(conversation: Conversation, extension: str) -> HttpResponse:
+    """The conversation as a file to download, in the format of `extension` (a key of
+    DOWNLOAD_CONTENT_TYPES): the JSON document, indented for people who open it, or the
+    Markdown transcript."""
+    if extension == "json":
+        text = json.dumps(export_conversation(conversation), ensure_ascii=False, indent=2)
+    elif extension == "md":
+        text = export_markdown(conversation)
+    else:
+        raise ValueError(f"Not an export format: {extension!r}")
+    response = HttpResponse(text.encode("utf-8"), content_type=DOWNLOAD_CONTENT_TYPES[extension])
+    filename = export_filename(conversation, extension)
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response
 
 
 def export_conversation(conversation: Conversation) -> dict:

@@ -721,6 +721,25 @@ def test_page_export_of_an_unknown_format_is_404(client, owner):
     assert client.get(page_export_url(conversation), {"format": "pdf"}).status_code == 404
 
 
+@pytest.mark.parametrize("fmt", ["json", "md"])
+def test_the_page_and_the_api_send_the_same_file(api, client, owner, fmt):
+    conversation, _ = make_versioned_conversation(owner)
+    client.force_login(owner)
+
+    page = client.get(page_export_url(conversation), {"format": fmt})
+    from_api = api.get(api_export_url(conversation), {"format": fmt})
+
+    for header in ("Content-Type", "Content-Disposition"):
+        assert page[header] == from_api[header]
+    # Only the moment of the export may differ.
+    if fmt == "json":
+        stamps = [json.loads(r.content)["exported_at"].encode() for r in (page, from_api)]
+        assert from_api.content.replace(stamps[1], stamps[0]) == page.content
+    else:
+        exported_line = re.compile(rb"^\*Exported [^\n]*$", re.MULTILINE)
+        assert exported_line.sub(b"", from_api.content) == exported_line.sub(b"", page.content)
+
+
 def test_pages_send_anonymous_users_to_login(client, owner):
     conversation, _ = make_versioned_conversation(owner)
     before = counts()

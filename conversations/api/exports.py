@@ -1,7 +1,8 @@
-"""Export a conversation as a download (JSON or Markdown).
+"""Export a conversation as a download (JSON or Markdown), the same file the pages send.
 
 `?format=` is DRF's URL format override, so the export view offers one renderer per download
-format and DRF's content negotiation picks it: `?format=json` (the default) or `?format=md`.
+format and DRF's content negotiation picks it: `?format=json` (the default) or `?format=md`. The
+renderers only choose: the file is exports.export_download's, and errors are JSON.
 """
 
 import json
@@ -12,7 +13,6 @@ from rest_framework import generics
 from rest_framework.exceptions import NotFound
 from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.renderers import BaseRenderer, JSONRenderer
-from rest_framework.response import Response
 
 from .. import exports
 from ..models import Conversation
@@ -21,24 +21,16 @@ from .serializers import ExportDocumentSerializer
 # --- renderers -----------------------------------------------------------------------------------
 
 
-class ExportJSONRenderer(JSONRenderer):
-    """The JSON export, indented for people who open the file; errors are rendered with it too."""
-
-    format = "json"
-
-    def get_indent(self, accepted_media_type, renderer_context):
-        return 2
-
-
 class MarkdownRenderer(BaseRenderer):
+    """Chooses the Markdown transcript."""
+
     media_type = "text/markdown"
     format = "md"
     charset = "utf-8"
 
     def render(self, data, accepted_media_type=None, renderer_context=None):
-        if isinstance(data, str):
-            return data.encode(self.charset)
-        return json.dumps(data).encode(self.charset)  # not reached: errors are rendered as JSON
+        # Only what is not the file comes this way: an OPTIONS request's description.
+        return json.dumps(data).encode(self.charset)
 
 
 class ExportNegotiation(DefaultContentNegotiation):
@@ -56,7 +48,7 @@ class ExportNegotiation(DefaultContentNegotiation):
 class ConversationExportView(generics.GenericAPIView):
     """Download a conversation: the full JSON document, or a Markdown transcript."""
 
-    renderer_classes = [ExportJSONRenderer, MarkdownRenderer]
+    renderer_classes = [JSONRenderer, MarkdownRenderer]
     content_negotiation_class = ExportNegotiation
 
     def get_queryset(self):
@@ -71,7 +63,7 @@ class ConversationExportView(generics.GenericAPIView):
                 "format",
                 OpenApiTypes.STR,
                 OpenApiParameter.QUERY,
-                enum=["json", "md"],
+                enum=list(exports.DOWNLOAD_CONTENT_TYPES),
                 default="json",
                 description="json: the whole conversation, every version of every message, "
                 "importable with POST /api/conversations/import/. md: a readable transcript "
@@ -86,19 +78,13 @@ class ConversationExportView(generics.GenericAPIView):
         },
     )
     def get(self, request, pk):
-        conversation = self.get_object()
-        if request.accepted_renderer.format == MarkdownRenderer.format:
-            body, extension = exports.export_markdown(conversation), "md"
-        else:
-            body, extension = exports.export_conversation(conversation), "json"
-        filename = exports.export_filename(conversation, extension)
-        return Response(body, headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+        return exports.export_download(self.get_object(), request.accepted_renderer.format)
 
     def finalize_response(self, request, response, *args, **kwargs):
         if response.status_code >= 400 and isinstance(
             getattr(request, "accepted_renderer", None), MarkdownRenderer
         ):
             # Errors stay JSON with a `detail`, whatever format was asked for.
-            request.accepted_renderer = ExportJSONRenderer()
-            request.accepted_media_type = ExportJSONRenderer.media_type
+            request.accepted_renderer = JSONRenderer()
+            request.accepted_media_type = JSONRenderer.media_type
         return super().finalize_response(request, response, *args, **kwargs)

@@ -1,16 +1,12 @@
 """The export download of a chat, linked from its thread: a JSON document or a Markdown
 transcript."""
 
-import json
-
 from django.contrib.auth.decorators import login_required
-from django.http import Http404, HttpResponse
+from django.http import Http404
 from django.views.decorators.http import require_GET
 
 from .. import exports
 from .thread import owned_conversation
-
-CONTENT_TYPES = {"json": "application/json", "md": "text/markdown; charset=utf-8"}
 
 
 @login_required
@@ -18,14 +14,6 @@ CONTENT_TYPES = {"json": "application/json", "md": "text/markdown; charset=utf-8
 @owned_conversation
 def export(request, conversation):
     extension = request.GET.get("format", "json")
-    if extension == "json":
-        document = exports.export_conversation(conversation)
-        body = json.dumps(document, ensure_ascii=False, indent=2)
-    elif extension == "md":
-        body = exports.export_markdown(conversation)
-    else:
+    if extension not in exports.DOWNLOAD_CONTENT_TYPES:
         raise Http404("Unknown export format.")
-    response = HttpResponse(body.encode("utf-8"), content_type=CONTENT_TYPES[extension])
-    filename = exports.export_filename(conversation, extension)
-    response["Content-Disposition"] = f'attachment; filename="{filename}"'
-    return response
+    return exports.export_download(conversation, extension)
