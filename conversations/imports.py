@@ -67,6 +67,13 @@ def parse_document(raw: bytes | str) -> Any:
         raise InvalidImport(f"The file is not valid JSON: {exc}") from exc
 
 
+def read_upload(upload) -> Any:
+    """The document in an uploaded export file (pages and API), its size checked before it is
+    read. Raises InvalidImport if it is too large or not JSON."""
+    check_import_size(upload.size)
+    return parse_document(upload.read())
+
+
 def import_conversation(*, owner, document: Any) -> Conversation:
     """Create a new conversation, owned by `owner`, from an export document.
 

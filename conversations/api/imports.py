@@ -42,8 +42,7 @@ class ConversationImportView(generics.GenericAPIView):
             upload = request.FILES.get("file")
             if upload is None:
                 raise imports.InvalidImport('Upload the export file as the field "file".')
-            imports.check_import_size(upload.size)
-            document = imports.parse_document(upload.read())
+            document = imports.read_upload(upload)
         else:
             document = request.data
         conversation = imports.import_conversation(owner=request.user, document=document)

@@ -21,8 +21,7 @@ def import_conversation(request):
     try:
         if upload is None:
             raise imports.InvalidImport("Choose a JSON export file to import.")
-        imports.check_import_size(upload.size)
-        document = imports.parse_document(upload.read())
+        document = imports.read_upload(upload)
         conversation = imports.import_conversation(owner=request.user, document=document)
     except ChatError as exc:  # not an export, or past a storage limit
         flash.error(request, f"Could not import the file: {exc.detail}")
