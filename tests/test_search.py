@@ -389,6 +389,11 @@ def test_page_has_a_search_box(owner_client):
     assert 'name="q"' in page
 
 
+def test_page_search_box_takes_as_much_as_the_search_reads(owner_client):
+    for page in (owner_client.get("/"), owner_client.post("/new/", {"content": ""})):
+        assert f'maxlength="{search.MAX_QUERY_CHARS}"' in page.content.decode()
+
+
 def test_page_lists_results_best_first_with_highlighted_snippets(owner, owner_client):
     one = make_conversation(owner, "Few", texts=["a cactus in the window"])
     many = make_conversation(owner, "Many", texts=["cactus care", "water the cactus rarely"])

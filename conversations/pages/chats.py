@@ -10,7 +10,7 @@ from .. import services
 from ..disconnects import run_while_connected
 from ..errors import ChatError
 from ..models import Conversation
-from ..search import search_conversations
+from ..search import MAX_QUERY_CHARS, search_conversations
 from ..throttles import ConversationRateThrottle, MessageRateThrottle, throttled
 from .forms import NewConversationForm
 
@@ -54,5 +54,5 @@ def new_conversation(request):
 
 def _list_page(request, conversations, *, form, query: str = "", status: int = 200):
     page = Paginator(conversations, CONVERSATIONS_PER_PAGE).get_page(request.GET.get("page"))
-    context = {"page": page, "form": form, "query": query}
+    context = {"page": page, "form": form, "query": query, "max_query_chars": MAX_QUERY_CHARS}
     return render(request, "conversations/list.html", context, status=status)
