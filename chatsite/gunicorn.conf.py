@@ -3,19 +3,19 @@
 import os
 import threading
 
-bind = os.environ.get("CHATBOT_BIND", "127.0.0.1:8000")
-# Each worker process holds its own copy of the model, so one is the default.
-workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+from chatsite.env import env_batch_size, env_int, env_str
+
+bind = env_str("CHATBOT_BIND", "127.0.0.1:8000")
+# Each worker process holds its own copy of the model, so one is the default. (gunicorn reads
+# WEB_CONCURRENCY too, before this file, with a bare int(): its traceback shows the variable.)
+workers = env_int("WEB_CONCURRENCY", 1)
 # gunicorn's threaded worker, with requests read whole before a thread serves them: slow or
 # idle clients cost no thread.
 worker_class = "chatsite.workers.BufferedThreadWorker"
 # A streaming reply holds its thread until it ends: twice the replies the model writes at once
 # (CHATBOT_BATCH_SIZE) leaves as many threads for pages, stop requests and new messages while a
 # full batch streams (with only as many, those waited for a reply to end).
-threads = int(
-    os.environ.get("CHATBOT_WEB_THREADS")
-    or 2 * max(1, int(os.environ.get("CHATBOT_BATCH_SIZE") or 8))
-)
+threads = env_int("CHATBOT_WEB_THREADS", 2 * env_batch_size())
 timeout = 120
 graceful_timeout = 30
 accesslog = "-"

@@ -5,7 +5,6 @@ Every setting reads the environment and falls back to a working local default, s
 """
 
 import contextlib
-import math
 import os
 import secrets
 from pathlib import Path
@@ -13,63 +12,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-# A value the server cannot read stops it at start, with the variable named: a typo must not
-# quietly turn into a default (DJANGO_DEBUG=ture, CHATBOT_BATCH_SIZE=8x).
-TRUE_WORDS = ("1", "true", "yes", "on")
-FALSE_WORDS = ("0", "false", "no", "off")
-
-
-def env_str(name: str, default: str = "") -> str:
-    return os.environ.get(name, default).strip()
-
-
-def env_bool(name: str, default: bool = False) -> bool:
-    value = env_str(name)
-    if not value:
-        return default
-    if value.lower() in TRUE_WORDS:
-        return True
-    if value.lower() in FALSE_WORDS:
-        return False
-    raise ImproperlyConfigured(
-        f"{name} must be true or false ({'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS)}), "
-        f"got {value!r}."
-    )
-
-
-def env_int(name: str, default: int) -> int:
-    value = env_str(name)
-    if not value:
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ImproperlyConfigured(f"{name} must be a whole number, got {value!r}.") from None
-
-
-def env_float(name: str, default: float) -> float:
-    value = env_str(name)
-    if not value:
-        return default
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
-    if not math.isfinite(number):
-        raise ImproperlyConfigured(f"{name} must be a number, got {value!r}.")
-    return number
-
-
-def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
-    value = env_str(name, default) or default
-    if value not in choices:
-        raise ImproperlyConfigured(f"{name}={value!r}: use one of {', '.join(choices)}.")
-    return value
-
-
-def env_list(name: str, default: str = "") -> list[str]:
-    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
-
+from .env import env_batch_size, env_bool, env_choice, env_float, env_int, env_list, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("CHATBOT_VAR_DIR") or BASE_DIR / "var")
@@ -303,8 +246,7 @@ CHATBOT_WEIGHTS = env_choice("CHATBOT_WEIGHTS", "int4", ("int4", "int8", "bf16",
 # attention, compiled into the model cache at first load, on CPUs with AVX-512 BF16 and VNNI
 # (elsewhere, or off, or if they cannot be built: torch's kernels).
 CHATBOT_NATIVE_KERNELS = env_bool("CHATBOT_NATIVE_KERNELS", True)
-# Conversations answered together, one token each per decode step; more wait their turn.
-CHATBOT_BATCH_SIZE = max(1, env_int("CHATBOT_BATCH_SIZE", 8))
+CHATBOT_BATCH_SIZE = env_batch_size()
 # A reply being written whose server has shown no sign of life for this long (its writer renews
 # a lease on the row every third of it) is taken as dead and marked interrupted.
 CHATBOT_STALE_REPLY_SECONDS = max(1.0, env_float("CHATBOT_STALE_REPLY_SECONDS", 15.0))

@@ -1,5 +1,5 @@
-"""Domain errors. Each carries the HTTP status it maps to; the API and the pages map them in one
-place each (api/errors.py, views.py)."""
+"""Domain errors. Each carries the HTTP status it maps to: the API answers with it in one place
+(api/errors.py); the pages show the error's detail as a message on the page they lead to."""
 
 
 class ChatError(Exception):

@@ -164,12 +164,9 @@ class SearchResults(Sequence):
         if not ranked:
             return []
         ids = [conversation_id for conversation_id, _ in ranked]
-        conversations = {
-            conversation.pk: conversation
-            for conversation in Conversation.objects.filter(owner=self.owner, pk__in=ids)
-            .with_message_counts()
-            .order_by()
-        }
+        # As the list shows them, in the order of their rank.
+        listed = Conversation.objects.listed_for(self.owner).filter(pk__in=ids).order_by()
+        conversations = {conversation.pk: conversation for conversation in listed}
         snippets = self.backend.snippets(conversation_ids=ids, terms=self.terms)
         results = []
         for conversation_id, rank in ranked:

@@ -76,7 +76,9 @@ def _surrogate_sentence(where: str) -> str:
 
 def validate_max_new_tokens(value: int | None) -> None:
     """A conversation's reply budget may not exceed the server's ceiling (null: the default)."""
-    limit = settings.CHATBOT_MAX_NEW_TOKENS_LIMIT
+    from .models import Conversation  # imported here: models.py imports this module
+
+    limit = Conversation.max_new_tokens_ceiling()
     if value is not None and value > limit:
         raise ValidationError(
             f"This server writes replies of at most {limit} tokens; {value} is more than that.",

@@ -389,6 +389,11 @@ def test_page_has_a_search_box(owner_client):
     assert 'name="q"' in page
 
 
+def test_page_search_box_takes_as_much_as_the_search_reads(owner_client):
+    for page in (owner_client.get("/"), owner_client.post("/new/", {"content": ""})):
+        assert f'maxlength="{search.MAX_QUERY_CHARS}"' in page.content.decode()
+
+
 def test_page_lists_results_best_first_with_highlighted_snippets(owner, owner_client):
     one = make_conversation(owner, "Few", texts=["a cactus in the window"])
     many = make_conversation(owner, "Many", texts=["cactus care", "water the cactus rarely"])
@@ -423,7 +428,7 @@ def test_page_snippets_are_escaped(owner, owner_client):
 
 
 def test_page_pager_keeps_the_query(owner, owner_client, monkeypatch):
-    monkeypatch.setattr("conversations.views.CONVERSATIONS_PER_PAGE", 2)
+    monkeypatch.setattr("conversations.pages.chats.CONVERSATIONS_PER_PAGE", 2)
     for i in range(3):
         make_conversation(owner, f"chat {i}", texts=["plum"])
 

@@ -15,12 +15,21 @@ from conversations.models import Conversation, Message
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def environment_without_settings() -> dict:
+    """This process's environment without the product's settings, for a child to start from."""
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("DJANGO_", "CHATBOT_")) and name != "WEB_CONCURRENCY"
+    }
+
+
 def run_python(code: str, env: dict) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "CHATBOT_"))}
+    settings_module = {"DJANGO_SETTINGS_MODULE": "chatsite.settings"}
     return subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
-        env={**clean, "DJANGO_SETTINGS_MODULE": "chatsite.settings", **env},
+        env={**environment_without_settings(), **settings_module, **env},
         capture_output=True,
         text=True,
         timeout=120,
@@ -150,6 +159,46 @@ def test_a_setting_the_server_cannot_read_stops_it_naming_the_variable(
     assert said in result.stderr
 
 
+def gunicorn_config(env: dict, *args: str) -> subprocess.CompletedProcess:
+    """gunicorn reading the product's config file, as `make run` starts it."""
+    gunicorn = Path(sys.executable).parent / "gunicorn"
+    return subprocess.run(
+        [str(gunicorn), "--config", "chatsite/gunicorn.conf.py", *args, "chatsite.wsgi"],
+        cwd=ROOT,
+        env={**environment_without_settings(), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "said"),
+    [
+        ("CHATBOT_BATCH_SIZE", "8x", "CHATBOT_BATCH_SIZE must be a whole number, got '8x'"),
+        ("CHATBOT_WEB_THREADS", "many", "CHATBOT_WEB_THREADS must be a whole number, got 'many'"),
+    ],
+)
+def test_gunicorns_config_names_a_variable_it_cannot_read(tmp_path, variable, value, said):
+    result = gunicorn_config({"CHATBOT_VAR_DIR": str(tmp_path), variable: value}, "--check-config")
+
+    assert result.returncode != 0
+    assert said in result.stderr
+
+
+def test_gunicorn_gives_each_reply_of_a_full_batch_a_thread_and_as_many_more(tmp_path):
+    result = gunicorn_config(
+        {"CHATBOT_VAR_DIR": str(tmp_path), "CHATBOT_BATCH_SIZE": "3", "WEB_CONCURRENCY": "2"},
+        "--print-config",
+    )
+
+    assert result.returncode == 0, result.stderr
+    lines = [line.split(" = ", 1) for line in result.stdout.splitlines() if " = " in line]
+    printed = {name.strip(): value.strip() for name, value in lines}
+    assert printed["threads"] == "6"
+    assert printed["workers"] == "2"
+
+
 SHOW_READ_SETTINGS = """
 import json, django
 from django.conf import settings
@@ -205,10 +254,10 @@ import sys, django
 django.setup()
 from django.core.management import call_command
 call_command("migrate", verbosity=0)
-import chatsite.urls, conversations.admin, conversations.api.views, conversations.views
+import chatsite.urls, conversations.admin, conversations.api.views, conversations.pages.chats
 import conversations.services, conversations.runtime
 from django.test import Client
-import conversations.views_thread, conversations.views_transfer, conversations.search
+import conversations.pages.thread, conversations.pages.exports, conversations.search
 assert Client().get("/accounts/login/").status_code == 200
 assert Client().get("/api/conversations/").status_code == 401
 heavy = sorted(m for m in ("torch", "transformers") if m in sys.modules)

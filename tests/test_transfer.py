@@ -10,7 +10,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import call_command
 from django.utils import timezone
 
-from conversations import services, transfer
+from conversations import exports, imports, services
 from conversations.models import Conversation, Message
 
 pytestmark = pytest.mark.django_db
@@ -107,8 +107,8 @@ def counts() -> tuple[int, int]:
 
 def minimal_document(**changes) -> dict:
     document = {
-        "format": transfer.FORMAT,
-        "version": transfer.VERSION,
+        "format": exports.FORMAT,
+        "version": exports.VERSION,
         "conversation": {"title": "Hand-made", "system_prompt": ""},
         "messages": [
             {
@@ -146,7 +146,7 @@ def upload(content: bytes, name="chat.json") -> SimpleUploadedFile:
 def test_json_export_keeps_every_version_oldest_first(owner):
     conversation, _ = make_versioned_conversation(owner)
 
-    document = transfer.export_conversation(conversation)
+    document = exports.export_conversation(conversation)
 
     assert document["format"] == "local-chat.conversation"
     assert document["version"] == 1
@@ -173,7 +173,7 @@ def test_json_export_keeps_every_version_oldest_first(owner):
 def test_markdown_export_is_the_active_path_as_a_transcript(owner):
     conversation, _ = make_versioned_conversation(owner)
 
-    text = transfer.export_markdown(conversation)
+    text = exports.export_markdown(conversation)
 
     assert text.startswith("# Trip: Rome & Paris / 2026\n")
     assert "## System prompt\n\nAnswer like a travel agent.\n" in text
@@ -212,7 +212,7 @@ def test_markdown_notes_cancelled_replies_and_omits_an_empty_system_prompt(owner
         reply_to=question,
     )
 
-    text = transfer.export_markdown(conversation)
+    text = exports.export_markdown(conversation)
 
     assert text.startswith("# Untitled chat\n")
     assert "System prompt" not in text
@@ -229,8 +229,8 @@ def test_export_filenames_are_safe():
         "": "conversation.json",
     }
     for title, expected in cases.items():
-        assert transfer.export_filename(Conversation(title=title), "json") == expected
-    assert len(transfer.export_filename(Conversation(title="word " * 100), "md")) <= 63
+        assert exports.export_filename(Conversation(title=title), "json") == expected
+    assert len(exports.export_filename(Conversation(title="word " * 100), "md")) <= 63
 
 
 # --- export through the API ----------------------------------------------------------------------
@@ -246,7 +246,7 @@ def test_api_export_json_is_a_download(api, owner):
     assert SAFE_ATTACHMENT.match(response["Content-Disposition"])
     assert response["Content-Disposition"].endswith('filename="trip-rome-paris-2026.json"')
     document = json.loads(response.content)
-    assert document["format"] == transfer.FORMAT
+    assert document["format"] == exports.FORMAT
     assert len(document["messages"]) == 7
 
 
@@ -313,7 +313,7 @@ def test_api_import_needs_authentication(anon_api, owner):
     conversation, _ = make_versioned_conversation(owner)
     before = counts()
 
-    response = anon_api.post(IMPORT_URL, transfer.export_conversation(conversation), format="json")
+    response = anon_api.post(IMPORT_URL, exports.export_conversation(conversation), format="json")
 
     assert response.status_code == 401
     assert counts() == before
@@ -354,8 +354,8 @@ def test_round_trip_of_a_conversation_written_by_the_model(owner, other_user, fa
     original, _ = services.start_conversation(owner=owner, content="Hello there")
     services.post_message(conversation=original, content="Second")
 
-    imported = transfer.import_conversation(
-        owner=other_user, document=json.loads(json.dumps(transfer.export_conversation(original)))
+    imported = imports.import_conversation(
+        owner=other_user, document=json.loads(json.dumps(exports.export_conversation(original)))
     )
 
     assert imported.owner == other_user
@@ -388,7 +388,7 @@ def test_another_user_importing_an_export_leaves_the_original_alone(api, other_a
 
 def test_importing_twice_makes_two_independent_copies(api, owner):
     original, _ = make_versioned_conversation(owner)
-    document = transfer.export_conversation(original)
+    document = exports.export_conversation(original)
 
     first = api.post(IMPORT_URL, document, format="json").json()["id"]
     second = api.post(IMPORT_URL, document, format="json").json()["id"]
@@ -403,16 +403,16 @@ def test_import_comes_first_in_the_list(api, owner):
     original, _ = make_versioned_conversation(owner)
     services.create_conversation(owner=owner, title="Newer")
 
-    imported_id = api.post(
-        IMPORT_URL, transfer.export_conversation(original), format="json"
-    ).json()["id"]
+    imported_id = api.post(IMPORT_URL, exports.export_conversation(original), format="json").json()[
+        "id"
+    ]
 
     assert api.get("/api/conversations/").json()["results"][0]["id"] == imported_id
 
 
 def test_import_by_multipart_upload(api, owner):
     original, _ = make_versioned_conversation(owner)
-    content = json.dumps(transfer.export_conversation(original)).encode()
+    content = json.dumps(exports.export_conversation(original)).encode()
 
     response = api.post(IMPORT_URL, {"file": upload(content)}, format="multipart")
 
@@ -431,7 +431,7 @@ def test_multipart_import_without_a_file_is_400(api):
 
 
 def test_import_of_a_minimal_hand_made_document(owner):
-    conversation = transfer.import_conversation(owner=owner, document=minimal_document())
+    conversation = imports.import_conversation(owner=owner, document=minimal_document())
 
     messages = list(conversation.messages.order_by("created_at"))
     assert [(m.role, m.content, m.status, m.is_active) for m in messages] == [
@@ -457,7 +457,7 @@ def test_an_imported_system_prompt_means_what_it_means_everywhere(owner, setting
     settings.CHATBOT_SYSTEM_PROMPT = "Default prompt."
     document = minimal_document(conversation={"title": "Hand-made", **given})
 
-    conversation = transfer.import_conversation(owner=owner, document=document)
+    conversation = imports.import_conversation(owner=owner, document=document)
 
     assert conversation.system_prompt == stored
 
@@ -465,7 +465,7 @@ def test_an_imported_system_prompt_means_what_it_means_everywhere(owner, setting
 def test_a_reply_still_streaming_is_imported_as_interrupted(owner):
     document = with_message(1, status="streaming", content="half a sent")
 
-    conversation = transfer.import_conversation(owner=owner, document=document)
+    conversation = imports.import_conversation(owner=owner, document=document)
 
     reply = conversation.messages.get(role="assistant")
     assert reply.status == "interrupted"
@@ -476,7 +476,7 @@ def test_import_accepts_replies_listed_before_their_question(owner):
     document = minimal_document()
     document["messages"].reverse()
 
-    conversation = transfer.import_conversation(owner=owner, document=document)
+    conversation = imports.import_conversation(owner=owner, document=document)
 
     reply = conversation.messages.get(role="assistant")
     assert reply.reply_to.content == "hello"
@@ -489,7 +489,7 @@ def _too_many() -> dict:
     document = minimal_document()
     document["messages"] = [
         {"id": str(i), "role": "user", "content": "x", "created_at": "2026-01-01T10:00:00Z"}
-        for i in range(transfer.MAX_MESSAGES + 1)
+        for i in range(imports.MAX_MESSAGES + 1)
     ]
     return document
 
@@ -547,7 +547,7 @@ INVALID_DOCUMENTS = {
         minimal_document(conversation={"title": "", "system_prompt": "", "temperature": 9}),
         "temperature",
     ),
-    "too many messages": (_too_many(), f"limit is {transfer.MAX_MESSAGES}"),
+    "too many messages": (_too_many(), f"limit is {imports.MAX_MESSAGES}"),
 }
 
 
@@ -637,8 +637,8 @@ def test_a_reply_loop_is_rejected(owner):
     document["messages"][0]["reply_to"] = "b"
     before = counts()
 
-    with pytest.raises(transfer.InvalidImport, match="loop"):
-        transfer.import_conversation(owner=owner, document=document)
+    with pytest.raises(imports.InvalidImport, match="loop"):
+        imports.import_conversation(owner=owner, document=document)
     assert counts() == before
 
 
@@ -650,7 +650,7 @@ def test_a_failure_while_writing_leaves_nothing_behind(owner, monkeypatch):
     before = counts()
 
     with pytest.raises(RuntimeError):
-        transfer.import_conversation(owner=owner, document=minimal_document())
+        imports.import_conversation(owner=owner, document=minimal_document())
     assert counts() == before
 
 
@@ -719,6 +719,25 @@ def test_page_export_of_an_unknown_format_is_404(client, owner):
     client.force_login(owner)
 
     assert client.get(page_export_url(conversation), {"format": "pdf"}).status_code == 404
+
+
+@pytest.mark.parametrize("fmt", ["json", "md"])
+def test_the_page_and_the_api_send_the_same_file(api, client, owner, fmt):
+    conversation, _ = make_versioned_conversation(owner)
+    client.force_login(owner)
+
+    page = client.get(page_export_url(conversation), {"format": fmt})
+    from_api = api.get(api_export_url(conversation), {"format": fmt})
+
+    for header in ("Content-Type", "Content-Disposition"):
+        assert page[header] == from_api[header]
+    # Only the moment of the export may differ.
+    if fmt == "json":
+        stamps = [json.loads(r.content)["exported_at"].encode() for r in (page, from_api)]
+        assert from_api.content.replace(stamps[1], stamps[0]) == page.content
+    else:
+        exported_line = re.compile(rb"^\*Exported [^\n]*$", re.MULTILINE)
+        assert exported_line.sub(b"", from_api.content) == exported_line.sub(b"", page.content)
 
 
 def test_pages_send_anonymous_users_to_login(client, owner):
@@ -874,8 +893,8 @@ def test_the_importer_itself_checks_every_string(owner):
     document = with_message(1, generation_params={"k": "\ud800"})
     before = counts()
 
-    with pytest.raises(transfer.InvalidImport, match="surrogate"):
-        transfer.import_conversation(owner=owner, document=document)
+    with pytest.raises(imports.InvalidImport, match="surrogate"):
+        imports.import_conversation(owner=owner, document=document)
     assert counts() == before
 
 

@@ -4,6 +4,7 @@ from django.conf import settings
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from .. import exports
 from ..models import REPLY_FIELDS, Conversation, Message
 from ..validators import validate_max_new_tokens, validate_message_content
 
@@ -193,3 +194,54 @@ class ActivateSerializer(serializers.Serializer):
 class StopResultSerializer(serializers.Serializer):
     stopped = serializers.BooleanField()
     detail = serializers.CharField()
+
+
+# --- the export document, for the schema (exports.py builds it, imports.py reads it) -------------
+
+
+class ExportedConversationSerializer(serializers.Serializer):
+    title = serializers.CharField(allow_blank=True)
+    system_prompt = SystemPromptField()
+    temperature = serializers.FloatField(allow_null=True, required=False)
+    max_new_tokens = serializers.IntegerField(allow_null=True, required=False)
+    created_at = serializers.DateTimeField(required=False)
+    updated_at = serializers.DateTimeField(required=False)
+
+
+class ExportedMessageSerializer(serializers.Serializer):
+    id = serializers.CharField(help_text="The message's id inside this document.")
+    role = serializers.ChoiceField(choices=Message.Role.choices)
+    content = serializers.CharField(allow_blank=True)
+    status = serializers.ChoiceField(choices=Message.Status.choices, required=False)
+    error = serializers.CharField(allow_blank=True, required=False)
+    created_at = serializers.DateTimeField()
+    reply_to = serializers.CharField(
+        allow_null=True, required=False, help_text="The id of the message this one answers."
+    )
+    version_group = serializers.CharField(
+        allow_null=True, required=False, help_text="Versions of one turn share a group."
+    )
+    is_active = serializers.BooleanField(
+        required=False, help_text="The chosen version of its group."
+    )
+    model = serializers.CharField(allow_blank=True, required=False)
+    prompt_tokens = serializers.IntegerField(allow_null=True, required=False)
+    completion_tokens = serializers.IntegerField(allow_null=True, required=False)
+    ttft_ms = serializers.IntegerField(allow_null=True, required=False)
+    total_ms = serializers.IntegerField(allow_null=True, required=False)
+    context_turns = serializers.IntegerField(allow_null=True, required=False)
+    generation_params = serializers.DictField(required=False)
+
+
+class ExportDocumentSerializer(serializers.Serializer):
+    format = serializers.ChoiceField(choices=[exports.FORMAT])
+    version = serializers.ChoiceField(choices=[exports.VERSION])
+    exported_at = serializers.DateTimeField(required=False)
+    conversation = ExportedConversationSerializer()
+    messages = ExportedMessageSerializer(
+        many=True, help_text="Every version of every message, oldest first."
+    )
+
+
+class ImportUploadSerializer(serializers.Serializer):
+    file = serializers.FileField(help_text="A JSON export of a conversation.")

@@ -4,7 +4,8 @@ from rest_framework.routers import DefaultRouter
 
 from accounts.views import TokenView
 
-from .transfer import ConversationExportView, ConversationImportView
+from .exports import ConversationExportView
+from .imports import ConversationImportView
 from .views import ConversationViewSet, StartMessageView
 
 router = DefaultRouter()

@@ -11,12 +11,12 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_http_methods, require_POST
 
-from . import services
-from .disconnects import run_while_connected
-from .errors import ChatError
+from .. import services
+from ..disconnects import run_while_connected
+from ..errors import ChatError
+from ..models import Conversation, Message
+from ..throttles import MessageRateThrottle, throttled
 from .forms import ConversationSettingsForm, MessageForm
-from .models import Conversation, Message
-from .throttles import MessageRateThrottle, throttled
 
 
 def owned_conversation(view):

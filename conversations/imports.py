@@ -1,26 +1,7 @@
-"""Export a conversation (as a JSON document or a Markdown transcript) and import a JSON export
-as a new conversation. Domain logic only: the API (api/transfer.py) and the pages
-(views_transfer.py) turn these into downloads and uploads.
+"""Import a JSON export (exports.py describes the document) as a new conversation: the whole
+document is checked before anything is stored, and every problem is named by where it is.
 
-The JSON document keeps every version of every message, so an import restores the branches:
-
-    {
-      "format": "local-chat.conversation",
-      "version": 1,
-      "exported_at": "2026-11-26T00:40:00+00:00",
-      "conversation": {"title", "system_prompt", "temperature", "max_new_tokens",
-                       "created_at", "updated_at"},
-      "messages": [  # oldest first
-        {"id", "role", "content", "status", "error", "created_at", "reply_to", "version_group",
-         "is_active", "model", "prompt_tokens", "completion_tokens", "ttft_ms", "total_ms",
-         "context_turns", "generation_params"},
-        ...
-      ]
-    }
-
-`id`, `reply_to` and `version_group` are only references inside the document: an import gives
-every message and every version group a new id. A `system_prompt` left out or null is the
-server's default, and "" is none, as everywhere else (services.system_prompt_or_default).
+Over 400 lines on purpose: one small checker per kind of field, beside the one import they guard.
 """
 
 from __future__ import annotations
@@ -35,23 +16,20 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
-from django.utils.text import slugify
 
 from . import quotas
 from .errors import ChatError
+from .exports import FORMAT, VERSION
 from .models import REPLY_COUNTS, REPLY_FIELDS, Conversation, Message
 from .services import system_prompt_or_default
 from .validators import lone_surrogate_problem
 
-FORMAT = "local-chat.conversation"
-VERSION = 1
 MAX_MESSAGES = 10_000
 MAX_TITLE_CHARS = Conversation._meta.get_field("title").max_length
 MAX_MODEL_CHARS = Message._meta.get_field("model").max_length
 MAX_ID_CHARS = 100
 MAX_GENERATION_PARAMS_CHARS = 10_000
 MAX_POSITIVE_INT = 2_147_483_647  # PositiveIntegerField's range on every database
-FILENAME_STEM_CHARS = 60
 
 ROLES = tuple(Message.Role.values)
 STATUSES = tuple(Message.Status.values)
@@ -75,99 +53,6 @@ def check_import_size(size: int | None) -> None:
         )
 
 
-# --- export --------------------------------------------------------------------------------------
-
-
-def export_conversation(conversation: Conversation) -> dict:
-    """The whole conversation, every version of every message, as a JSON-ready document."""
-    messages = conversation.messages.order_by("created_at", "id")
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "exported_at": _iso(timezone.now()),
-        "conversation": {
-            "title": conversation.title,
-            "system_prompt": conversation.system_prompt,
-            "temperature": conversation.temperature,
-            "max_new_tokens": conversation.max_new_tokens,
-            "created_at": _iso(conversation.created_at),
-            "updated_at": _iso(conversation.updated_at),
-        },
-        "messages": [_export_message(message) for message in messages],
-    }
-
-
-def _export_message(message: Message) -> dict:
-    return {
-        "id": str(message.id),
-        "role": message.role,
-        "content": message.content,
-        "status": message.status,
-        "error": message.error,
-        "created_at": _iso(message.created_at),
-        "reply_to": str(message.reply_to_id) if message.reply_to_id else None,
-        "version_group": str(message.version_group),
-        "is_active": message.is_active,
-        **{field: getattr(message, field) for field in REPLY_FIELDS},
-    }
-
-
-LABELS = {
-    Message.Role.USER: "You",
-    Message.Role.ASSISTANT: "Assistant",
-    Message.Role.SYSTEM: "System",
-}
-STATUS_NOTES = {
-    Message.Status.CANCELLED: "Stopped by the user; the reply above is partial.",
-    Message.Status.INTERRUPTED: "Interrupted while being written; the reply above is partial.",
-    Message.Status.STREAMING: "Still being written when exported; the reply above is partial.",
-}
-
-
-def export_markdown(conversation: Conversation) -> str:
-    """A readable transcript of the active path (the chosen versions), oldest first.
-
-    Message text is written as-is: the transcript is a download, never rendered by this site.
-    """
-    messages = list(conversation.messages.active_path().order_by("created_at", "id"))
-    title = " ".join(conversation.display_title.split())
-    count = len(messages)
-    lines = [
-        f"# {title}",
-        "",
-        f"*Exported {_when(timezone.now())} · {count} message{'s' if count != 1 else ''} "
-        "(the chosen version of each turn)*",
-        "",
-    ]
-    if conversation.system_prompt:
-        lines += ["## System prompt", "", conversation.system_prompt, ""]
-    lines += ["## Conversation", ""]
-    if not messages:
-        lines += ["*No messages.*", ""]
-    for message in messages:
-        heading = f"**{LABELS.get(message.role, message.role)}** · {_when(message.created_at)}"
-        if message.role == Message.Role.ASSISTANT and message.model:
-            heading += f" · {message.model}"
-        lines += ["---", "", heading, ""]
-        if message.content:
-            lines += [message.content, ""]
-        if message.status == Message.Status.ERROR:
-            reason = " ".join(message.error.split()) or "unknown error"
-            lines += [f"> **No reply — generation failed:** {reason}", ""]
-        elif message.status in STATUS_NOTES:
-            lines += [f"> *{STATUS_NOTES[message.status]}*", ""]
-    return "\n".join(lines).rstrip("\n") + "\n"
-
-
-def export_filename(conversation: Conversation, extension: str) -> str:
-    """A download name from the title: ASCII letters, digits and hyphens only."""
-    stem = slugify(conversation.title)[:FILENAME_STEM_CHARS].strip("-_") or "conversation"
-    return f"{stem}.{extension}"
-
-
-# --- import --------------------------------------------------------------------------------------
-
-
 def parse_document(raw: bytes | str) -> Any:
     """Decode an uploaded export. Raises InvalidImport if it is too large or not JSON."""
     check_import_size(len(raw))
@@ -180,6 +65,13 @@ def parse_document(raw: bytes | str) -> Any:
         return json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
         raise InvalidImport(f"The file is not valid JSON: {exc}") from exc
+
+
+def read_upload(upload) -> Any:
+    """The document in an uploaded export file (pages and API), its size checked before it is
+    read. Raises InvalidImport if it is too large or not JSON."""
+    check_import_size(upload.size)
+    return parse_document(upload.read())
 
 
 def import_conversation(*, owner, document: Any) -> Conversation:
@@ -496,14 +388,6 @@ def _params(obj: dict, key: str, where: str) -> dict:
 
 
 # --- small helpers -------------------------------------------------------------------------------
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return moment.isoformat() if moment is not None else None
-
-
-def _when(moment: datetime) -> str:
-    return timezone.localtime(moment).strftime("%Y-%m-%d %H:%M %Z")
 
 
 def _megabytes(size: int) -> str:

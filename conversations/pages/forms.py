@@ -2,8 +2,8 @@ from django import forms
 from django.conf import settings
 from django.utils.html import format_html
 
-from .models import Conversation
-from .validators import validate_max_new_tokens, validate_message_content
+from ..models import Conversation
+from ..validators import validate_max_new_tokens, validate_message_content
 
 SYSTEM_PROMPT_HELP = "How the assistant should behave in this chat. Empty: no system prompt."
 
