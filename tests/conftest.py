@@ -7,6 +7,7 @@ from rest_framework.test import APIClient
 from accounts.keys import issue_key
 from conversations import runtime
 from conversations.llm import native
+from tests.factories import make_conversation, messages_url
 from tests.fakes import FakeEngine
 
 PASSWORD = "a-Long-test-passw0rd"
@@ -137,6 +138,20 @@ def other_api(other_user):
 @pytest.fixture
 def anon_api():
     return APIClient()
+
+
+@pytest.fixture
+def owner_client(client, owner):
+    client.force_login(owner)
+    return client
+
+
+@pytest.fixture(params=["thread", "start"])
+def post_url(request, owner):
+    """Both ways to post a message: into a conversation, and /api/messages/."""
+    if request.param == "thread":
+        return messages_url(make_conversation(owner, "Chat"))
+    return "/api/messages/"
 
 
 @pytest.fixture(autouse=True)

@@ -6,16 +6,23 @@ import uuid
 from datetime import timedelta
 
 import pytest
+import yaml
 from django.core.management import call_command
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from conversations import runtime, services
 from conversations.models import Conversation, Message
 from tests.conftest import PASSWORD
-from tests.fakes import FakeEngine
+from tests.factories import (
+    REPLY_STATS,
+    assert_detail,
+    detail_url,
+    make_conversation,
+    messages_url,
+    snapshot,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -25,63 +32,6 @@ USER_MESSAGE_FIELDS = {"id", "role", "content", "status", "created_at"} | {
     "versions",
     "version_group",
 }
-# The reply statistics the API promises, as listed in the README.
-REPLY_STATS = set("model prompt_tokens completion_tokens ttft_ms total_ms context_turns".split())
-
-
-# --- helpers -----------------------------------------------------------------------------------
-
-
-def make_conversation(user, title="", *, updated_at=None, messages=0, system_prompt=None):
-    conversation = services.create_conversation(
-        owner=user, title=title, system_prompt=system_prompt
-    )
-    start = timezone.now() - timedelta(days=1)
-    Message.objects.bulk_create(
-        Message(
-            conversation=conversation,
-            role=Message.Role.USER if i % 2 == 0 else Message.Role.ASSISTANT,
-            content=f"message {i}",
-            created_at=start + timedelta(seconds=i),
-        )
-        for i in range(messages)
-    )
-    if updated_at is not None:
-        Conversation.objects.filter(pk=conversation.pk).update(updated_at=updated_at)
-        conversation.refresh_from_db()
-    return conversation
-
-
-def messages_url(conversation) -> str:
-    return f"/api/conversations/{conversation.pk}/messages/"
-
-
-def detail_url(conversation) -> str:
-    return f"/api/conversations/{conversation.pk}/"
-
-
-def snapshot(conversation) -> tuple:
-    """Everything about a conversation a request could change."""
-    conversation = Conversation.objects.get(pk=conversation.pk)
-    rows = list(
-        conversation.messages.order_by("created_at").values_list("id", "role", "content", "status")
-    )
-    return (
-        conversation.owner_id,
-        conversation.title,
-        conversation.system_prompt,
-        conversation.updated_at,
-        rows,
-    )
-
-
-def assert_detail(response, status: int) -> str:
-    assert response.status_code == status, response.content
-    assert response["Content-Type"].startswith("application/json")
-    detail = response.json()["detail"]
-    assert isinstance(detail, str)
-    assert detail
-    return detail
 
 
 # --- token ---------------------------------------------------------------------------------------
@@ -398,42 +348,6 @@ def test_listed_messages_have_reply_fields_only_on_replies(api, owner, fake_engi
     assert reply["model"] == "fake-echo"
 
 
-def test_second_message_sees_the_earlier_turns(api, owner, fake_engine):
-    conversation = make_conversation(owner, "Chat", system_prompt="Be brief.")
-
-    api.post(messages_url(conversation), {"content": "My name is Ada."}, format="json")
-    response = api.post(messages_url(conversation), {"content": "What is my name?"}, format="json")
-
-    assert response.status_code == 201
-    assert response.json()["reply"]["context_turns"] == 2
-    assert len(fake_engine.calls) == 2
-    assert fake_engine.calls[0] == [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "My name is Ada."},
-    ]
-    assert fake_engine.calls[1] == [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "My name is Ada."},
-        {"role": "assistant", "content": "Echo: My name is Ada."},
-        {"role": "user", "content": "What is my name?"},
-    ]
-    contents = [m["content"] for m in api.get(messages_url(conversation)).json()["results"]]
-    assert contents == [
-        "My name is Ada.",
-        "Echo: My name is Ada.",
-        "What is my name?",
-        "Echo: What is my name?",
-    ]
-
-
-def test_conversation_without_system_prompt_sends_none(api, owner, fake_engine):
-    conversation = make_conversation(owner, "Chat", system_prompt="")
-
-    api.post(messages_url(conversation), {"content": "Hi"}, format="json")
-
-    assert fake_engine.calls == [[{"role": "user", "content": "Hi"}]]
-
-
 # --- /api/messages/ ------------------------------------------------------------------------------
 
 
@@ -622,14 +536,6 @@ INVALID_CONTENT = [
 ]
 
 
-@pytest.fixture(params=["thread", "start"])
-def post_url(request, owner):
-    """Both ways to post a message: into a conversation, and /api/messages/."""
-    if request.param == "thread":
-        return messages_url(make_conversation(owner, "Chat"))
-    return "/api/messages/"
-
-
 def assert_nothing_stored(before_messages, before_conversations, fake_engine):
     assert Message.objects.count() == before_messages
     assert Conversation.objects.count() == before_conversations
@@ -800,50 +706,6 @@ def test_generation_failure_when_starting_keeps_the_new_conversation(api, owner,
     ]
 
 
-@pytest.fixture
-def small_engine(settings):
-    """A FakeEngine whose prompt budget is 30 tokens (one token per word plus two a message)."""
-    settings.CHATBOT_SYSTEM_PROMPT = "Be brief."  # 4 tokens
-    engine = FakeEngine(context_window=settings.CHATBOT_MAX_NEW_TOKENS + 30)
-    previous = runtime.set_engine(engine)
-    yield engine
-    runtime.set_engine(previous)
-
-
-def test_message_too_long_for_the_context_is_422(api, owner, small_engine):
-    conversation = make_conversation(owner, "Chat")
-    long_message = " ".join(["word"] * 40)
-
-    response = api.post(messages_url(conversation), {"content": long_message}, format="json")
-
-    detail = assert_detail(response, 422)
-    assert "30" in detail  # the budget
-    body = response.json()
-    assert body["user_message"]["content"] == long_message
-    assert body["reply"]["status"] == "error"
-    assert Message.objects.get(pk=body["user_message"]["id"]).content == long_message
-    assert Message.objects.get(pk=body["reply"]["id"]).status == "error"
-    assert small_engine.calls == []
-
-
-def test_old_turns_are_dropped_when_history_does_not_fit(api, owner, small_engine):
-    conversation = make_conversation(owner, "Chat")
-    first = "one two three four five six seven eight"  # 10 tokens; its echo takes 11
-    second = "nine ten eleven twelve thirteen fourteen fifteen sixteen"
-
-    assert (
-        api.post(messages_url(conversation), {"content": first}, format="json").status_code == 201
-    )
-    response = api.post(messages_url(conversation), {"content": second}, format="json")
-
-    assert response.status_code == 201
-    assert response.json()["reply"]["context_turns"] == 0
-    assert small_engine.calls[-1] == [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": second},
-    ]
-
-
 # --- query counts --------------------------------------------------------------------------------
 
 
@@ -942,6 +804,19 @@ def test_docs_are_served_without_external_hosts(api):
     for asset in assets:  # our static files, and the init script from the docs' own URL
         assert asset.startswith(("/static/", "/api/docs/?")), asset
     assert "https://" not in html
+
+
+def test_schema_validates_and_lists_the_new_actions(tmp_path):
+    path = tmp_path / "schema.yml"
+
+    call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(path))
+
+    paths = yaml.safe_load(path.read_text())["paths"]
+    for action in ("stop", "regenerate", "edit", "activate"):
+        assert "post" in paths[f"/api/conversations/{{id}}/{action}/"], action
+    messages = paths["/api/conversations/{id}/messages/"]
+    assert {"get", "post"} <= set(messages)
+    assert any(p["name"] == "include" for p in messages["get"].get("parameters", []))
 
 
 # --- CORS ----------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from rest_framework.test import APIClient
 
 from accounts.models import ApiKey
 from tests.conftest import PASSWORD
-from tests.test_api import assert_detail
+from tests.factories import assert_detail
 
 pytestmark = pytest.mark.django_db
 

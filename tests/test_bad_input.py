@@ -8,17 +8,9 @@ import uuid
 import pytest
 
 from conversations.models import Conversation, Message
-from tests.test_api import assert_detail, make_conversation, messages_url
+from tests.factories import assert_detail, make_conversation, messages_url
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(params=["thread", "start"])
-def post_url(request, owner):
-    """Both ways to post a message: into a conversation, and /api/messages/."""
-    if request.param == "thread":
-        return messages_url(make_conversation(owner, "Chat"))
-    return "/api/messages/"
 
 
 @pytest.fixture

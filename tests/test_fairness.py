@@ -7,7 +7,7 @@ import pytest
 
 from conversations import services
 from conversations.models import Conversation, Message
-from tests.test_api import assert_detail, make_conversation, messages_url
+from tests.factories import assert_detail, make_conversation, messages_url
 
 pytestmark = pytest.mark.django_db
 

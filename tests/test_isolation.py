@@ -8,7 +8,7 @@ from django.urls import URLPattern, URLResolver, get_resolver
 
 from conversations import services
 from conversations.models import Conversation, Message
-from tests.test_api import make_conversation, snapshot
+from tests.factories import make_conversation, snapshot
 
 pytestmark = pytest.mark.django_db
 

@@ -8,20 +8,14 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
-from conversations import services
 from conversations.models import Conversation, Message
 from tests.conftest import PASSWORD
+from tests.factories import make_conversation
 
 pytestmark = pytest.mark.django_db
 
 LOGIN_URL = "/accounts/login/"
 STRONG_PASSWORD = "Correct-horse-battery-9"
-
-
-@pytest.fixture
-def owner_client(client, owner):
-    client.force_login(owner)
-    return client
 
 
 def thread_url(conversation) -> str:
@@ -30,21 +24,6 @@ def thread_url(conversation) -> str:
 
 def html(response) -> str:
     return response.content.decode()
-
-
-def make_conversation(user, title="", *, updated_at=None, messages=0):
-    conversation = services.create_conversation(owner=user, title=title)
-    start = timezone.now() - timedelta(days=1)
-    for i in range(messages):
-        Message.objects.create(
-            conversation=conversation,
-            role=Message.Role.USER if i % 2 == 0 else Message.Role.ASSISTANT,
-            content=f"{title} message {i}",
-            created_at=start + timedelta(seconds=i),
-        )
-    if updated_at is not None:
-        Conversation.objects.filter(pk=conversation.pk).update(updated_at=updated_at)
-    return conversation
 
 
 # --- accounts ------------------------------------------------------------------------------------

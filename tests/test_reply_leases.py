@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from conversations import leases, services
 from conversations.models import Message
-from tests.test_streaming import (
+from tests.factories import (
     SCRIPTED,
     add_streaming_reply,
     assert_409,
@@ -43,7 +43,7 @@ def live() -> dict:
 
 def answered_conversation(owner):
     """A conversation whose last reply's writer died (its lease ran out) half-way."""
-    conversation = make_conversation(owner)
+    conversation = make_conversation(owner, "Chat")
     return conversation, add_streaming_reply(conversation, **expired())
 
 
@@ -71,7 +71,7 @@ def test_a_reply_whose_writer_died_does_not_block_its_conversation(
     [("messages", {"content": "More"}), ("regenerate", {}), ("edit", {"content": "Again"})],
 )
 def test_a_reply_with_a_live_lease_still_blocks(api, owner, fake_engine, action, body):
-    conversation = make_conversation(owner)
+    conversation = make_conversation(owner, "Chat")
     writing = add_streaming_reply(conversation, **live())
     count = conversation.messages.count()
 
@@ -97,7 +97,7 @@ def test_the_messages_api_shows_a_dead_reply_as_interrupted(api, owner):
 
 
 def test_the_messages_api_leaves_a_live_reply_streaming(api, owner):
-    conversation = make_conversation(owner)
+    conversation = make_conversation(owner, "Chat")
     add_streaming_reply(conversation, **live())
 
     assert listed(api, conversation)[-1]["status"] == "streaming"
@@ -123,7 +123,7 @@ def url_of(conversation, name: str) -> str:
 
 
 def test_a_dead_reply_can_be_switched_to(api, owner, fake_engine):
-    conversation = make_conversation(owner)
+    conversation = make_conversation(owner, "Chat")
     post(api, conversation, "Hi")
     first = conversation.messages.get(role="assistant")
     api.post(url(conversation, "regenerate"), format="json")
@@ -187,9 +187,9 @@ class Holder:
 
 def test_the_keeper_renews_the_leases_of_replies_waiting_for_the_model(owner):
     """Between two saves (a full batch ahead, a model still loading) the keeper renews."""
-    conversation = make_conversation(owner)
+    conversation = make_conversation(owner, "Chat")
     waiting = Holder(add_streaming_reply(conversation, **expired()))
-    stopped_elsewhere = Holder(add_streaming_reply(make_conversation(owner), **expired()))
+    stopped_elsewhere = Holder(add_streaming_reply(make_conversation(owner, "Chat"), **expired()))
     Message.objects.filter(pk=stopped_elsewhere.reply.pk).update(status="cancelled")
     keeper = leases.LeaseKeeper()
     keeper._held = {h.reply.pk: h for h in (waiting, stopped_elsewhere)}  # (no thread needed)
@@ -208,7 +208,7 @@ def test_the_keeper_thread_renews_on_its_own(owner, settings, monkeypatch):
     keeper = leases.LeaseKeeper()
     renewed = []
     monkeypatch.setattr(keeper, "renew", lambda: renewed.append(timezone.now()))
-    holder = Holder(add_streaming_reply(make_conversation(owner)))
+    holder = Holder(add_streaming_reply(make_conversation(owner, "Chat")))
 
     keeper.hold(holder)
     deadline = timezone.now() + timedelta(seconds=10)
@@ -221,7 +221,7 @@ def test_the_keeper_thread_renews_on_its_own(owner, settings, monkeypatch):
 
 def test_stop_reaches_a_writer_still_building_its_context(api, owner, fake_engine, monkeypatch):
     """A stop that comes before the model has started still stops the reply."""
-    conversation = make_conversation(owner)
+    conversation = make_conversation(owner, "Chat")
     fake_engine.replies = [SCRIPTED]
     original = fake_engine.stream
 

@@ -18,6 +18,7 @@ from django.utils import timezone
 from conversations import search, services
 from conversations.models import Conversation, Message
 from conversations.search import MATCH_END, MATCH_START, Snippet, query_terms, search_conversations
+from tests.factories import make_conversation
 
 pytestmark = pytest.mark.django_db
 
@@ -53,21 +54,6 @@ HOSTILE_QUERIES = [
 ]
 
 
-def make_conversation(user, title="", *, texts=(), updated_at=None):
-    conversation = services.create_conversation(owner=user, title=title)
-    start = timezone.now() - timedelta(days=1)
-    for i, text in enumerate(texts):
-        Message.objects.create(
-            conversation=conversation,
-            role=Message.Role.USER if i % 2 == 0 else Message.Role.ASSISTANT,
-            content=text,
-            created_at=start + timedelta(seconds=i),
-        )
-    if updated_at is not None:
-        Conversation.objects.filter(pk=conversation.pk).update(updated_at=updated_at)
-    return conversation
-
-
 def found(owner, query) -> list:
     return [conversation.pk for conversation in search_conversations(owner=owner, query=query)]
 
@@ -75,12 +61,6 @@ def found(owner, query) -> list:
 def api_ids(response) -> list[str]:
     assert response.status_code == 200, response.content
     return [item["id"] for item in response.json()["results"]]
-
-
-@pytest.fixture
-def owner_client(client, owner):
-    client.force_login(owner)
-    return client
 
 
 # --- matching ------------------------------------------------------------------------------------

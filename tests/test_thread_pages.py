@@ -12,12 +12,6 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def owner_client(client, owner):
-    client.force_login(owner)
-    return client
-
-
-@pytest.fixture
 def chat(owner, fake_engine):
     conversation = services.create_conversation(owner=owner, title="Chat")
     services.post_message(conversation=conversation, content="first question")

@@ -5,7 +5,7 @@ import pytest
 
 from conversations.models import Conversation, Message
 from tests.conftest import PASSWORD
-from tests.test_api import assert_detail, make_conversation, messages_url
+from tests.factories import assert_detail, make_conversation, messages_url
 
 pytestmark = pytest.mark.django_db
 
