@@ -1,10 +1,11 @@
 """Noticing that a client went away while its request waits for a whole reply.
 
-A streamed reply notices at its next write that no one reads it. A reply answered in one piece
-(JSON, or a page without JavaScript) writes nothing until it ends, so the connection is watched
-instead: gunicorn hands each request its socket (`gunicorn.socket`), and one thread polls the
-sockets of the requests waiting for a reply for the client having closed its side; the reply is
-then stopped, and its partial text kept as cancelled. (A client that shuts down its sending
+A reply answered in one piece (JSON, or a page without JavaScript) writes nothing until it ends,
+and a streamed one may be written whole before a write fails (a client that closed its socket
+at once still accepts the first), so the connection is watched: gunicorn hands each request its
+socket (`gunicorn.socket`), and one thread polls the sockets of the requests waiting for a reply
+for the client having closed its side; the reply is then stopped, and its partial text kept as
+cancelled. (A client that shuts down its sending
 side and still waits for the answer is taken as gone: HTTP clients do not do that.)
 """
 
@@ -36,8 +37,14 @@ class ClientWatcher:
 
     def watch(self, sock, on_gone: Callable[[], None]) -> Callable[[], None]:
         """Call `on_gone` (once, on the watcher's thread) if the peer of `sock` closes; returns
-        the function that ends the watch."""
+        the function that ends the watch. A peer gone already is told at once, here: a client
+        that closed right after sending its request must not wait for the next poll."""
         fd = sock.fileno()
+        poller = select.poll()
+        poller.register(fd, GONE)
+        if poller.poll(0):
+            on_gone()
+            return lambda: None
         entry = (sock, on_gone)
         with self._lock:
             self._watched[fd] = entry
@@ -81,13 +88,18 @@ class ClientWatcher:
 watcher = ClientWatcher()
 
 
-def run_while_connected(request, writer: ReplyWriter) -> Exchange:
-    """`writer.run()`, stopping the reply if the client of `request` goes away meanwhile.
-    Without a socket to watch (the test client, other servers) it just runs."""
+def watch_client(request, on_gone: Callable[[], None]) -> Callable[[], None]:
+    """Call `on_gone` if the client of `request` goes away; returns the function that ends the
+    watch. Without a socket to watch (the test client, other servers) nothing is watched."""
     sock = request.META.get("gunicorn.socket")
     if sock is None or not GONE or not hasattr(select, "poll"):
-        return writer.run()
-    unwatch = watcher.watch(sock, writer.stop)
+        return lambda: None
+    return watcher.watch(sock, on_gone)
+
+
+def run_while_connected(request, writer: ReplyWriter) -> Exchange:
+    """`writer.run()`, stopping the reply if the client of `request` goes away meanwhile."""
+    unwatch = watch_client(request, writer.stop)
     try:
         return writer.run()
     finally:

@@ -6,6 +6,7 @@ import json
 from django.http import StreamingHttpResponse
 from rest_framework import renderers
 
+from ..disconnects import watch_client
 from ..rendering import render_markdown
 from ..replies import EventKind, ReplyWriter
 from .serializers import load_versions, message_data
@@ -36,12 +37,11 @@ def format_event(kind: str, data) -> str:
     return f"event: {kind}\ndata: {json.dumps(data, default=str)}\n\n"
 
 
-def reply_response(writer: ReplyWriter, *, user_message=None) -> StreamingHttpResponse:
+def reply_response(request, writer: ReplyWriter, *, user_message=None) -> StreamingHttpResponse:
     """Stream `writer`'s reply. If the client goes away, the model is stopped and the partial
     reply is kept as cancelled."""
-    response = StreamingHttpResponse(
-        _ReplyEvents(writer, user_message), content_type=f"{EVENT_STREAM}; charset=utf-8"
-    )
+    events = _ReplyEvents(writer, user_message, unwatch=watch_client(request, writer.stop))
+    response = StreamingHttpResponse(events, content_type=f"{EVENT_STREAM}; charset=utf-8")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # tell proxies such as nginx not to buffer the stream
     return response
@@ -53,15 +53,17 @@ class _ReplyEvents:
     read (a generator never started runs no cleanup of its own), so its reserved row does not
     keep the conversation busy."""
 
-    def __init__(self, writer: ReplyWriter, user_message) -> None:
+    def __init__(self, writer: ReplyWriter, user_message, unwatch) -> None:
         self.writer = writer
         self.user_message = user_message
         self._events = self._generate()
+        self._unwatch = unwatch
 
     def __iter__(self):
         return self._events
 
     def close(self) -> None:
+        self._unwatch()
         self._events.close()
         self.writer.cancel_and_finish()  # (nothing more to a reply already finished)
 

@@ -230,7 +230,7 @@ class ConversationViewSet(viewsets.ModelViewSet):
     def _answer(self, request, writer, *, with_user_message: bool):
         if wants_stream(request):
             user_message = writer.question if with_user_message else None
-            return reply_response(writer, user_message=user_message)
+            return reply_response(request, writer, user_message=user_message)
         exchange = run_while_connected(request, writer)
         load_versions(exchange.user_message, exchange.reply)
         return Response(ExchangeSerializer(exchange).data, status=status.HTTP_201_CREATED)
@@ -259,7 +259,7 @@ class StartMessageView(generics.GenericAPIView):
         else:
             writer = services.open_new_conversation(owner=request.user, content=content)
         if wants_stream(request):
-            return reply_response(writer, user_message=writer.question)
+            return reply_response(request, writer, user_message=writer.question)
         exchange = run_while_connected(request, writer)
         load_versions(exchange.user_message, exchange.reply)
         return Response(ExchangeSerializer(exchange).data, status=status.HTTP_201_CREATED)
