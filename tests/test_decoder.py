@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.quality import SCORED_QUESTION, SCORED_TEXT
-from conversations.llm.decoder import LlamaDecoder, SlotCache
+from conversations.llm.decoder import LlamaDecoder
 from conversations.llm.engine import Engine, GenerationParams
 from conversations.llm.events import ReplyEnded, TokensWritten
+from conversations.llm.kv_cache import SlotCache
 from conversations.llm.scheduler import PREFILL_CHUNK, ReplyRequest
 from tests.steering import steered
 from tests.tiny_models import WORDS, build_tiny_causal

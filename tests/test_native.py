@@ -17,8 +17,8 @@ from django.conf import settings
 
 from benchmarks.quality import SCORED_TEXT
 from conversations.llm import native
-from conversations.llm.decoder import SlotCache
 from conversations.llm.engine import GenerationParams
+from conversations.llm.kv_cache import SlotCache
 from tests.processes import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
