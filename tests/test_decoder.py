@@ -137,10 +137,10 @@ def test_a_run_continuing_a_history_computes_what_one_whole_run_computes(tiny_di
     decoder = LlamaDecoder(model, fmt="fp32", limit=1024)
     history, more = [2 + i % 30 for i in range(40)], list(range(5, 16))
     with torch.inference_mode():
-        whole = decoder.prefill(0, history + more, 0, every=True)
+        whole = decoder.score(0, history + more, 0)
         decoder.cache.clear()
         decoder.prefill(0, history, 0)
-        continued = decoder.prefill(0, more, len(history), every=True)
+        continued = decoder.score(0, more, len(history))
     torch.testing.assert_close(continued, whole[len(history) :], rtol=1e-5, atol=1e-5)
 
 

@@ -170,7 +170,7 @@ class DecoderBackend(Backend):
         def forward() -> float:
             with torch.inference_mode():  # the kernels of a batched decode step
                 ids = prompt + reply
-                logits = self.decoder.prefill(self.scheduler.spare_row, ids, 0, every=True)
+                logits = self.decoder.score(self.scheduler.spare_row, ids, 0)
                 return _log_likelihood(logits, len(prompt), reply)
 
         return float(self.scheduler.call(forward).result())

@@ -77,8 +77,8 @@ CALIBRATION = [
 ]
 # SmoothQuant's migration strength: s_j = peak_j ** alpha / max|W[:, j]| ** (1 - alpha).
 SMOOTHING_ALPHA = 0.5
-# prefill(every=True) reads its tokens in passes of this many, each computed as a decode step
-# of as many replies (the server's default batch) computes it.
+# score() reads its tokens in passes of this many, each computed as a decode step of as many
+# replies (the server's default batch) computes it.
 STEP_ROWS = 8
 
 
@@ -330,7 +330,9 @@ class _Layer:
 
 class LlamaDecoder:
     """The forward pass over slot rows: `prefill` feeds one row a run of prompt tokens,
-    `decode` feeds rows 0..n-1 one token each. Both return next-token logits (fp32)."""
+    `prefill_many` several rows one each, `decode` rows 0..n-1 one token each; all three return
+    next-token logits (fp32). `score` feeds a row a text and returns the logits after each of
+    its tokens, computed as batched decode steps compute them."""
 
     def __init__(
         self,
@@ -443,30 +445,68 @@ class LlamaDecoder:
             for linear in (layer.qkv, layer.out, layer.gate_up, layer.down)
         )
 
-    # The two kinds of call
+    # The calls
 
-    def prefill(self, row: int, tokens: list[int], start: int, *, every: bool = False):
+    def prefill(self, row: int, tokens: list[int], start: int) -> torch.Tensor:
         """Feed `tokens` to slot `row`, whose first `start` positions already hold the
-        conversation's earlier tokens. Returns the logits after the last token: (vocab,), or
-        with `every`, after each token: (len(tokens), vocab), read STEP_ROWS tokens a pass,
-        each computed as a decode step of as many replies computes it (the quantized products,
-        no bf16 copies), so that they measure what batched replies are written with."""
-        if every:
-            return torch.cat(
-                [
-                    self._prefill([(row, tokens[i : i + STEP_ROWS], start + i)], every=True)[0]
-                    for i in range(0, len(tokens), STEP_ROWS)
-                ]
-            )
+        conversation's earlier tokens. Returns the logits after the last token: (vocab,)."""
         return self.prefill_many([(row, tokens, start)])[0]
 
     def prefill_many(self, runs: list[tuple[int, list[int], int]]) -> torch.Tensor:
         """Feed several rows a run of tokens each, (row, tokens, start) as in `prefill`, in one
         pass: the matrix products take all runs at once. Returns the logits after each run's
         last token: (len(runs), vocab)."""
-        return self._prefill(runs)
+        ids, positions, attention = self._runs(runs)
+        x = self._hidden(ids, positions, attention, dense=True)
+        batch, count = ids.shape
+        if count > 1:
+            last = torch.tensor([len(tokens) - 1 for _, tokens, _ in runs])
+            x = x.view(batch, count, -1)[torch.arange(batch), last]
+        return self._logits(x, dense=True)
 
-    def _prefill(self, runs, *, every: bool = False) -> torch.Tensor:
+    def score(self, row: int, tokens: list[int], start: int) -> torch.Tensor:
+        """Feed `tokens` to slot `row` as `prefill` does, and return the logits after each
+        token: (len(tokens), vocab). They are read STEP_ROWS tokens a pass, each computed as a
+        decode step of as many replies computes it (the quantized products, no bf16 copies), so
+        that they measure what batched replies are written with."""
+        passes = []
+        for i in range(0, len(tokens), STEP_ROWS):
+            ids, positions, attention = self._runs([(row, tokens[i : i + STEP_ROWS], start + i)])
+            hidden = self._hidden(ids, positions, attention, dense=False)
+            passes.append(self._logits(hidden, dense=False))
+        return torch.cat(passes)
+
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """Feed token i at position i to slot row i, for every i at once. Returns (n, vocab)."""
+        n = len(tokens)
+        where = torch.tensor(positions, dtype=torch.long)
+        length = max(positions) + 1
+        self.cache.reserve(n, length)
+        # Row i sees its own positions only: 0..positions[i] (our kernel takes their count).
+        mask, lengths = None, None
+        if self.native_attention:
+            lengths = where + 1
+        elif min(positions) != length - 1:
+            mask = self._mask(torch.arange(length).unsqueeze(0) <= where.unsqueeze(1))[
+                :, None, None, :
+            ]
+        # Where each row's new key and value go, head by head, in a layer's flat view of
+        # (rows * heads * positions) vectors: row i's head h at (i * heads + h) * positions +
+        # positions[i].
+        row_heads = torch.arange(n * self.kv_heads).view(n, self.kv_heads)
+        slots = (row_heads * self.cache.positions + where.unsqueeze(1)).view(-1)
+        attention = layers.Attention(
+            slots=slots, length=length, mask=mask, runs=[], rows=None, lengths=lengths
+        )
+        ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(1)
+        hidden = self._hidden(ids, where.unsqueeze(1), attention, dense=True)
+        return self._logits(hidden, dense=True)
+
+    # The layers
+
+    def _runs(self, runs: list[tuple[int, list[int], int]]):
+        """(ids, positions, attention) of a pass reading `runs`, (row, tokens, start) each, with
+        room made for them in the slot rows."""
         longest = max(len(tokens) for _, tokens, _ in runs)
         self.cache.reserve(max(row for row, _, _ in runs) + 1, max(s + len(t) for _, t, s in runs))
         # Shorter runs are padded at the end; their padding is computed and thrown away.
@@ -498,51 +538,19 @@ class LlamaDecoder:
             rows=rows,
             lengths=None,
         )
-        last = torch.tensor([len(tokens) - 1 for _, tokens, _ in runs])
-        logits = self._forward(
-            ids, positions, attention, read=None if every else last, dense=not every
-        )
-        return logits
+        return ids, positions, attention
 
-    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """Feed token i at position i to slot row i, for every i at once. Returns (n, vocab)."""
-        n = len(tokens)
-        where = torch.tensor(positions, dtype=torch.long)
-        length = max(positions) + 1
-        self.cache.reserve(n, length)
-        # Row i sees its own positions only: 0..positions[i] (our kernel takes their count).
-        mask, lengths = None, None
-        if self.native_attention:
-            lengths = where + 1
-        elif min(positions) != length - 1:
-            mask = self._mask(torch.arange(length).unsqueeze(0) <= where.unsqueeze(1))[
-                :, None, None, :
-            ]
-        # Where each row's new key and value go, head by head, in a layer's flat view of
-        # (rows * heads * positions) vectors: row i's head h at (i * heads + h) * positions +
-        # positions[i].
-        row_heads = torch.arange(n * self.kv_heads).view(n, self.kv_heads)
-        slots = (row_heads * self.cache.positions + where.unsqueeze(1)).view(-1)
-        attention = layers.Attention(
-            slots=slots, length=length, mask=mask, runs=[], rows=None, lengths=lengths
-        )
-        ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(1)
-        return self._forward(ids, where.unsqueeze(1), attention)[:, 0]
-
-    # The layers
-
-    def _forward(self, ids, positions, attention, *, read=None, dense=True) -> torch.Tensor:
-        """Logits (batch, vocab) after the token at index read[i] of each row of `ids`, or with
-        read=None, (batch, count, vocab) after every token. `attention` says how the layers
-        attend: see layers.Attention."""
-        batch, count = ids.shape
+    def _hidden(self, ids, positions, attention, *, dense: bool) -> torch.Tensor:
+        """The last layer's output (tokens, hidden) for `ids` (batch, count) at `positions`;
+        `attention` says how the layers attend (see layers.Attention), `dense` whether the
+        quantized matrices may multiply many rows with their bf16 copies."""
         x = F.embedding(ids.view(-1), self.embed)  # fp32 residual stream, (tokens, hidden)
         cos, sin = self._rope(positions.view(-1))  # (tokens, 1, head size)
-        x = self._stack(x, cos, sin, self.cache.keys, self.cache.values, dense, attention)
-        if read is not None and count > 1:
-            x = x.view(batch, count, -1)[torch.arange(batch), read]
-        logits = self.head(self.final_norm(x), dense=dense)
-        return logits.float() if read is not None else logits.float().view(batch, count, -1)
+        return self._stack(x, cos, sin, self.cache.keys, self.cache.values, dense, attention)
+
+    def _logits(self, x: torch.Tensor, *, dense: bool) -> torch.Tensor:
+        """The next-token logits (rows, vocab), fp32, after the hidden states `x`."""
+        return self.head(self.final_norm(x), dense=dense).float()
 
     def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
         """An attention mask to add to the scores (0 where allowed, -inf elsewhere): given as
