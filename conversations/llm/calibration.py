@@ -8,11 +8,8 @@ from typing import Any
 
 import torch
 
-# What the int8 products' smoothing is measured on (see input_peaks): a short chat of mixed
-# prose, numbers and code, read once by the model at load (~170 tokens, ~0.4 s). Measured over
-# 2,900 tokens of five other texts, read eight tokens a pass, perplexity against fp32's went
-# 1.0157 -> 1.0130 (the gate-up product smoothed, and query-key-value added); unsmoothed,
-# query-key-value int8 made it 1.0376.
+# What the smoothing is measured on (see input_peaks): a short chat of mixed prose, numbers and
+# code, read once by the model at load.
 CALIBRATION = [
     {"role": "user", "content": "How is bread made, and how far is 5 km in miles?"},
     {

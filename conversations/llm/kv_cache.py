@@ -18,15 +18,14 @@ class SlotCache:
     rows, key-value heads, positions, head size): [layer, 0] holds a layer's keys, [layer, 1]
     its values, and row i belongs to one conversation. `keys[layer]` and `values[layer]` are
     views of that tensor, (rows, heads, positions, head size), as the layers take them: each
-    head's keys lie one after another, as attention reads them (with the positions outermost,
-    the attention of eight replies over 330 positions took 7% longer, a whole step ~3%).
+    head's keys lie one after another, as attention reads them.
 
     One conversation's positions in every layer are one slice, so moving, exporting or loading
-    a row is one copy (one per layer and kind was 60 for SmolLM2, each a call from Python that
-    waits for the GIL while server threads hold it). Both sizes grow (by copying) as
-    conversations join or get longer; every row has as many positions as the longest needs, so
-    `max_bytes` (0: none) bounds rows x positions: the scheduler admits no more rows than fit,
-    and cuts the positions back once the long conversation that needed them has left."""
+    a row is one copy, not one per layer and kind (each a call from Python that waits for the
+    GIL while server threads hold it). Both sizes grow (by copying) as conversations join or
+    get longer; every row has as many positions as the longest needs, so `max_bytes` (0: none)
+    bounds rows x positions: the scheduler admits no more rows than fit, and cuts the positions
+    back once the long conversation that needed them has left."""
 
     def __init__(self, layers: int, heads: int, head_dim: int, dtype, limit: int, max_bytes=0):
         self.layers, self.heads, self.head_dim = layers, heads, head_dim

@@ -29,8 +29,7 @@ def next_tokens(requests: list[ReplyRequest], logits: torch.Tensor) -> list[int]
         scores = logits.gather(1, seen)
         scores = torch.where(scores < 0, scores * penalties, scores / penalties)
         logits.scatter_(1, seen, scores)
-    # (max's indices are argmax's, first of equals first, and measured 3x faster: 8 rows of
-    # 49k scores 250 -> 80 us.)
+    # (max's indices are argmax's, first of equals first, and measured 3x faster.)
     tokens = logits.max(dim=-1).indices.tolist()
     for i, request in enumerate(requests):
         if request.samplers:

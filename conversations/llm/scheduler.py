@@ -46,9 +46,7 @@ PREFILL_CHUNK = 256
 PREFILL_TOKENS = 512
 # Prompts read in one pass are padded to the longest (decoder.prefill_many): runs of very
 # different lengths go in separate passes, so that a pass computes at most this many times the
-# tokens it feeds. (Eight conversations' follow-ups are ~25 tokens each; one whose last reply
-# cannot be reused from its cached keys and values - the saved text tokenizes differently - has
-# ~90: read together, the pass computed 8 x 90 rows in ~200 ms, ~100 ms more than two passes.)
+# tokens it feeds.
 PREFILL_PADDING = 1.5
 # Slot tensors of several rows holding more than this are freed once no reply has been in
 # flight for IDLE_SECONDS: a burst of conversations that pauses for a moment (eight replies

@@ -20,9 +20,8 @@ if TYPE_CHECKING:
 
 # Every slot row has as many positions as the longest conversation in flight needs: once that
 # one has left, the positions are cut back to what the rest need when that gives back more than
-# TRIM_BYTES and over half the tensor (one copy of what the rows hold; under steady load no idle
-# moment comes to free them, and one long conversation kept eight rows at 8,192 positions:
-# 1.5 GB for SmolLM2).
+# TRIM_BYTES and over half the tensor (one copy of what the rows hold): under steady load no idle
+# moment comes to free them.
 TRIM_BYTES = 64 * 2**20
 
 

@@ -31,20 +31,13 @@ logger = logging.getLogger(__name__)
 WEIGHT_FORMATS = ("int4", "int8", "bf16", "fp32")
 INT4_GROUP = 32
 # From this many rows of input (prompt tokens, or replies in one step) on, a quantized layer
-# matrix multiplies with its bf16 copy: the quantized kernels read the weights once for every
-# four rows, right for decoding a few rows, 3x slower than bf16 for a prompt.
+# matrix multiplies with its bf16 copy, which reads the weights once for all rows.
 DENSE_ROWS = 16
 # Without FBGEMM, the output head multiplies with a bf16 copy from this many rows on.
 HEAD_DENSE_ROWS = 5
-# On torch's kernels (our own int4 product takes every size below DENSE_ROWS): from this many
-# rows on (below DENSE_ROWS: a decode step of five or more replies, a short prompt), the gate-up
-# and query-key-value matrices multiply as int8 x int8 with FBGEMM's
-# dynamic kernel, the fp32 input quantized in the same call (Int4Linear): the int4
-# kernel's cost doubles from four rows to eight (gate-up alone, eight rows: 200 -> 55 us). An
-# eight-reply step took 4-6% less with the gate-up product so than with oneDNN's int8 product
-# and the per-row quantization written around it, and 2% less again with query-key-value too.
-# Out and down stay int4: their inputs are not a norm's output, and even smoothed, int8 inputs
-# to down cost 1-4% perplexity.
+# On torch's kernels, from this many rows on (below DENSE_ROWS), the query-key-value and gate-up
+# matrices multiply as int8 x int8 with FBGEMM (Int4Linear), whose cost barely grows with rows
+# where the int4 kernel's doubles from four rows to eight.
 BATCH_INT8_ROWS = 5
 
 
@@ -121,6 +114,8 @@ def layer_matrices(
         return linear(weight, fmt, dense_rows=DENSE_ROWS, native_int4=native_int4, **batches)
 
     qkv = torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
+    # (Out and down keep no int8 copy: their inputs are not a norm's output, and int8 inputs to
+    # down cost perplexity even smoothed.)
     return (
         # Unsmoothed, int8 inputs here cost 2% perplexity: only with the peaks.
         matrix(
@@ -285,8 +280,7 @@ class NativeInt8Head(Matrix):
 class FbgemmInt8Head(Matrix):
     """The head in int8 with one scale per output row, on FBGEMM's dynamic int8 kernel: it
     quantizes the hidden states on the fly (one scale per call) and reads the weights two to
-    three times as fast as `_weight_int8pack_mm`, which reads them again for every four rows
-    (one row: 2.3 -> 1.0 ms, eight: 6.0 -> 2.1 ms; perplexity 0.997 of fp32 against 1.000).
+    three times as fast as `_weight_int8pack_mm`, which reads them again for every four rows.
     Gives fp32."""
 
     def __init__(self, packed, weight_bytes: int) -> None:
@@ -300,11 +294,9 @@ class FbgemmInt8Head(Matrix):
 # The bf16 copies
 
 
-# oneDNN keeps what it builds for a bf16 product of each input size (its primitive cache of 1,024,
-# and kernels outside it): prompt chunks of every size from 16 to 512 rows took a serving
-# worker's memory up by ~0.5 GB over a few hundred messages, for good. The bf16 products' rows are
-# rounded up (padded_rows) from 16 rows on, to a multiple of 8, or of an eighth of their octave if
-# larger (at most 7 rows, or under 12.5%): ~35 sizes up to the 768 rows of a prompt pass.
+# oneDNN keeps what it builds for a bf16 product of each input size, for good (docs/memory.md): the
+# products' rows are rounded up (padded_rows) from 16 rows on, to a multiple of 8, or of an eighth
+# of their octave if larger (at most 7 rows, or under 12.5%): ~35 sizes up to a prompt pass's 768.
 def padded_rows(rows: int) -> int:
     """`rows` rounded up to the next of the few sizes the bf16 products are taken in."""
     if rows < 16:
@@ -332,7 +324,7 @@ def _dense_product(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
 def _dense_copy(weight: torch.Tensor) -> torch.Tensor:
     """The bf16 copy for inputs of many rows, packed by oneDNN into the blocked layout its
     matrix kernels read, where torch has oneDNN: F.linear on a plain bf16 matrix reorders it on
-    every call (a prompt's products: 25-40% slower; the same results to the bit)."""
+    every call (the same results to the bit)."""
     dense = weight.to(torch.bfloat16)
     if torch.backends.mkldnn.is_available():
         try:
