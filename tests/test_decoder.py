@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.quality import SCORED_QUESTION, SCORED_TEXT
-from conversations.llm.decoder import LlamaDecoder, SlotCache
+from conversations.llm.decoder import LlamaDecoder
 from conversations.llm.engine import Engine, GenerationParams
 from conversations.llm.events import ReplyEnded, TokensWritten
+from conversations.llm.kv_cache import SlotCache
 from conversations.llm.scheduler import PREFILL_CHUNK, ReplyRequest
 from tests.steering import steered
 from tests.tiny_models import WORDS, build_tiny_causal
@@ -136,10 +137,10 @@ def test_a_run_continuing_a_history_computes_what_one_whole_run_computes(tiny_di
     decoder = LlamaDecoder(model, fmt="fp32", limit=1024)
     history, more = [2 + i % 30 for i in range(40)], list(range(5, 16))
     with torch.inference_mode():
-        whole = decoder.prefill(0, history + more, 0, every=True)
+        whole = decoder.score(0, history + more, 0)
         decoder.cache.clear()
         decoder.prefill(0, history, 0)
-        continued = decoder.prefill(0, more, len(history), every=True)
+        continued = decoder.score(0, more, len(history))
     torch.testing.assert_close(continued, whole[len(history) :], rtol=1e-5, atol=1e-5)
 
 
@@ -393,7 +394,7 @@ def test_steps_of_five_or_more_replies_multiply_in_int8_with_smoothed_inputs(
     of its own int4 step but for rounding."""
     from torch.profiler import profile
 
-    from conversations.llm.decoder import BATCH_INT8_ROWS
+    from conversations.llm.weights import BATCH_INT8_ROWS
 
     engine = torch_kernels_engine
     decoder, scheduler = engine.decoder, engine.scheduler
@@ -428,7 +429,7 @@ def test_smoothing_keeps_the_product_and_shrinks_the_int8_error():
     """An input with a few channels far larger than the rest (as a norm's output has): divided
     by the smoothing, against a copy scaled by it, the int8 product is the same product and
     lands nearer the exact one than without smoothing."""
-    from conversations.llm import decoder, layers
+    from conversations.llm import weights
 
     torch.manual_seed(0)
     weight = torch.randn(256, 96) * 0.05
@@ -438,23 +439,21 @@ def test_smoothing_keeps_the_product_and_shrinks_the_int8_error():
     peaks = x.abs().amax(dim=0)
     errors = {}
     for name, peak in (("plain", None), ("smoothed", peaks)):
-        linear = decoder._Linear(weight, "int4", dense_from=16, batch_int8=True, peaks=peak)
+        linear = weights.linear(weight, "int4", dense_rows=16, batch_rows=5, peaks=peak)
+        assert linear.batch is not None and linear.int8_input(8, False)
         smoothing = linear.smoothing if linear.smoothing is not None else torch.ones(96)
-        batched = layers.BatchedLinear(
-            layers.Linear(*linear.parts, 16, dtype=torch.bfloat16), linear.batch, 5
-        )
-        product = batched(x / smoothing, False).float()
+        product = linear(x / smoothing, False).float()
         errors[name] = float((product - exact).norm() / exact.norm())
     assert errors["smoothed"] < errors["plain"] / 2, errors
     assert errors["smoothed"] < 0.02, errors
 
 
 def test_prompts_multiply_with_a_bf16_copy_packed_by_onednn_which_computes_the_same():
-    from conversations.llm import decoder
+    from conversations.llm import weights
 
     torch.manual_seed(0)
     weight = torch.randn(192, 96) * 0.05
-    linear = decoder._Linear(weight, "int4", dense_from=16)
+    linear = weights.linear(weight, "int4", dense_rows=16)
     assert linear.dense.is_mkldnn, "torch's x86 build has oneDNN"
     x = torch.randn(40, 96).bfloat16()
     plain = F.linear(x, weight.bfloat16())
@@ -465,16 +464,16 @@ def test_prompts_multiply_with_a_bf16_copy_packed_by_onednn_which_computes_the_s
 def test_bf16_products_come_in_a_few_sizes_and_give_every_row_its_product():
     """oneDNN keeps what it builds for each input size for good: the rows are padded to one of
     a few sizes, and the padding is cut off again."""
-    from conversations.llm import decoder, layers
+    from conversations.llm import weights
 
-    sizes = {layers.padded_rows(rows) for rows in range(16, 769)}
+    sizes = {weights.padded_rows(rows) for rows in range(16, 769)}
     assert len(sizes) <= 40, sorted(sizes)
     for rows in range(1, 8193):
-        padded = layers.padded_rows(rows)
+        padded = weights.padded_rows(rows)
         assert 0 <= padded - rows < max(8, rows / 8) and (rows >= 16 or padded == rows), rows
     torch.manual_seed(0)
     weight = torch.randn(192, 96) * 0.05
-    linear = decoder._Linear(weight, "int4", dense_from=16)
+    linear = weights.linear(weight, "int4", dense_rows=16)
     for rows in (17, 100, 300):
         x = torch.randn(rows, 96).bfloat16()
         product = linear(x)
@@ -483,24 +482,24 @@ def test_bf16_products_come_in_a_few_sizes_and_give_every_row_its_product():
 
 
 def test_the_output_head_multiplies_with_fbgemm_or_falls_back(monkeypatch):
-    from conversations.llm import decoder
+    from conversations.llm import weights
 
     torch.manual_seed(0)
     weight = torch.randn(300, 64) * 0.05
     x = torch.randn(6, 64).bfloat16()  # six rows: past the fallback's bf16 threshold
     exact = x.float() @ weight.t()
 
-    head = decoder._Head(weight)
-    assert head.packed is not None, "torch's x86 build has FBGEMM"
+    head = weights.head(weight, "int4")
+    assert isinstance(head, weights.FbgemmInt8Head), "torch's x86 build has FBGEMM"
     assert head.weight_bytes == 300 * 64
     for rows in (1, 6):
         got = head(x[:rows])
         assert got.dtype == torch.float32
         assert float((got - exact[:rows]).norm() / exact[:rows].norm()) < 0.02
 
-    monkeypatch.setattr(decoder, "_fbgemm_pack", lambda weight, scale: None)
-    fallback = decoder._Head(weight)
-    assert fallback.packed is None and fallback.linear.dense is not None
+    monkeypatch.setattr(weights, "_fbgemm_pack", lambda weight, scale: None)
+    fallback = weights.head(weight, "int4")
+    assert isinstance(fallback, weights.Int8Linear) and fallback.dense.numel() > 0
     for rows in (1, 6):
         got = fallback(x[:rows]).float()
         assert float((got - exact[:rows]).norm() / exact[:rows].norm()) < 0.02

@@ -291,7 +291,7 @@ def kept_owners(engine) -> set[str]:
     scheduler = engine.scheduler
 
     def owners():
-        parked = [scheduler._parked[0]] if scheduler._parked else []
+        parked = [scheduler._rows.parked[0]] if scheduler._rows.parked else []
         return {key.owner for key in [*engine.prefix_cache._entries, *parked]}
 
     return scheduler.call(owners).result()

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from django.conf import settings
 
 from benchmarks.quality import SCORED_TEXT
-from conversations.llm import native
-from conversations.llm.decoder import SlotCache
+from conversations.llm import native, weights
 from conversations.llm.engine import GenerationParams
+from conversations.llm.kv_cache import SlotCache
 from tests.processes import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,7 +126,7 @@ def test_the_kernel_refuses_what_it_cannot_compute_with_a_clear_error(kernel):
 
 
 def quantized_matrix(outputs, inputs, bits, *, exact=False):
-    """A matrix as decoder._Linear (4 bits) or _Head (8 bits) quantizes one: (levels, scales,
+    """A matrix as weights.linear (4 bits) or weights.head (8 bits) quantizes one: (levels, scales,
     minimums, the matrix they stand for in fp32). With `exact`, scales and minimums are powers
     of two (fp16 keeps them exactly), small enough that fp32 sums of their products with int8
     inputs are exact."""
@@ -236,19 +236,27 @@ def test_the_quantized_products_refuse_what_they_cannot_compute_with_a_clear_err
 
 
 def test_a_matrix_the_quantized_products_cannot_take_goes_to_torchs_kernels():
-    from conversations.llm.decoder import _Head, _Linear
+    from conversations.llm.weights import (
+        FbgemmInt8Head,
+        Int4Linear,
+        Int8Linear,
+        NativeInt4Linear,
+        NativeInt8Head,
+        head,
+        linear,
+    )
 
     weight = torch.randn(64, 64)
-    assert _Linear(weight, "int4", native_int4=True).fmt == "int4-vnni"
-    assert _Linear(weight, "int4").fmt == "int4"
-    assert _Head(weight, native_int8=True).native is not None
-    assert _Head(weight).native is None and _Head(weight).packed is not None  # FBGEMM's
+    assert type(linear(weight, "int4", native_int4=True)) is NativeInt4Linear
+    assert type(linear(weight, "int4")) is Int4Linear
+    assert type(head(weight, "int4", native_int8=True)) is NativeInt8Head
+    assert type(head(weight, "int4")) is FbgemmInt8Head  # FBGEMM's
     # (Inputs not in groups of 32: int8, as without the kernel.)
-    assert _Linear(torch.randn(64, 48), "int4", native_int4=True).fmt == "int8"
-    assert _Head(torch.randn(64, 48), native_int8=True).native is None
+    assert type(linear(torch.randn(64, 48), "int4", native_int4=True)) is Int8Linear
+    assert type(head(torch.randn(64, 48), "int4", native_int8=True)) is FbgemmInt8Head
     weight[0, 0] = 1e8  # a scale beyond fp16
-    assert _Linear(weight, "int4", native_int4=True).fmt == "int4"
-    assert _Head(weight, native_int8=True).native is None
+    assert type(linear(weight, "int4", native_int4=True)) is Int4Linear
+    assert type(head(weight, "int4", native_int8=True)) is FbgemmInt8Head
 
 
 @needs_cpu
@@ -378,8 +386,8 @@ def test_decode_steps_of_the_real_model_score_a_text_as_with_torchs_kernels(
     rounded to int8 in groups of 32) the scores are those of torch's kernels (int4 on bf16
     inputs; FBGEMM's int8 for the head, and at eight rows for query-key-value and gate-up) but
     for rounding."""
-    assert default_engine.decoder.layers[0].qkv.fmt == "int4-vnni"
-    assert torch_kernels_engine.decoder.layers[0].qkv.fmt == "int4"
+    assert type(default_engine.decoder.layers[0].qkv) is weights.NativeInt4Linear
+    assert type(torch_kernels_engine.decoder.layers[0].qkv) is weights.Int4Linear
     parts, targets = text_parts(default_engine, rows)
     ours = read_in_steps(default_engine, parts)
     theirs = read_in_steps(torch_kernels_engine, parts)
@@ -434,7 +442,8 @@ def test_each_kernel_path_tested_is_the_one_the_engine_runs(real_engine, request
     path = request.node.callspec.params["real_engine"]
     decoder, ours = real_engine.decoder, path == "ours"
     assert decoder.native is ours and decoder.native_attention is ours
-    assert {layer.qkv.fmt for layer in decoder.layers} == {"int4-vnni" if ours else "int4"}
+    expected = weights.NativeInt4Linear if ours else weights.Int4Linear
+    assert {type(layer.qkv) for layer in decoder.layers} == {expected}
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         assert path == "torch" and native._loaded is None
 
@@ -459,7 +468,7 @@ print(json.dumps({
     "supported": native.supported(),
     "loaded": native._loaded is not None,
     "ours": [decoder.native, decoder.native_attention],
-    "formats": sorted({layer.qkv.fmt for layer in decoder.layers}),
+    "formats": sorted({type(layer.qkv).__name__ for layer in decoder.layers}),
     "paris": "Paris" in answer,
 }))
 """
@@ -477,6 +486,6 @@ def test_with_torch_limited_to_avx2_the_engine_answers_on_torchs_kernels():
         "supported": False,
         "loaded": False,
         "ours": [False, False],
-        "formats": ["int4"],
+        "formats": ["Int4Linear"],
         "paris": True,
     }

@@ -252,10 +252,10 @@ def test_forgetting_a_conversation_drops_its_entry_its_parked_row_and_its_reply(
     chats = {name: [system, {"role": "user", "content": f"hello {name}"}] for name in "abc"}
     turn(engine, chats["a"], key=CacheKey("ann", "a"))
     turn(engine, chats["b"], key=CacheKey("ann", "b"))  # a goes to the cache; b is parked
-    assert len(engine.prefix_cache) == 1 and engine.scheduler._parked is not None
+    assert len(engine.prefix_cache) == 1 and engine.scheduler._rows.parked is not None
     engine.forget("a").result()
     engine.forget("b").result()
-    assert len(engine.prefix_cache) == 0 and engine.scheduler._parked is None
+    assert len(engine.prefix_cache) == 0 and engine.scheduler._rows.parked is None
     assert turn(engine, chats["c"], key=CacheKey("ann", "c")).reused_tokens == 0
     # A reply in flight when its conversation is deleted keeps nothing when it ends.
     engine.scheduler.forget(lambda key: key == CacheKey("ann", "c"))  # (parked c goes)
@@ -275,7 +275,7 @@ def test_forgetting_a_conversation_drops_its_entry_its_parked_row_and_its_reply(
     forgotten.result()
     engine.scheduler.call(lambda: None).result()
     assert stream.result.completion_tokens > 0
-    assert len(engine.prefix_cache) == 0 and engine.scheduler._parked is None
+    assert len(engine.prefix_cache) == 0 and engine.scheduler._rows.parked is None
 
 
 def write_together(engine, chats, params, keys):
@@ -374,9 +374,9 @@ def test_slot_rows_widened_by_a_long_conversation_are_cut_back_once_it_has_left(
 ):
     """Every row has as many positions as the longest in flight needs; under steady load no
     idle moment comes to free them, so they are cut back when the replies end."""
-    from conversations.llm import scheduler
+    from conversations.llm import slot_rows
 
-    monkeypatch.setattr(scheduler, "TRIM_BYTES", 0)  # the tiny model's rows are small
+    monkeypatch.setattr(slot_rows, "TRIM_BYTES", 0)  # the tiny model's rows are small
     engine = Engine(model=str(wide_dir), cache_dir=tmp_path)
     plain = Engine(model=str(wide_dir), cache_dir=tmp_path, prefix_cache_bytes=0)
     params = GenerationParams(max_new_tokens=6)

@@ -100,7 +100,7 @@ class DecoderBackend(Backend):
         slot_bytes: int,
         kernels: Path | None,
     ) -> None:
-        from . import decoder
+        from . import calibration, decoder
 
         super().__init__(loaded, scheduler, prompts)
         self.encoder = prompts.encoder
@@ -113,7 +113,7 @@ class DecoderBackend(Backend):
             # fp32 shares the model's own tensors; other formats hold copies.
             release=fmt != "fp32",
             calibration=self.encoder.encode(
-                loaded.tokenizer.apply_chat_template(decoder.CALIBRATION, tokenize=False)
+                loaded.tokenizer.apply_chat_template(calibration.CALIBRATION, tokenize=False)
             ),
             kernels=kernels,
         )
@@ -170,7 +170,7 @@ class DecoderBackend(Backend):
         def forward() -> float:
             with torch.inference_mode():  # the kernels of a batched decode step
                 ids = prompt + reply
-                logits = self.decoder.prefill(self.scheduler.spare_row, ids, 0, every=True)
+                logits = self.decoder.score(self.scheduler.spare_row, ids, 0)
                 return _log_likelihood(logits, len(prompt), reply)
 
         return float(self.scheduler.call(forward).result())

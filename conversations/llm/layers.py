@@ -36,59 +36,10 @@ def script(target):
         return target
 
 
-# oneDNN keeps what it builds for a bf16 product of each input size (its primitive cache of 1,024,
-# and kernels outside it): prompt chunks of every size from 16 to 512 rows took a serving
-# worker's memory up by ~0.5 GB over a few hundred messages, for good. The bf16 products' rows are
-# rounded up (padded_rows) from 16 rows on, to a multiple of 8, or of an eighth of their octave if
-# larger (at most 7 rows, or under 12.5%): ~35 sizes up to the 768 rows of a prompt pass.
-def padded_rows(rows: int) -> int:
-    """`rows` rounded up to the next of the few sizes the bf16 products are taken in."""
-    if rows < 16:
-        return rows
-    step = 8
-    while step * 16 <= rows:
-        step *= 2
-    return (rows + step - 1) // step * step
-
-
-@script
-def multiply(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    scale: torch.Tensor,
-    dense: torch.Tensor,
-    fmt: str,
-    dense_rows: int,
-) -> torch.Tensor:
-    """x (rows, inputs) @ W.T for a matrix W in format `fmt` (see decoder._Linear), with its
-    scales (int4: one scale and minimum per group of inputs, shaped (groups, outputs, 2); int8:
-    one per output) and its bf16 copy, used from `dense_rows` rows on (empty tensors where
-    absent; 0: never), in rows rounded up by padded_rows."""
-    if fmt != "int4" and fmt != "int8" and fmt != "int4-vnni":
-        return F.linear(x, weight)
-    if dense_rows > 0 and dense.numel() > 0 and x.size(0) >= dense_rows:
-        rows = x.size(0)
-        padded = padded_rows(rows)
-        if padded != rows:
-            x = F.pad(x, [0, 0, 0, padded - rows])
-        if dense.is_mkldnn:  # packed by oneDNN (decoder._dense_copy)
-            no_post_op: list[int | float | complex | None] = []  # ("Scalar?[]")
-            product = torch.ops.mkldnn._linear_pointwise(x, dense, None, "none", no_post_op, "")
-        else:
-            product = F.linear(x, dense)
-        return product[:rows]
-    if fmt == "int4-vnni":  # packed for our kernel (native.pack)
-        return torch.ops.chat.int4_linear(x, weight)
-    if fmt == "int4":
-        group = x.size(1) // scale.size(0)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, group, scale)
-    return torch.ops.aten._weight_int8pack_mm(x, weight, scale)
-
-
 class Norm(torch.nn.Module):
     """RMS norm in fp32, to the bit as the model's own (x * rsqrt(mean(x^2) + eps) * weight),
     handed on in the activation type (`scaled`: in fp32). With `smoothing` (one factor per
-    channel: see BatchedLinear), `scaled(x, True)` gives the norm divided by it, as the int8
+    channel: see weights.Int4Linear), `scaled(x, True)` gives the norm divided by it, as the int8
     product after the norm takes it: the division is folded into the weight."""
 
     def __init__(self, weight, eps, dtype, smoothing=None):
@@ -104,7 +55,7 @@ class Norm(torch.nn.Module):
         return self.scaled(x).to(self.dtype)
 
     def scaled(self, x: torch.Tensor, smoothed: bool = False) -> torch.Tensor:
-        """The norm in fp32, before the cast (Linear casts what it needs)."""
+        """The norm in fp32, before the cast (a matrix casts what it needs)."""
         variance = (x * x).sum(-1, keepdim=True) / self.width  # what mean() computes
         weight = self.smoothed_weight if smoothed else self.weight
         return x * torch.rsqrt(variance + self.eps) * weight
@@ -134,60 +85,6 @@ class Attention(NamedTuple):
     runs: list[tuple[int, int, int]]
     rows: torch.Tensor | None
     lengths: torch.Tensor | None
-
-
-class Linear(torch.nn.Module):
-    """One matrix in its format; scripted, its format is a constant (the other branches of
-    `multiply` are compiled away). It takes its input in fp32 or in `dtype` (the activation
-    type) and gives its product in `dtype`."""
-
-    fmt: Final[str]
-    dense_rows: Final[int]
-
-    def __init__(self, weight, scale, dense, fmt, dense_rows, *, dtype):
-        super().__init__()
-        self.weight, self.scale, self.dense, self.fmt = weight, scale, dense, fmt
-        self.dense_rows = dense_rows
-        self.dtype = dtype
-
-    def forward(self, x: torch.Tensor, use_dense: bool) -> torch.Tensor:
-        rows = self.dense_rows if use_dense else 0
-        return multiply(x.to(self.dtype), self.weight, self.scale, self.dense, self.fmt, rows)
-
-    @torch.jit.export
-    def int8_input(self, rows: int, use_dense: bool) -> bool:
-        """Whether an input of `rows` rows goes to an int8 product (see BatchedLinear)."""
-        return False
-
-
-class BatchedLinear(torch.nn.Module):
-    """A Linear that also keeps an int8 copy packed for FBGEMM's dynamic int8 kernel
-    (`packed`): inputs of `batch_rows` rows or more that do not go to the bf16 copy multiply
-    with it. The kernel quantizes its fp32 input to int8 on the fly, one scale for the whole
-    input (the rows are a norm's output, all of about one size), and takes the product in
-    integers: one call, where the int4 kernel's cost doubles from four rows to eight.
-
-    A few channels of a norm's output run far larger than the rest, and one scale for all of
-    them leaves the others few levels. The int8 copy may be smoothed (SmoothQuant): its input
-    channel j multiplied by a factor s_j, and the input then comes divided by s_j (the norm
-    before it does that: Norm's `smoothing`), so the product is the same but the large
-    channels shrink and the weights take part of their range."""
-
-    batch_rows: Final[int]
-
-    def __init__(self, linear: Linear, packed, batch_rows: int):
-        super().__init__()
-        self.linear, self.packed, self.batch_rows = linear, packed, batch_rows
-        self.dtype = linear.dtype
-
-    def forward(self, x: torch.Tensor, use_dense: bool) -> torch.Tensor:
-        if self.int8_input(x.size(0), use_dense):
-            return torch.ops.quantized.linear_dynamic(x.float(), self.packed, False).to(self.dtype)
-        return self.linear(x, use_dense)
-
-    @torch.jit.export
-    def int8_input(self, rows: int, use_dense: bool) -> bool:
-        return rows >= self.batch_rows and not (use_dense and rows >= self.linear.dense_rows)
 
 
 class Layer(torch.nn.Module):
@@ -223,7 +120,7 @@ class Layer(torch.nn.Module):
     ) -> torch.Tensor:
         tokens = x.size(0)
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
-        # (A norm's output goes to the int8 product smoothed: see BatchedLinear.)
+        # (A norm's output goes to the int8 product smoothed: see weights.Int4Linear.)
         h = self.input_norm.scaled(x, self.qkv.int8_input(tokens, use_dense))
         qkv = self.qkv(h, use_dense)
         qk, v = qkv.split([(heads + kv_heads) * head_dim, kv_heads * head_dim], dim=1)

@@ -37,7 +37,7 @@ def owner_of(key: Hashable) -> str | None:
 @dataclass
 class CachedPrefix:
     tokens: list[int]  # the tokens whose keys and values `cache` holds, in order
-    cache: Any  # a tensor (decoder.SlotCache.export): position i holds tokens[i]
+    cache: Any  # a tensor (kv_cache.SlotCache.export): position i holds tokens[i]
 
     @property
     def nbytes(self) -> int:

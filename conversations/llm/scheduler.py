@@ -8,8 +8,7 @@ streaming. A reply leaves when it ends, runs out of budget or is cancelled; canc
 effect before the next step.
 
 When the last reply in flight ends, its conversation's keys and values stay where they are, in
-slot row 0 ("parked"): a person's next message in that conversation starts from them with nothing
-copied. They go to the prefix cache (a copy) only when the row is wanted for something else.
+slot row 0 ("parked"; see slot_rows.py). Tokens are chosen by sampling.py.
 
 Other model work (scoring, or `generate` for models the decoder does not run) is handed to the
 same thread as plain calls, run between steps.
@@ -28,8 +27,10 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from . import sampling
 from .events import ModelEvent, ReplyEnded, ReplyFailed, TokensWritten
-from .prefix_cache import PrefixCache, reusable_length
+from .prefix_cache import PrefixCache
+from .slot_rows import SlotRows
 
 if TYPE_CHECKING:
     import torch
@@ -45,9 +46,7 @@ PREFILL_CHUNK = 256
 PREFILL_TOKENS = 512
 # Prompts read in one pass are padded to the longest (decoder.prefill_many): runs of very
 # different lengths go in separate passes, so that a pass computes at most this many times the
-# tokens it feeds. (Eight conversations' follow-ups are ~25 tokens each; one whose last reply
-# cannot be reused from its cached keys and values - the saved text tokenizes differently - has
-# ~90: read together, the pass computed 8 x 90 rows in ~200 ms, ~100 ms more than two passes.)
+# tokens it feeds.
 PREFILL_PADDING = 1.5
 # Slot tensors of several rows holding more than this are freed once no reply has been in
 # flight for IDLE_SECONDS: a burst of conversations that pauses for a moment (eight replies
@@ -55,12 +54,6 @@ PREFILL_PADDING = 1.5
 # allocating and zeroing them again.
 IDLE_BYTES = 64 * 2**20
 IDLE_SECONDS = 2.0
-# Every slot row has as many positions as the longest conversation in flight needs: once that
-# one has left, the positions are cut back to what the rest need when that gives back more than
-# TRIM_BYTES and over half the tensor (one copy of what the rows hold; under steady load no idle
-# moment comes to free them, and one long conversation kept eight rows at 8,192 positions:
-# 1.5 GB for SmolLM2).
-TRIM_BYTES = 64 * 2**20
 # While several replies are written, each one's tokens are handed over at most this often (a
 # reply's first and last at once): every hand-over wakes a server thread, which then competes
 # with the model for the two cores. One reply alone gets every token as it comes.
@@ -106,9 +99,11 @@ class ReplyRequest:
 
 class Scheduler:
     def __init__(self, decoder: LlamaDecoder | None, prefix_cache: PrefixCache, max_batch: int):
+        self.prefix_cache = prefix_cache
+        # The replies in flight, in the order of the slot rows they hold.
+        self._rows = SlotRows(prefix_cache)
         # The decoder may come later (the engine loads the model on this thread, then sets it).
         self.decoder = decoder
-        self.prefix_cache = prefix_cache
         self.max_batch = max_batch
         self._inbox: deque = deque()
         self._wakeup = threading.Condition()
@@ -116,16 +111,21 @@ class Scheduler:
         # When each owner with replies waiting or in flight last had one let in (see _admit).
         self._admitted: dict[str | None, int] = {}
         self._admissions = 0
-        self._rows: list[ReplyRequest] = []
-        # (cache key, tokens) of the conversation whose keys and values sit in slot row 0 while
-        # no reply is in flight, or None.
-        self._parked: tuple[str, list[int]] | None = None
         self.steps = 0  # decode steps run (read by tests)
         self.widest = 0  # the most rows one step has fed
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="model", daemon=True)
         self._thread.start()
         atexit.register(self.stop)
+
+    @property
+    def decoder(self) -> LlamaDecoder | None:
+        return self._decoder
+
+    @decoder.setter
+    def decoder(self, decoder: LlamaDecoder | None) -> None:
+        self._decoder = decoder
+        self._rows.cache = decoder.cache if decoder is not None else None
 
     # Called from any thread
 
@@ -156,7 +156,7 @@ class Scheduler:
     @property
     def spare_row(self) -> int:
         """A slot row no reply holds (for a call on the model thread to use meanwhile)."""
-        self._unpark()
+        self._rows.unpark()
         return len(self._rows)
 
     # The model thread
@@ -169,8 +169,7 @@ class Scheduler:
                 idle = not self._rows and not self._waiting
                 timeout = IDLE_SECONDS if self._idle_memory else None
                 if not self._collect(block=idle, timeout=timeout):
-                    self._unpark()  # nothing came for a while: a burst is over, its memory goes
-                    self.decoder.cache.clear()
+                    self._rows.free()  # nothing came for a while: a burst is over, its memory goes
                     continue
                 if self.decoder is None or self._stopping:
                     continue  # no model yet (only calls come), or the thread ends
@@ -212,47 +211,21 @@ class Scheduler:
         return True
 
     def _admit(self) -> None:
-        decoder = self.decoder
-        cache = decoder.cache
         admitted = []
         for request in [r for r in self._waiting if r.cancelled.is_set()]:
             self._waiting.remove(request)
             self._finish(request)
         while self._waiting and len(self._rows) < self.max_batch:
             request = self._next_waiting()
-            if self._rows and not cache.fits(
-                len(self._rows) + 1, max(_need(r) for r in [*self._rows, request])
-            ):
+            if not self._rows.fits_with(request):
                 break  # it waits for rows to leave: the slot tensor stays within its bytes
             self._waiting.remove(request)
             self._admissions += 1
             self._admitted[request.owner] = self._admissions
-            if self._parked is not None and self._parked[0] == request.cache_key:
-                # Its conversation is parked in row 0, which it gets (no reply is in flight).
-                _, tokens = self._parked
-                self._parked = None
-                request.filled = request.reused_tokens = reusable_length(tokens, request.prompt)
-                self.prefix_cache.hits += request.reused_tokens > 0
-            self._unpark()
-            request.row = len(self._rows)
-            self._rows.append(request)
+            self._rows.give_row(request)
             admitted.append(request)
-        if not admitted:
-            return
-        # One reservation for all of them: the slot tensors are copied once, not once per row.
-        # Rows or positions that nothing in flight needs are dropped if keeping them would take
-        # the tensor past its bytes.
-        rows, need = len(self._rows), max(_need(r) for r in self._rows)
-        if cache.fits(max(rows, cache.rows), max(need, cache.positions)):
-            cache.reserve(rows, need)
-        else:
-            cache.resize(rows, need)
-        for request in admitted:
-            if request.cache_key is not None and request.filled == 0:
-                stored, reuse = self.prefix_cache.take(request.cache_key, request.prompt)
-                if stored is not None:
-                    cache.load(request.row, stored, reuse)
-                    request.filled = request.reused_tokens = reuse
+        if admitted:
+            self._rows.make_room(admitted)
 
     def _next_waiting(self) -> ReplyRequest:
         """The waiting reply to let in next: one user's many replies do not hold the model for
@@ -316,8 +289,7 @@ class Scheduler:
     def _choose(self, requests: list[ReplyRequest], logits: torch.Tensor) -> None:
         """Pick each request's next token from its row of `logits` and hand it over."""
         now = time.perf_counter()
-        for request, token in zip(requests, _next_tokens(requests, logits), strict=True):
-            request.history[len(request.prompt) + len(request.generated)] = token
+        for request, token in zip(requests, sampling.next_tokens(requests, logits), strict=True):
             request.generated.append(token)
             request.pending = token
             request.unsent.append(token)
@@ -354,59 +326,20 @@ class Scheduler:
         leave parks its conversation in row 0; the others' rows go to the prefix cache."""
         finished = [r for r in self._rows if r.finished]
         for request in finished:
-            if request.keep and len(self._rows) == 1 and not self._waiting:
-                self._parked = (request.cache_key, request.tokens[: request.filled])
-            elif request.keep:
-                self._store(request.row, request.cache_key, request.tokens[: request.filled])
-            last = self._rows[-1]
-            if last is not request:
-                self.decoder.cache.move(last.row, request.row, last.filled)
-                last.row = request.row
-                self._rows[request.row] = last
-            self._rows.pop()
-            request.row = -1
+            self._rows.release(request, park=len(self._rows) == 1 and not self._waiting)
             request.done.set()
         if finished:
-            self._trim()
-
-    def _trim(self) -> None:
-        """Cut the slot rows' positions back to what the replies in flight and the parked
-        conversation need, when that gives back enough (see TRIM_BYTES)."""
-        cache = self.decoder.cache
-        needs = [_need(r) for r in self._rows]
-        if self._parked is not None:
-            needs.append(len(self._parked[1]))
-        if not needs or not cache.rows:
-            return  # nothing to keep: an idle moment frees the whole tensor
-        kept = cache.bytes_for(cache.rows, max(needs))
-        if cache.nbytes - kept > max(TRIM_BYTES, kept):
-            cache.resize(cache.rows, max(needs))
-
-    def _unpark(self) -> None:
-        """Slot row 0 is wanted: copy the parked conversation to the prefix cache."""
-        if self._parked is not None:
-            key, tokens = self._parked
-            self._parked = None
-            self._store(0, key, tokens)
+            self._rows.trim()
 
     def forget(self, matches: Callable[[object], bool]) -> None:
         """Drop the keys and values kept under the cache keys that `matches` (on the model
         thread): the prefix cache's, the parked row's, and what the replies in flight would
         keep when they end."""
         self.prefix_cache.discard_where(matches)
-        if self._parked is not None and matches(self._parked[0]):
-            self._parked = None
+        self._rows.forget(matches)
         for request in [*self._rows, *self._waiting]:
             if request.cache_key is not None and matches(request.cache_key):
                 request.cache_key = None
-
-    def _store(self, row: int, key: str, tokens: list[int]) -> None:
-        self.prefix_cache.put(key, tokens, self.decoder.cache.export(row, len(tokens)))
-
-
-def _need(request: ReplyRequest) -> int:
-    """Positions a reply may fill: its prompt and its whole budget."""
-    return len(request.prompt) + request.max_new_tokens
 
 
 def _similar_lengths(runs: list[tuple]) -> list[list[tuple]]:
@@ -424,45 +357,3 @@ def _similar_lengths(runs: list[tuple]) -> list[list[tuple]]:
             groups.append([pair])
             fed = longest = length
     return groups
-
-
-def _next_tokens(requests: list[ReplyRequest], logits: torch.Tensor) -> list[int]:
-    """The next token of each request, from its row of logits (rows x vocab).
-
-    The repetition penalty is transformers' (RepetitionPenaltyLogitsProcessor: a seen token's
-    score is divided by the penalty, or multiplied when negative), computed for all rows at once,
-    each with its own penalty, in place in `logits`; sampling rows then go through their warpers
-    one by one."""
-    import torch
-
-    length = max(len(r.prompt) + len(r.generated) for r in requests)
-    seen = torch.stack([_seen(request, length) for request in requests])
-    penalties = torch.tensor([[r.repetition_penalty] for r in requests], dtype=logits.dtype)
-    if (penalties != 1.0).any():
-        scores = logits.gather(1, seen)
-        scores = torch.where(scores < 0, scores * penalties, scores / penalties)
-        logits.scatter_(1, seen, scores)
-    # (max's indices are argmax's, first of equals first, and measured 3x faster: 8 rows of
-    # 49k scores 250 -> 80 us.)
-    tokens = logits.max(dim=-1).indices.tolist()
-    for i, request in enumerate(requests):
-        if request.samplers:
-            scores = logits[i : i + 1]
-            for sampler in request.samplers:
-                scores = sampler(seen[i : i + 1], scores)
-            tokens[i] = int(torch.multinomial(scores.softmax(dim=-1), 1))
-    return tokens
-
-
-def _seen(request: ReplyRequest, length: int) -> torch.Tensor:
-    """The request's tokens so far, padded to `length` with its first token (a repeat changes
-    nothing for the penalty). Kept in a tensor that grows, so each step writes one token."""
-    import torch
-
-    if request.history is None or request.history.numel() < length:
-        capacity = max(length, len(request.prompt) + request.max_new_tokens)
-        history = torch.full((capacity,), request.prompt[0], dtype=torch.long)
-        known = request.prompt + request.generated
-        history[: len(known)] = torch.tensor(known, dtype=torch.long)
-        request.history = history
-    return request.history[:length]
