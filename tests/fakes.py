@@ -10,16 +10,13 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 from conversations.llm.interface import (
+    ChatEngine,
     ChatMessage,
     FinishReason,
     Generation,
     GenerationParams,
-    read_to_end,
 )
 from conversations.llm.prefix_cache import CacheKey
-
-if TYPE_CHECKING:
-    from conversations.llm.interface import ChatEngine
 
 
 class FakeStream:
@@ -69,7 +66,7 @@ class FakeStream:
             )
 
 
-class FakeEngine:
+class FakeEngine(ChatEngine):
     """Counts a token per word and echoes the last user message; can be told to fail, to fail
     part-way (`fail_after` words), or to write slowly (`word_delay` seconds a word)."""
 
@@ -108,15 +105,10 @@ class FakeEngine:
     ) -> FakeStream:
         return FakeStream(self, messages, params)
 
-    def generate(
-        self,
-        messages: list[ChatMessage],
-        params: GenerationParams,
-        *,
-        cache_key: CacheKey | None = None,
-        owner: str | None = None,
-    ) -> Generation:
-        return read_to_end(self.stream(messages, params))
+    def score_reply(self, messages: list[ChatMessage], reply: str) -> float:
+        """Minus one for each word of the reply that the messages do not hold."""
+        said = {word for m in messages for word in m["content"].lower().split()}
+        return -float(sum(word not in said for word in reply.lower().split()))
 
     def forget(self, conversation: str) -> Future[None]:
         self.forgotten.append(conversation)
@@ -125,5 +117,5 @@ class FakeEngine:
         return done
 
 
-if TYPE_CHECKING:  # the type checker holds the fake to the engine's seam
+if TYPE_CHECKING:  # the type checker holds the fake to the whole seam (none left abstract)
     _: ChatEngine = FakeEngine()

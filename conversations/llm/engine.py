@@ -23,13 +23,7 @@ from typing import TYPE_CHECKING
 
 from .backends import Backend, DecoderBackend, GenerateBackend, ReplyJob, Running
 from .events import ReplyEnded, TokensWritten
-from .interface import (
-    ChatMessage,
-    FinishReason,
-    Generation,
-    GenerationParams,
-    read_to_end,
-)
+from .interface import ChatEngine, ChatMessage, FinishReason, Generation, GenerationParams
 from .loading import LoadedModel, describe_source, load_model
 from .prefix_cache import PrefixCache, owner_of
 from .prompts import ChatTemplate, JoinedTurns, Prompt
@@ -153,7 +147,7 @@ class ReplyStream:
         )
 
 
-class Engine:
+class Engine(ChatEngine):
     """Loads the configured model on first use and serves generation requests on one model
     thread, several replies per decode step when the decoder runs the model."""
 
@@ -336,17 +330,6 @@ class Engine:
         owner by owner."""
         return ReplyStream(self, messages, params, cache_key, owner)
 
-    def generate(
-        self,
-        messages: list[ChatMessage],
-        params: GenerationParams,
-        *,
-        cache_key: Hashable | None = None,
-        owner: str | None = None,
-    ) -> Generation:
-        """Write the assistant's next turn for these messages."""
-        return read_to_end(self.stream(messages, params, cache_key=cache_key, owner=owner))
-
     def forget(self, conversation: str) -> futures.Future[None]:
         """Drop the keys and values kept for a conversation (it, or some of its messages, was
         deleted). Returns the Future of the model thread doing it."""
@@ -359,10 +342,6 @@ class Engine:
         return done
 
     def score_reply(self, messages: list[ChatMessage], reply: str) -> float:
-        """Log-probability (natural log, summed over tokens) that the model answers `reply`.
-
-        Used to check what the model makes of a context without sampling from it.
-        """
         backend = self.backend
         prompt_ids = self.encode(messages)
         reply_ids = backend.loaded.tokenizer(reply, add_special_tokens=False)["input_ids"]

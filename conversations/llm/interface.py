@@ -66,11 +66,12 @@ class StreamingReply(Protocol):
 
 class ChatEngine(Protocol):
     """Writes the assistant's turns of chats. Messages are the whole chat as the model should
-    read it, oldest first; what the engine keeps between turns is only ever a saving."""
+    read it, oldest first; what the engine keeps between turns is only ever a saving.
 
-    @property
-    def model_name(self) -> str:
-        """The name replies are labelled with, known without loading anything."""
+    Engines subclass it to inherit `generate`, which reads `stream` to its end.
+    """
+
+    model_name: str  # what replies are labelled with, known without loading anything
 
     def load(self) -> object:
         """Get ready to answer (the first reply does it otherwise)."""
@@ -101,6 +102,11 @@ class ChatEngine(Protocol):
         owner: str | None = None,
     ) -> Generation:
         """The next turn, written whole."""
+        return read_to_end(self.stream(messages, params, cache_key=cache_key, owner=owner))
+
+    def score_reply(self, messages: list[ChatMessage], reply: str) -> float:
+        """Log-probability (natural log, summed over its tokens) that the model answers these
+        messages with `reply`: what the model makes of a context, without sampling from it."""
 
     def forget(self, conversation: str) -> Future[None]:
         """Drop what is kept of a conversation's turns (its text was deleted); the Future is
