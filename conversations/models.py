@@ -1,6 +1,7 @@
 import uuid
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import F, Func, OuterRef, Subquery
@@ -87,6 +88,16 @@ class Conversation(models.Model):
         """The largest reply budget a conversation may ask for now: the field's range, capped
         by the server's CHATBOT_MAX_NEW_TOKENS_LIMIT."""
         return min(cls.MAX_NEW_TOKENS_RANGE[1], settings.CHATBOT_MAX_NEW_TOKENS_LIMIT)
+
+    @classmethod
+    def validate_max_new_tokens(cls, value: int | None) -> None:
+        """A reply budget may not exceed the server's ceiling (null: the default)."""
+        limit = cls.max_new_tokens_ceiling()
+        if value is not None and value > limit:
+            raise ValidationError(
+                f"This server writes replies of at most {limit} tokens; {value} is more than that.",
+                code="max_value",
+            )
 
 
 # What a reply counts about how it was written: tokens, milliseconds, earlier turns.

@@ -72,15 +72,3 @@ def _surrogate_sentence(where: str) -> str:
         f"{where} holds a lone surrogate (an escape such as \\ud800 without its pair), "
         "which is not a character: send valid Unicode text."
     )
-
-
-def validate_max_new_tokens(value: int | None) -> None:
-    """A conversation's reply budget may not exceed the server's ceiling (null: the default)."""
-    from .models import Conversation  # imported here: models.py imports this module
-
-    limit = Conversation.max_new_tokens_ceiling()
-    if value is not None and value > limit:
-        raise ValidationError(
-            f"This server writes replies of at most {limit} tokens; {value} is more than that.",
-            code="max_value",
-        )

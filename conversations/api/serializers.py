@@ -6,7 +6,7 @@ from rest_framework import serializers
 
 from .. import exports
 from ..models import REPLY_FIELDS, Conversation, Message
-from ..validators import validate_max_new_tokens, validate_message_content
+from ..validators import validate_message_content
 
 
 @extend_schema_field(
@@ -136,7 +136,7 @@ class ConversationSerializer(serializers.ModelSerializer):
         return fields
 
     def validate_max_new_tokens(self, value):
-        validate_max_new_tokens(value)
+        Conversation.validate_max_new_tokens(value)
         return value
 
 

@@ -3,7 +3,7 @@ from django.conf import settings
 from django.utils.html import format_html
 
 from ..models import Conversation
-from ..validators import validate_max_new_tokens, validate_message_content
+from ..validators import validate_message_content
 
 SYSTEM_PROMPT_HELP = "How the assistant should behave in this chat. Empty: no system prompt."
 
@@ -78,5 +78,5 @@ class ConversationSettingsForm(forms.ModelForm):
 
     def clean_max_new_tokens(self):
         value = self.cleaned_data["max_new_tokens"]
-        validate_max_new_tokens(value)
+        Conversation.validate_max_new_tokens(value)
         return value
