@@ -11,6 +11,10 @@ from conversations.models import Conversation, Message
 
 # The reply statistics the API promises, as listed in the README.
 REPLY_STATS = set("model prompt_tokens completion_tokens ttft_ms total_ms context_turns".split())
+# What the API gives of a conversation (and a search result, a `snippet` besides).
+CONVERSATION_FIELDS = set(
+    "id title system_prompt temperature max_new_tokens created_at updated_at message_count".split()
+)
 
 SSE = "text/event-stream"
 SCRIPTED = "one two three four five six seven eight"
