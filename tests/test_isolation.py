@@ -292,7 +292,8 @@ def kept_owners(engine) -> set[str]:
 
     def owners():
         parked = [scheduler._rows.parked[0]] if scheduler._rows.parked else []
-        return {key.owner for key in [*engine.prefix_cache._entries, *parked]}
+        cached = [key for key, _ in engine.prefix_cache.entries()]
+        return {key.owner for key in [*cached, *parked]}
 
     return scheduler.call(owners).result()
 

@@ -66,7 +66,7 @@ def test_the_budget_counts_the_bytes_entries_keep_alive_not_their_views():
         cache.put(key, [2] * 5, base[5:10])
     cache.put("l", [3] * 5, kv(5))
     assert len(cache) == 10 and cache.nbytes == 1_000
-    held = sum(e.cache.untyped_storage().nbytes() for e in cache._entries.values())
+    held = sum(e.cache.untyped_storage().nbytes() for _, e in cache.entries())
     assert held == cache.nbytes
 
 
