@@ -267,7 +267,7 @@ def test_forgetting_a_conversation_drops_its_entry_its_parked_row_and_its_reply(
     reader = threading.Thread(target=lambda: [*stream])
     reader.start()
     deadline = time.monotonic() + 30
-    while not engine.scheduler._inbox and time.monotonic() < deadline:
+    while not engine.scheduler.uncollected and time.monotonic() < deadline:
         time.sleep(0.01)
     forgotten = engine.forget("a")
     busy.set()
@@ -289,7 +289,7 @@ def write_together(engine, chats, params, keys):
     for reader in readers:
         reader.start()
     deadline = time.monotonic() + 30
-    while len(engine.scheduler._inbox) < len(chats) and time.monotonic() < deadline:
+    while engine.scheduler.uncollected < len(chats) and time.monotonic() < deadline:
         time.sleep(0.01)
     busy.set()
     for reader in readers:
@@ -337,7 +337,7 @@ def test_the_model_thread_ends_when_stopped_even_while_it_waits_to_free_memory(
     assert engine.decoder.cache.rows == 2  # the thread now waits up to 60 s to free them
     started = time.monotonic()
     engine.scheduler.stop()
-    assert not engine.scheduler._thread.is_alive() and time.monotonic() - started < 5
+    assert not engine.scheduler.is_alive() and time.monotonic() - started < 5
 
 
 def test_a_reply_whose_ids_cannot_be_remembered_still_ends_whole(tiny_dir, tmp_path, caplog):
