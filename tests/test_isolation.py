@@ -291,7 +291,7 @@ def kept_owners(engine) -> set[str]:
     scheduler = engine.scheduler
 
     def owners():
-        parked = [scheduler._rows.parked[0]] if scheduler._rows.parked else []
+        parked = [scheduler.parked_key] if scheduler.parked_key is not None else []
         cached = [key for key, _ in engine.prefix_cache.entries()]
         return {key.owner for key in [*cached, *parked]}
 

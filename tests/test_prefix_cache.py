@@ -252,10 +252,10 @@ def test_forgetting_a_conversation_drops_its_entry_its_parked_row_and_its_reply(
     chats = {name: [system, {"role": "user", "content": f"hello {name}"}] for name in "abc"}
     turn(engine, chats["a"], key=CacheKey("ann", "a"))
     turn(engine, chats["b"], key=CacheKey("ann", "b"))  # a goes to the cache; b is parked
-    assert len(engine.prefix_cache) == 1 and engine.scheduler._rows.parked is not None
+    assert len(engine.prefix_cache) == 1 and engine.scheduler.parked_key is not None
     engine.forget("a").result()
     engine.forget("b").result()
-    assert len(engine.prefix_cache) == 0 and engine.scheduler._rows.parked is None
+    assert len(engine.prefix_cache) == 0 and engine.scheduler.parked_key is None
     assert turn(engine, chats["c"], key=CacheKey("ann", "c")).reused_tokens == 0
     # A reply in flight when its conversation is deleted keeps nothing when it ends.
     engine.scheduler.forget(lambda key: key == CacheKey("ann", "c"))  # (parked c goes)
@@ -275,7 +275,7 @@ def test_forgetting_a_conversation_drops_its_entry_its_parked_row_and_its_reply(
     forgotten.result()
     engine.scheduler.call(lambda: None).result()
     assert stream.result.completion_tokens > 0
-    assert len(engine.prefix_cache) == 0 and engine.scheduler._rows.parked is None
+    assert len(engine.prefix_cache) == 0 and engine.scheduler.parked_key is None
 
 
 def write_together(engine, chats, params, keys):

@@ -163,6 +163,13 @@ class Scheduler:
         with self._wakeup:
             return len(self._inbox)
 
+    @property
+    def parked_key(self) -> str | None:
+        """The cache key of the conversation parked in slot row 0 (None: nothing is parked). As
+        of a moment: the model thread changes it."""
+        parked = self._rows.parked  # (read once: the model thread may set it meanwhile)
+        return parked[0] if parked is not None else None
+
     def is_alive(self) -> bool:
         """Whether the model thread is still running (it ends once `stop` is called)."""
         return self._thread.is_alive()
