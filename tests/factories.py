@@ -11,6 +11,10 @@ from conversations.models import Conversation, Message
 
 # The reply statistics the API promises, as listed in the README.
 REPLY_STATS = set("model prompt_tokens completion_tokens ttft_ms total_ms context_turns".split())
+# What the API gives of a conversation (and a search result, a `snippet` besides).
+CONVERSATION_FIELDS = set(
+    "id title system_prompt temperature max_new_tokens created_at updated_at message_count".split()
+)
 
 SSE = "text/event-stream"
 SCRIPTED = "one two three four five six seven eight"
@@ -55,17 +59,16 @@ def make_conversation(
 
 
 def add_streaming_reply(conversation, **fields) -> Message:
-    """A question and a reply to it still being written (by a live writer, unless `fields`
-    say otherwise)."""
+    """A question and a reply to it still being written, with some text (by a live writer:
+    `fields` may say otherwise, and give other text)."""
     question = Message.objects.create(conversation=conversation, role="user", content="Q")
     return Message.objects.create(
         conversation=conversation,
         role="assistant",
-        content="half an ans",
         status=Message.Status.STREAMING,
         reply_to=question,
         version_group=question.pk,
-        **{"lease_renewed_at": timezone.now(), **fields},
+        **{"content": "half an ans", "lease_renewed_at": timezone.now(), **fields},
     )
 
 

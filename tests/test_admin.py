@@ -94,6 +94,13 @@ def test_conversation_change_page_lists_messages_read_only(admin_client, chats):
     assert 'name="system_prompt"' in page
 
 
+def inline_management_form(prefix: str, forms: int) -> dict[str, str]:
+    """The management form of an inline formset showing `forms` existing rows, as the change
+    page posts it: the admin refuses a save without it."""
+    counts = {"TOTAL": forms, "INITIAL": forms, "MIN_NUM": 0, "MAX_NUM": 1000}
+    return {f"{prefix}-{name}_FORMS": str(count) for name, count in counts.items()}
+
+
 def test_conversation_change_page_saves_title(admin_client, chats):
     weather, _ = chats
 
@@ -102,10 +109,7 @@ def test_conversation_change_page_saves_title(admin_client, chats):
         {
             "title": "Renamed",
             "system_prompt": weather.system_prompt,
-            "messages-TOTAL_FORMS": "2",
-            "messages-INITIAL_FORMS": "2",
-            "messages-MIN_NUM_FORMS": "0",
-            "messages-MAX_NUM_FORMS": "1000",
+            **inline_management_form("messages", forms=2),
         },
     )
 

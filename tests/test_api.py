@@ -16,6 +16,7 @@ from rest_framework.test import APIClient
 from conversations.models import Conversation, Message
 from tests.conftest import PASSWORD
 from tests.factories import (
+    CONVERSATION_FIELDS,
     REPLY_STATS,
     assert_detail,
     detail_url,
@@ -87,16 +88,7 @@ def test_list_is_newest_first_paginated_and_counts_messages(api, owner, other_us
     assert body["previous"] is None
     assert [c["id"] for c in body["results"]] == [str(newest.pk), str(middle.pk), str(oldest.pk)]
     assert [c["message_count"] for c in body["results"]] == [4, 0, 1]
-    assert set(body["results"][0]) == {
-        "id",
-        "title",
-        "system_prompt",
-        "temperature",
-        "max_new_tokens",
-        "created_at",
-        "updated_at",
-        "message_count",
-    }
+    assert set(body["results"][0]) == CONVERSATION_FIELDS
 
 
 def test_list_pages(api, owner):
@@ -127,6 +119,18 @@ def test_posting_moves_a_conversation_to_the_top(api, owner, fake_engine):
     assert titles == ["old", "recent"]
 
 
+def assert_answered_and_stored(response, status, *, message_count, **fields) -> Conversation:
+    """The conversation `response` gives has `fields` and `message_count`, and is stored with
+    `fields`; returns it as stored."""
+    assert response.status_code == status
+    body = response.json()
+    assert {name: body[name] for name in fields} == fields
+    assert body["message_count"] == message_count
+    conversation = Conversation.objects.get(pk=body["id"])
+    assert {name: getattr(conversation, name) for name in fields} == fields
+    return conversation
+
+
 def test_create_with_title_and_system_prompt(api, owner):
     response = api.post(
         "/api/conversations/",
@@ -134,15 +138,10 @@ def test_create_with_title_and_system_prompt(api, owner):
         format="json",
     )
 
-    assert response.status_code == 201
-    body = response.json()
-    assert body["title"] == "Trip plans"
-    assert body["system_prompt"] == "Answer like a pirate."
-    assert body["message_count"] == 0
-    conversation = Conversation.objects.get(pk=body["id"])
+    conversation = assert_answered_and_stored(
+        response, 201, message_count=0, title="Trip plans", system_prompt="Answer like a pirate."
+    )
     assert conversation.owner == owner
-    assert conversation.title == "Trip plans"
-    assert conversation.system_prompt == "Answer like a pirate."
 
 
 @pytest.mark.parametrize("payload", [{}, {"system_prompt": None}], ids=["omitted", "null"])
@@ -193,14 +192,9 @@ def test_patch_updates_title_and_system_prompt(api, owner):
         format="json",
     )
 
-    assert response.status_code == 200
-    body = response.json()
-    assert body["title"] == "After"
-    assert body["system_prompt"] == "New prompt."
-    assert body["message_count"] == 2
-    conversation.refresh_from_db()
-    assert conversation.title == "After"
-    assert conversation.system_prompt == "New prompt."
+    assert_answered_and_stored(
+        response, 200, message_count=2, title="After", system_prompt="New prompt."
+    )
 
 
 def test_patch_with_null_system_prompt_restores_the_default(api, owner, settings):

@@ -8,12 +8,7 @@ from django.utils import timezone
 
 from conversations import runtime
 from conversations.models import Message
-from tests.factories import (
-    assert_detail,
-    make_conversation,
-    messages_url,
-    post,
-)
+from tests.factories import assert_detail, make_conversation, messages_url, post
 from tests.fakes import FakeEngine
 
 pytestmark = pytest.mark.django_db

@@ -14,6 +14,7 @@ from conversations.llm.engine import Engine, GenerationParams
 from conversations.llm.events import ReplyEnded, TokensWritten
 from conversations.llm.kv_cache import SlotCache
 from conversations.llm.scheduler import PREFILL_CHUNK, ReplyRequest
+from tests.engine_helpers import chat, submit_together
 from tests.steering import steered
 from tests.tiny_models import WORDS, build_tiny_causal
 
@@ -23,10 +24,6 @@ GREEDY = GenerationParams(max_new_tokens=24, temperature=0.0, repetition_penalty
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return build_tiny_causal(tmp_path_factory.mktemp("tiny-decoder"), context_window=1024)
-
-
-def chat(text):
-    return [{"role": "system", "content": "be good"}, {"role": "user", "content": text}]
 
 
 def long_text(words):
@@ -194,25 +191,6 @@ def reply_request(engine, text, max_new_tokens):
         max_new_tokens=max_new_tokens,
         stop_ids=engine.stop_ids,
     )
-
-
-def submit_together(engine, requests):
-    """Queue `requests` while the model thread is held, so that it admits them together, and
-    wait until they are written."""
-    holding, release = threading.Event(), threading.Event()
-
-    def hold():
-        holding.set()
-        release.wait(timeout=30)
-
-    held = engine.scheduler.call(hold)
-    assert holding.wait(timeout=30)
-    for request in requests:
-        engine.scheduler.submit(request)
-    release.set()
-    held.result(timeout=30)
-    for request in requests:
-        assert request.done.wait(timeout=60)
 
 
 def events_of(request):

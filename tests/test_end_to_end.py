@@ -33,12 +33,7 @@ def test_api_chat_survives_a_restart(server):
     assert token.status_code == 400  # no such user yet
     headers = _token_headers(server)
 
-    first = requests.post(
-        f"{server.url}/api/messages/",
-        json={"content": "What is the capital of France?"},
-        headers=headers,
-        timeout=300,
-    )
+    first = _send(f"{server.url}/api/messages/", "What is the capital of France?", headers)
     assert first.status_code == 201, first.text
     body = first.json()
     assert "Paris" in body["reply"]["content"]
@@ -47,12 +42,8 @@ def test_api_chat_survives_a_restart(server):
     assert body["reply"]["completion_tokens"] > 0
     conversation = body["conversation"]
 
-    second = requests.post(
-        f"{server.url}/api/conversations/{conversation}/messages/",
-        json={"content": "And what is the capital of Germany?"},
-        headers=headers,
-        timeout=300,
-    )
+    messages_url = f"{server.url}/api/conversations/{conversation}/messages/"
+    second = _send(messages_url, "And what is the capital of Germany?", headers)
     assert second.status_code == 201, second.text
     assert second.json()["reply"]["context_turns"] == 2
 
@@ -60,21 +51,14 @@ def test_api_chat_survives_a_restart(server):
     server.stop()
     server.start()
 
-    history = requests.get(
-        f"{server.url}/api/conversations/{conversation}/messages/", headers=headers, timeout=10
-    )
+    history = requests.get(messages_url, headers=headers, timeout=10)
     assert history.status_code == 200
     contents = [m["content"] for m in history.json()["results"]]
     assert contents[0] == "What is the capital of France?"
     assert contents[2] == "And what is the capital of Germany?"
     assert len(contents) == 4
 
-    third = requests.post(
-        f"{server.url}/api/conversations/{conversation}/messages/",
-        json={"content": "Thank you!"},
-        headers=headers,
-        timeout=300,
-    )
+    third = _send(messages_url, "Thank you!", headers)
     assert third.status_code == 201, third.text
     assert third.json()["reply"]["context_turns"] == 4, "the restarted server rebuilt the context"
 
@@ -137,6 +121,11 @@ def _token_headers(server) -> dict:
         f"{server.url}/api/token/", json={"username": USERNAME, "password": PASSWORD}, timeout=10
     )
     return {"Authorization": f"Token {token.json()['token']}"}
+
+
+def _send(url, content, headers):
+    """POST a message and wait for the whole reply (the model on a slow CPU takes a while)."""
+    return requests.post(url, json={"content": content}, headers=headers, timeout=300)
 
 
 def _events(response):
@@ -223,8 +212,6 @@ def test_replies_stream_token_by_token_and_a_killed_server_leaves_no_reply_strea
     assert history[-1]["content"], "the text written before the crash is kept"
 
     # Chatting goes on, and the partial reply is part of the conversation.
-    follow_up = requests.post(
-        messages_url, json={"content": "Thanks!"}, headers=headers, timeout=300
-    )
+    follow_up = _send(messages_url, "Thanks!", headers)
     assert follow_up.status_code == 201, follow_up.text
     assert follow_up.json()["reply"]["context_turns"] == 4

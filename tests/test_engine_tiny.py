@@ -44,6 +44,18 @@ def add_turns(conversation, count):
         add(conversation, "assistant", f"hi {i}")
 
 
+def turn_messages(indices):
+    """The turns `add_turns` stores with these indices, as the model is given them."""
+    return [
+        message
+        for i in indices
+        for message in (
+            {"role": "user", "content": f"hello {i}"},
+            {"role": "assistant", "content": f"hi {i}"},
+        )
+    ]
+
+
 def test_local_directory_model_loads_as_causal(tiny_engine, tiny_causal_dir):
     loaded = tiny_engine.load()
     assert not loaded.is_seq2seq
@@ -64,10 +76,7 @@ def test_context_keeps_every_turn_in_order_when_it_fits(db, conversation, tiny_e
     context = build_context(conversation, new_message=new, engine=tiny_engine, params=PARAMS)
     assert context.messages == [
         {"role": "system", "content": "be good"},
-        {"role": "user", "content": "hello 0"},
-        {"role": "assistant", "content": "hi 0"},
-        {"role": "user", "content": "hello 1"},
-        {"role": "assistant", "content": "hi 1"},
+        *turn_messages([0, 1]),
         {"role": "user", "content": "what is my name"},
     ]
     assert context.context_turns == 4
@@ -90,10 +99,7 @@ def test_context_drops_whole_turns_oldest_first(db, conversation, tiny_engine):
     assert context.prompt_tokens <= budget
     # One more (older) turn would not have fitted.
     first_index = int(kept[0]["content"].split()[1])
-    older = [
-        {"role": "user", "content": f"hello {first_index - 1}"},
-        {"role": "assistant", "content": f"hi {first_index - 1}"},
-    ]
+    older = turn_messages([first_index - 1])
     wider = context.messages[:1] + older + context.messages[1:]
     assert tiny_engine.count_tokens(wider) > budget
     assert context.context_turns == len(kept)

@@ -158,7 +158,7 @@ def test_waiting_replies_are_let_in_user_by_user_not_first_come(tiny_dir, tmp_pa
     from conversations.llm.engine import Engine
     from conversations.llm.events import ReplyEnded
     from conversations.llm.scheduler import ReplyRequest
-    from tests.test_decoder import chat, submit_together
+    from tests.engine_helpers import chat, submit_together
 
     engine = Engine(model=str(tiny_dir), cache_dir=tmp_path, weights="fp32", max_batch=1)
     engine.load()

@@ -291,8 +291,9 @@ def kept_owners(engine) -> set[str]:
     scheduler = engine.scheduler
 
     def owners():
-        parked = [scheduler._rows.parked[0]] if scheduler._rows.parked else []
-        return {key.owner for key in [*engine.prefix_cache._entries, *parked]}
+        parked = [scheduler.parked_key] if scheduler.parked_key is not None else []
+        cached = [key for key, _ in engine.prefix_cache.entries()]
+        return {key.owner for key in [*cached, *parked]}
 
     return scheduler.call(owners).result()
 

@@ -303,13 +303,21 @@ def test_the_kernel_is_built_into_the_cache_once_and_loaded_from_there(tmp_path)
     assert (built / "stamp").read_text() == native._stamp()
 
 
+@pytest.fixture
+def kernels_not_loaded(monkeypatch):
+    """This process as if no kernels were loaded yet, so that `native.load` tries again. A
+    library loaded into a process cannot be unloaded, so the module's record of it is what is
+    patched (and put back after the test); the product has no reason to forget it."""
+    monkeypatch.setattr(native, "_loaded", None)
+
+
+@pytest.mark.usefixtures("kernels_not_loaded")
 def test_where_the_kernels_cannot_be_built_the_decoder_uses_torchs(monkeypatch, tmp_path, caplog):
     from torch.utils import cpp_extension
 
     def no_compiler(**_):
         raise RuntimeError("Ninja is required to load C++ extensions")
 
-    monkeypatch.setattr(native, "_loaded", None)
     monkeypatch.setattr(native, "supported", lambda: True)
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     with caplog.at_level(logging.WARNING, logger=native.__name__):
@@ -445,13 +453,13 @@ def test_each_kernel_path_tested_is_the_one_the_engine_runs(real_engine, request
     expected = weights.NativeInt4Linear if ours else weights.Int4Linear
     assert {type(layer.qkv) for layer in decoder.layers} == {expected}
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        assert path == "torch" and native._loaded is None
+        assert path == "torch" and not native.is_loaded()
 
 
+@pytest.mark.usefixtures("kernels_not_loaded")
 def test_torch_limited_to_less_than_avx512_rules_our_kernels_out(monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert not native.supported()
-    monkeypatch.setattr(native, "_loaded", None)
     assert native.load(settings.CHATBOT_MODEL_CACHE) is False
 
 
@@ -466,7 +474,7 @@ decoder = engine.decoder
 print(json.dumps({
     "capability": torch.backends.cpu.get_cpu_capability(),
     "supported": native.supported(),
-    "loaded": native._loaded is not None,
+    "loaded": native.is_loaded(),
     "ours": [decoder.native, decoder.native_attention],
     "formats": sorted({type(layer.qkv).__name__ for layer in decoder.layers}),
     "paris": "Paris" in answer,

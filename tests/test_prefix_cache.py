@@ -66,7 +66,7 @@ def test_the_budget_counts_the_bytes_entries_keep_alive_not_their_views():
         cache.put(key, [2] * 5, base[5:10])
     cache.put("l", [3] * 5, kv(5))
     assert len(cache) == 10 and cache.nbytes == 1_000
-    held = sum(e.cache.untyped_storage().nbytes() for e in cache._entries.values())
+    held = sum(e.cache.untyped_storage().nbytes() for _, e in cache.entries())
     assert held == cache.nbytes
 
 
@@ -252,10 +252,10 @@ def test_forgetting_a_conversation_drops_its_entry_its_parked_row_and_its_reply(
     chats = {name: [system, {"role": "user", "content": f"hello {name}"}] for name in "abc"}
     turn(engine, chats["a"], key=CacheKey("ann", "a"))
     turn(engine, chats["b"], key=CacheKey("ann", "b"))  # a goes to the cache; b is parked
-    assert len(engine.prefix_cache) == 1 and engine.scheduler._rows.parked is not None
+    assert len(engine.prefix_cache) == 1 and engine.scheduler.parked_key is not None
     engine.forget("a").result()
     engine.forget("b").result()
-    assert len(engine.prefix_cache) == 0 and engine.scheduler._rows.parked is None
+    assert len(engine.prefix_cache) == 0 and engine.scheduler.parked_key is None
     assert turn(engine, chats["c"], key=CacheKey("ann", "c")).reused_tokens == 0
     # A reply in flight when its conversation is deleted keeps nothing when it ends.
     engine.scheduler.forget(lambda key: key == CacheKey("ann", "c"))  # (parked c goes)
@@ -267,7 +267,7 @@ def test_forgetting_a_conversation_drops_its_entry_its_parked_row_and_its_reply(
     reader = threading.Thread(target=lambda: [*stream])
     reader.start()
     deadline = time.monotonic() + 30
-    while not engine.scheduler._inbox and time.monotonic() < deadline:
+    while not engine.scheduler.uncollected and time.monotonic() < deadline:
         time.sleep(0.01)
     forgotten = engine.forget("a")
     busy.set()
@@ -275,7 +275,7 @@ def test_forgetting_a_conversation_drops_its_entry_its_parked_row_and_its_reply(
     forgotten.result()
     engine.scheduler.call(lambda: None).result()
     assert stream.result.completion_tokens > 0
-    assert len(engine.prefix_cache) == 0 and engine.scheduler._rows.parked is None
+    assert len(engine.prefix_cache) == 0 and engine.scheduler.parked_key is None
 
 
 def write_together(engine, chats, params, keys):
@@ -289,7 +289,7 @@ def write_together(engine, chats, params, keys):
     for reader in readers:
         reader.start()
     deadline = time.monotonic() + 30
-    while len(engine.scheduler._inbox) < len(chats) and time.monotonic() < deadline:
+    while engine.scheduler.uncollected < len(chats) and time.monotonic() < deadline:
         time.sleep(0.01)
     busy.set()
     for reader in readers:
@@ -337,7 +337,7 @@ def test_the_model_thread_ends_when_stopped_even_while_it_waits_to_free_memory(
     assert engine.decoder.cache.rows == 2  # the thread now waits up to 60 s to free them
     started = time.monotonic()
     engine.scheduler.stop()
-    assert not engine.scheduler._thread.is_alive() and time.monotonic() - started < 5
+    assert not engine.scheduler.is_alive() and time.monotonic() - started < 5
 
 
 def test_a_reply_whose_ids_cannot_be_remembered_still_ends_whole(tiny_dir, tmp_path, caplog):

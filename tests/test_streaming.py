@@ -215,14 +215,7 @@ def test_stop_with_nothing_running(api, owner, fake_engine):
 
 def test_stop_marks_a_reply_written_by_another_process(api, owner, fake_engine):
     conversation = make_conversation(owner, "Chat")
-    question = Message.objects.create(conversation=conversation, role="user", content="Q")
-    row = Message.objects.create(
-        conversation=conversation,
-        role="assistant",
-        content="partial",
-        status=Message.Status.STREAMING,
-        reply_to=question,
-    )
+    row = add_streaming_reply(conversation, content="partial")
 
     response = api.post(url(conversation, "stop"), format="json")
 

@@ -5,14 +5,7 @@ import pytest
 
 from conversations.llm.engine import Generation
 from conversations.models import Conversation
-from tests.factories import (
-    kinds,
-    make_conversation,
-    parse_events,
-    post,
-    stream_post,
-    url,
-)
+from tests.factories import kinds, make_conversation, parse_events, post, stream_post, url
 
 pytestmark = pytest.mark.django_db
 

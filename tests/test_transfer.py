@@ -236,15 +236,22 @@ def test_export_filenames_are_safe():
 # --- export through the API ----------------------------------------------------------------------
 
 
-def test_api_export_json_is_a_download(api, owner):
+def downloaded_export(api, owner, fmt, content_type):
+    """Asks for an export of a conversation of `owner` as `fmt`, and checks it comes as a
+    download of `content_type` named after the conversation. Returns the response."""
     conversation, _ = make_versioned_conversation(owner)
 
-    response = api.get(api_export_url(conversation), {"format": "json"})
+    response = api.get(api_export_url(conversation), {"format": fmt})
 
     assert response.status_code == 200
-    assert response["Content-Type"] == "application/json"
+    assert response["Content-Type"] == content_type
     assert SAFE_ATTACHMENT.match(response["Content-Disposition"])
-    assert response["Content-Disposition"].endswith('filename="trip-rome-paris-2026.json"')
+    assert response["Content-Disposition"].endswith(f'filename="trip-rome-paris-2026.{fmt}"')
+    return response
+
+
+def test_api_export_json_is_a_download(api, owner):
+    response = downloaded_export(api, owner, "json", "application/json")
     document = json.loads(response.content)
     assert document["format"] == exports.FORMAT
     assert len(document["messages"]) == 7
@@ -261,52 +268,41 @@ def test_api_export_defaults_to_json(api, owner):
 
 
 def test_api_export_markdown_is_a_download(api, owner):
-    conversation, _ = make_versioned_conversation(owner)
-
-    response = api.get(api_export_url(conversation), {"format": "md"})
-
-    assert response.status_code == 200
-    assert response["Content-Type"] == "text/markdown; charset=utf-8"
-    assert SAFE_ATTACHMENT.match(response["Content-Disposition"])
-    assert response["Content-Disposition"].endswith('filename="trip-rome-paris-2026.md"')
+    response = downloaded_export(api, owner, "md", "text/markdown; charset=utf-8")
     text = response.content.decode("utf-8")
     assert text.startswith("# Trip: Rome & Paris / 2026\n")
     assert "Try **Trastevere**." in text
     assert "OLD ANSWER" not in text
 
 
-@pytest.mark.parametrize("fmt", ["xml", "html", "api"])
-def test_api_export_rejects_unknown_formats_with_404(api, owner, fmt):
+def refused_export(client, owner, fmt, status) -> str:
+    """Asks `client` for an export of a conversation of `owner` as `fmt`, and checks it is
+    refused with `status`: a JSON error, not a download. Returns the error's detail."""
     conversation, _ = make_versioned_conversation(owner)
 
-    response = api.get(api_export_url(conversation), {"format": fmt})
+    response = client.get(api_export_url(conversation), {"format": fmt})
 
-    assert response.status_code == 404
+    assert response.status_code == status
     assert response["Content-Type"] == "application/json"
-    assert "format" in response.json()["detail"]
     assert "Content-Disposition" not in response
+    detail = response.json()["detail"]
+    assert isinstance(detail, str)
+    return detail
+
+
+@pytest.mark.parametrize("fmt", ["xml", "html", "api"])
+def test_api_export_rejects_unknown_formats_with_404(api, owner, fmt):
+    assert "format" in refused_export(api, owner, fmt, 404)
 
 
 @pytest.mark.parametrize("fmt", ["json", "md"])
 def test_api_export_of_another_users_conversation_is_404_json(other_api, owner, fmt):
-    conversation, _ = make_versioned_conversation(owner)
-
-    response = other_api.get(api_export_url(conversation), {"format": fmt})
-
-    assert response.status_code == 404
-    assert response["Content-Type"] == "application/json"
-    assert isinstance(response.json()["detail"], str)
-    assert "Content-Disposition" not in response
+    refused_export(other_api, owner, fmt, 404)
 
 
 @pytest.mark.parametrize("fmt", ["json", "md"])
 def test_api_export_needs_authentication(anon_api, owner, fmt):
-    conversation, _ = make_versioned_conversation(owner)
-
-    response = anon_api.get(api_export_url(conversation), {"format": fmt})
-
-    assert response.status_code == 401
-    assert isinstance(response.json()["detail"], str)
+    refused_export(anon_api, owner, fmt, 401)
 
 
 def test_api_import_needs_authentication(anon_api, owner):

@@ -2,11 +2,11 @@
 an earlier version (activate)."""
 
 import pytest
-from django.utils import timezone
 
 from conversations import services
 from conversations.models import Message
 from tests.factories import (
+    add_streaming_reply,
     assert_409,
     assert_is_stream,
     kinds,
@@ -22,6 +22,13 @@ pytestmark = pytest.mark.django_db
 
 
 # --- regenerate ----------------------------------------------------------------------------------
+
+
+def what_the_next_message_sends(api, conversation, fake_engine) -> list:
+    """The engine's calls for a message "Next" posted now: the context the model is given."""
+    fake_engine.calls.clear()
+    post(api, conversation, "Next")
+    return fake_engine.calls
 
 
 def test_regenerate_adds_a_new_active_version_of_the_reply(api, owner, fake_engine):
@@ -55,9 +62,7 @@ def test_regenerate_adds_a_new_active_version_of_the_reply(api, owner, fake_engi
     ]
     assert [(m["version"], m["versions"]) for m in everything[1:]] == [(1, 2), (2, 2)]
 
-    fake_engine.calls.clear()
-    post(api, conversation, "Next")
-    assert fake_engine.calls == [
+    assert what_the_next_message_sends(api, conversation, fake_engine) == [
         [
             {"role": "user", "content": "Question"},
             {"role": "assistant", "content": "Second answer"},
@@ -113,12 +118,16 @@ def regenerated(api, conversation, fake_engine) -> tuple[dict, dict]:
     return first, second
 
 
+def activate(client, conversation, message_id):
+    return client.post(url(conversation, "activate"), {"message": message_id}, format="json")
+
+
 def test_activate_switches_back_to_an_earlier_reply(api, owner, fake_engine):
     conversation = make_conversation(owner, "Chat", system_prompt="")
     first, second = regenerated(api, conversation, fake_engine)
     old_id = first["reply"]["id"]
 
-    response = api.post(url(conversation, "activate"), {"message": old_id}, format="json")
+    response = activate(api, conversation, old_id)
 
     assert response.status_code == 200, response.content
     body = response.json()
@@ -129,9 +138,7 @@ def test_activate_switches_back_to_an_earlier_reply(api, owner, fake_engine):
     assert not Message.objects.get(pk=second["reply"]["id"]).is_active
     assert [m["content"] for m in listed(api, conversation)] == ["Question", "First answer"]
 
-    fake_engine.calls.clear()
-    post(api, conversation, "Next")
-    assert fake_engine.calls == [
+    assert what_the_next_message_sends(api, conversation, fake_engine) == [
         [
             {"role": "user", "content": "Question"},
             {"role": "assistant", "content": "First answer"},
@@ -145,9 +152,7 @@ def test_activate_outside_the_last_exchange_is_409(api, owner, fake_engine):
     first, second = regenerated(api, conversation, fake_engine)
     post(api, conversation, "Another question")
 
-    response = api.post(
-        url(conversation, "activate"), {"message": first["reply"]["id"]}, format="json"
-    )
+    response = activate(api, conversation, first["reply"]["id"])
 
     assert assert_409(response)
     assert not Message.objects.get(pk=first["reply"]["id"]).is_active
@@ -159,9 +164,7 @@ def test_activate_a_message_of_another_conversation_is_404(api, owner, fake_engi
     other = make_conversation(owner, "Other")
     first, _ = regenerated(api, other, fake_engine)
 
-    response = api.post(
-        url(conversation, "activate"), {"message": first["reply"]["id"]}, format="json"
-    )
+    response = activate(api, conversation, first["reply"]["id"])
 
     assert response.status_code == 404
     assert not Message.objects.get(pk=first["reply"]["id"]).is_active
@@ -171,9 +174,7 @@ def test_activate_in_another_users_conversation_is_404(api, other_api, owner, fa
     conversation = make_conversation(owner, "Chat")
     first, _ = regenerated(api, conversation, fake_engine)
 
-    response = other_api.post(
-        url(conversation, "activate"), {"message": first["reply"]["id"]}, format="json"
-    )
+    response = activate(other_api, conversation, first["reply"]["id"])
 
     assert response.status_code == 404
     assert not Message.objects.get(pk=first["reply"]["id"]).is_active
@@ -194,18 +195,9 @@ def test_activate_with_a_malformed_id_is_400(api, owner, fake_engine, body):
 
 def test_activating_a_streaming_reply_is_409(api, owner, fake_engine):
     conversation = make_conversation(owner, "Chat")
-    question = Message.objects.create(conversation=conversation, role="user", content="Q")
-    row = Message.objects.create(
-        conversation=conversation,
-        role="assistant",
-        status=Message.Status.STREAMING,
-        lease_renewed_at=timezone.now(),
-        reply_to=question,
-        version_group=question.pk,
-        is_active=False,
-    )
+    row = add_streaming_reply(conversation, content="", is_active=False)
 
-    response = api.post(url(conversation, "activate"), {"message": str(row.pk)}, format="json")
+    response = activate(api, conversation, str(row.pk))
 
     assert assert_409(response)
     row.refresh_from_db()
@@ -240,9 +232,7 @@ def test_edit_replaces_the_last_message_with_a_new_version(api, owner, fake_engi
     assert everything[old["reply"]["id"]]["content"] == "Echo: old text"
 
     # Switching back to the old question brings its old reply back with it.
-    response = api.post(
-        url(conversation, "activate"), {"message": old["user_message"]["id"]}, format="json"
-    )
+    response = activate(api, conversation, old["user_message"]["id"])
     assert response.status_code == 200, response.content
     assert Message.objects.get(pk=old["reply"]["id"]).is_active
     assert [m["content"] for m in listed(api, conversation)] == ["old text", "Echo: old text"]

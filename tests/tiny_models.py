@@ -29,6 +29,15 @@ def _word_tokenizer(special_tokens: list[str], **names):
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", **names)
 
 
+def _special_token_ids(tokenizer) -> dict[str, int]:
+    """A model configuration's ids of the tokenizer's start, end and padding tokens."""
+    return {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
 def build_tiny_causal(path: Path, *, context_window: int = 64) -> Path:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -50,9 +59,7 @@ def build_tiny_causal(path: Path, *, context_window: int = 64) -> Path:
         num_attention_heads=2,
         num_key_value_heads=1,
         max_position_embeddings=context_window,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **_special_token_ids(tokenizer),
     )
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
@@ -77,16 +84,13 @@ def build_tiny_blenderbot(path: Path) -> Path:
     config = BlenderbotConfig(
         vocab_size=len(tokenizer),
         d_model=16,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
+        **{  # the encoder and the decoder the same size
+            f"{side}_{name}": size
+            for side in ("encoder", "decoder")
+            for name, size in [("layers", 1), ("attention_heads", 2), ("ffn_dim", 32)]
+        },
         max_position_embeddings=32,
-        bos_token_id=tokenizer.bos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        **_special_token_ids(tokenizer),
         decoder_start_token_id=tokenizer.bos_token_id,
         forced_eos_token_id=tokenizer.eos_token_id,
     )

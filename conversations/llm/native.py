@@ -72,6 +72,11 @@ def supported() -> bool:
     return all(check is not None and check() for check in checks)
 
 
+def is_loaded() -> bool:
+    """Whether the kernels are loaded into this process (by `load`)."""
+    return _loaded is not None
+
+
 def attention_fits(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
     """Whether the kernel takes a model of this shape: bf16 keys and values, heads of 64 or
     128 values, one to four query heads to a key-value head (decode_attention.cpp's `pick`)."""

@@ -34,7 +34,7 @@ def owner_of(key: Hashable) -> str | None:
     return key.owner if isinstance(key, CacheKey) else None
 
 
-@dataclass
+@dataclass(frozen=True)
 class CachedPrefix:
     tokens: list[int]  # the tokens whose keys and values `cache` holds, in order
     cache: Any  # a tensor (kv_cache.SlotCache.export): position i holds tokens[i]
@@ -144,6 +144,12 @@ class PrefixCache:
     def nbytes(self) -> int:
         with self._lock:
             return sum(e.nbytes for e in self._entries.values())
+
+    def entries(self) -> list[tuple[Hashable, CachedPrefix]]:
+        """The kept (key, entry) pairs, least recently used first: a copy to read, which leaves
+        the order as it is (only `take` and `put` move an entry)."""
+        with self._lock:
+            return list(self._entries.items())
 
     def __len__(self) -> int:
         return len(self._entries)

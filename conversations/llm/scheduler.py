@@ -25,7 +25,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import sampling
 from .events import ModelEvent, ReplyEnded, ReplyFailed, TokensWritten
@@ -97,6 +97,15 @@ class ReplyRequest:
         return self.prompt + self.generated
 
 
+class Posted(NamedTuple):
+    """What another thread hands the model thread: a reply to write (`payload` a ReplyRequest,
+    no future), or a call (`payload` the function, `future` for its result)."""
+
+    kind: str  # "reply" or "call"
+    payload: Any
+    future: futures.Future | None
+
+
 class Scheduler:
     def __init__(self, decoder: LlamaDecoder | None, prefix_cache: PrefixCache, max_batch: int):
         self.prefix_cache = prefix_cache
@@ -105,7 +114,7 @@ class Scheduler:
         # The decoder may come later (the engine loads the model on this thread, then sets it).
         self.decoder = decoder
         self.max_batch = max_batch
-        self._inbox: deque = deque()
+        self._inbox: deque[Posted] = deque()
         self._wakeup = threading.Condition()
         self._waiting: deque[ReplyRequest] = deque()
         # When each owner with replies waiting or in flight last had one let in (see _admit).
@@ -132,7 +141,7 @@ class Scheduler:
     def call(self, function: Callable):
         """Run `function()` on the model thread; returns a Future of its result."""
         future: futures.Future = futures.Future()
-        self._post(("call", function, future))
+        self._post(Posted("call", function, future))
         return future
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -146,9 +155,26 @@ class Scheduler:
             self._thread.join(timeout)
 
     def submit(self, request: ReplyRequest) -> None:
-        self._post(("reply", request, None))
+        self._post(Posted("reply", request, None))
 
-    def _post(self, item) -> None:
+    @property
+    def uncollected(self) -> int:
+        """How many replies and calls are posted that the model thread has not taken yet."""
+        with self._wakeup:
+            return len(self._inbox)
+
+    @property
+    def parked_key(self) -> str | None:
+        """The cache key of the conversation parked in slot row 0 (None: nothing is parked). As
+        of a moment: the model thread changes it."""
+        parked = self._rows.parked  # (read once: the model thread may set it meanwhile)
+        return parked[0] if parked is not None else None
+
+    def is_alive(self) -> bool:
+        """Whether the model thread is still running (it ends once `stop` is called)."""
+        return self._thread.is_alive()
+
+    def _post(self, item: Posted) -> None:
         with self._wakeup:
             self._inbox.append(item)
             self._wakeup.notify()
@@ -200,14 +226,14 @@ class Scheduler:
                     return False
             items = list(self._inbox)
             self._inbox.clear()
-        for kind, payload, future in items:
-            if kind == "reply":
-                self._waiting.append(payload)
-            elif future.set_running_or_notify_cancel():
+        for item in items:
+            if item.kind == "reply":
+                self._waiting.append(item.payload)
+            elif item.future is not None and item.future.set_running_or_notify_cancel():
                 try:
-                    future.set_result(payload())
+                    item.future.set_result(item.payload())
                 except BaseException as exc:  # handed to the caller
-                    future.set_exception(exc)
+                    item.future.set_exception(exc)
         return True
 
     def _admit(self) -> None:
