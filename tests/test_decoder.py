@@ -13,7 +13,8 @@ from conversations.llm.decoder import LlamaDecoder
 from conversations.llm.engine import Engine, GenerationParams
 from conversations.llm.events import ReplyEnded, TokensWritten
 from conversations.llm.kv_cache import SlotCache
-from conversations.llm.scheduler import PREFILL_CHUNK, ReplyRequest
+from conversations.llm.reply_request import ReplyRequest
+from conversations.llm.scheduler import PREFILL_CHUNK
 from tests.engine_helpers import chat, submit_together
 from tests.steering import steered
 from tests.tiny_models import WORDS, build_tiny_causal

@@ -157,7 +157,7 @@ def test_waiting_replies_are_let_in_user_by_user_not_first_come(tiny_dir, tmp_pa
     Carol's. The others do not wait for all of the flooder's: users take turns."""
     from conversations.llm.engine import Engine
     from conversations.llm.events import ReplyEnded
-    from conversations.llm.scheduler import ReplyRequest
+    from conversations.llm.reply_request import ReplyRequest
     from tests.engine_helpers import chat, submit_together
 
     engine = Engine(model=str(tiny_dir), cache_dir=tmp_path, weights="fp32", max_batch=1)

@@ -29,7 +29,8 @@ from .interface import GenerationParams
 from .loading import LoadedModel
 from .prefix_cache import PrefixCache
 from .prompts import ChatTemplate, PromptFormat
-from .scheduler import ReplyRequest, Scheduler
+from .reply_request import ReplyRequest
+from .scheduler import Scheduler
 
 if TYPE_CHECKING:
     import torch

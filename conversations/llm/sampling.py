@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from .scheduler import ReplyRequest
+    from .reply_request import ReplyRequest
 
 
 def next_tokens(requests: list[ReplyRequest], logits: torch.Tensor) -> list[int]:

@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import atexit
 import logging
-import queue
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent import futures
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import sampling
-from .events import ModelEvent, ReplyEnded, ReplyFailed, TokensWritten
+from .events import ReplyEnded, ReplyFailed, TokensWritten
 from .prefix_cache import PrefixCache
+from .reply_request import ReplyRequest
 from .slot_rows import SlotRows
 
 if TYPE_CHECKING:
@@ -58,43 +57,6 @@ IDLE_SECONDS = 2.0
 # reply's first and last at once): every hand-over wakes a server thread, which then competes
 # with the model for the two cores. One reply alone gets every token as it comes.
 DELIVERY_SECONDS = 0.05
-
-
-@dataclass(eq=False)
-class ReplyRequest:
-    """One reply to write. The scheduler puts TokensWritten as it writes (see
-    DELIVERY_SECONDS), then ReplyEnded or ReplyFailed on `events`, and sets `done` once it has
-    let go of it."""
-
-    prompt: list[int]
-    max_new_tokens: int
-    stop_ids: frozenset[int]
-    # The repetition penalty applies to every token of prompt and reply, as in `generate`. With
-    # `samplers` (transformers' temperature and top-p warpers, in generate's order) the token is
-    # drawn from the resulting distribution; without, it is the most likely one.
-    repetition_penalty: float = 1.0
-    samplers: list[Callable] = field(default_factory=list)
-    cache_key: str | None = None
-    # Whose reply it is (a user): waiting replies are let in user by user (see _next_waiting).
-    owner: str | None = None
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    events: queue.Queue[ModelEvent] = field(default_factory=queue.Queue)
-    done: threading.Event = field(default_factory=threading.Event)
-    reused_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
-    # The scheduler's state
-    row: int = -1
-    filled: int = 0  # positions of the row that hold keys and values
-    pending: int | None = None  # the last token chosen, fed at the next step
-    generated: list[int] = field(default_factory=list)
-    unsent: list[int] = field(default_factory=list)  # generated, not yet put on `events`
-    next_delivery: float = 0.0
-    history: torch.Tensor | None = None  # prompt + generated token ids (see _seen)
-    finished: bool = False
-    keep: bool = False  # its keys and values are kept for the conversation's next turn
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.generated
 
 
 class Posted(NamedTuple):

@@ -16,7 +16,7 @@ from .prefix_cache import PrefixCache, reusable_length
 
 if TYPE_CHECKING:
     from .kv_cache import SlotCache
-    from .scheduler import ReplyRequest
+    from .reply_request import ReplyRequest
 
 # Every slot row has as many positions as the longest conversation in flight needs: once that
 # one has left, the positions are cut back to what the rest need when that gives back more than
