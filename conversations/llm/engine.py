@@ -178,7 +178,7 @@ class Engine(ChatEngine):
         self.native_kernels = native_kernels
         self.shared_system_prompt = shared_system_prompt
         self._prefix_cache = PrefixCache(prefix_cache_bytes)
-        self.model_name = describe_source(model)
+        self._model_name = describe_source(model)
         # Set by loading: what writes replies on the model. The scheduler's one thread runs
         # every torch call, loading included: decoding measured 40% slower when torch had run
         # on another thread of the process.
@@ -187,6 +187,10 @@ class Engine(ChatEngine):
         self._encoded: Recent[Messages, Prompt] = Recent(ENCODINGS_KEPT, token_cache_bytes // 2)
         self._encoded_lock = threading.Lock()
         self._scheduler = Scheduler(None, self._prefix_cache, max(1, max_batch))
+
+    @property
+    def model_name(self) -> str:
+        return self._model_name
 
     # Loading
 

@@ -71,7 +71,9 @@ class ChatEngine(Protocol):
     Engines subclass it to inherit `generate`, which reads `stream` to its end.
     """
 
-    model_name: str  # what replies are labelled with, known without loading anything
+    @property
+    def model_name(self) -> str:
+        """What replies are labelled with, known without loading the model."""
 
     def load(self) -> object:
         """Get ready to answer (the first reply does it otherwise)."""

@@ -1,0 +1,320 @@
+"""An engine that has an OpenAI-compatible inference server write the replies (vLLM, SGLang,
+TGI, llama.cpp's server, Ollama, `transformers serve`): the web process loads no weights and
+imports no torch.
+
+Replies stream from the server's chat completions stream. Stopping a reply closes that stream,
+which those servers take as the request's end. The read timeout applies between two pieces of
+the stream, not to the whole reply. Servers differ in small ways, all tolerated here: a stream
+may end with `data: [DONE]` or without it, usage may ride on any chunk (or none), and an error
+body may be OpenAI's `{"error": {...}}` or FastAPI's `{"detail": ...}`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from httpx_sse import EventSource
+
+from .interface import ChatEngine, ChatMessage, FinishReason, Generation, GenerationParams
+from .prefix_cache import CacheKey
+from .remote_tokens import TokenCounter, pick_counter
+
+# When neither the server, CHATBOT_CONTEXT_TOKENS nor a tokenizer folder gives the window.
+DEFAULT_WINDOW = 2048
+
+
+class EngineUnavailable(Exception):
+    """The inference server could not be reached, or refused or broke off a reply."""
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    window: int  # tokens the model reads, prompt and reply together
+    counter: TokenCounter
+
+
+class RemoteEngine(ChatEngine):
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        model: str = "",
+        api_key: str = "",
+        context_tokens: int = 0,
+        tokenizer: str = "",
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        # vLLM's and llama.cpp's tokenize endpoints sit at the root, beside /v1.
+        self.root = self.base_url.removesuffix("/v1")
+        self.configured_model = model
+        self.context_tokens = context_tokens
+        self.tokenizer_folder = tokenizer
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
+        # No cap on connections: every reply being written holds one for as long as it streams.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=32)
+        self.client = httpx.Client(headers=headers, timeout=timeout, limits=limits)
+        self._served: ServedModel | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def model_name(self) -> str:
+        if self.configured_model:
+            return self.configured_model
+        try:
+            return self.load().name
+        except EngineUnavailable:
+            return ""  # (the reply itself then fails with the reason)
+
+    def load(self) -> ServedModel:
+        """Ask the server which model it serves and how to count its tokens (once)."""
+        with self._lock:
+            if self._served is None:
+                self._served = self._discover()
+            return self._served
+
+    def _discover(self) -> ServedModel:
+        listing = self._call("GET", "/models").get("data") or []
+        models = {str(item.get("id")): item for item in listing if isinstance(item, dict)}
+        name = self.configured_model or next(iter(models), "")
+        if not name:
+            raise EngineUnavailable(f"The inference server at {self.base_url} lists no model.")
+        # The window: the server's (vLLM reports it), capped by CHATBOT_CONTEXT_TOKENS; else the
+        # model's own, from the tokenizer folder's config.json.
+        reported = models.get(name, {}).get("max_model_len")
+        windows = [w for w in (reported, self.context_tokens) if isinstance(w, int) and w > 0]
+        counter = pick_counter(self.client, self.root, name, self.tokenizer_folder)
+        window = min(windows, default=0) or folder_window(self.tokenizer_folder) or DEFAULT_WINDOW
+        return ServedModel(name, window, counter)
+
+    def reply_budget(self, params: GenerationParams) -> int:
+        # Never more than half the window, as on the embedded engine.
+        return min(params.max_new_tokens, self.load().window // 2)
+
+    def prompt_budget(self, params: GenerationParams) -> int:
+        return self.load().window - self.reply_budget(params)
+
+    def count_tokens(self, messages: list[ChatMessage]) -> int:
+        served = self.load()
+        try:
+            return served.counter.count(messages)
+        except httpx.HTTPError as exc:
+            raise EngineUnavailable(unreachable(self.base_url, exc)) from exc
+
+    def stream(
+        self,
+        messages: list[ChatMessage],
+        params: GenerationParams,
+        *,
+        cache_key: CacheKey | None = None,
+        owner: str | None = None,
+    ) -> RemoteReply:
+        # The server keeps its own cache of prompts; the key and owner are ours alone.
+        return RemoteReply(self, messages, params)
+
+    def score_reply(self, messages: list[ChatMessage], reply: str) -> float:
+        raise EngineUnavailable(
+            "Scoring a reply needs the embedded engine: OpenAI-compatible servers do not "
+            "return the log-probabilities of a given reply."
+        )
+
+    def forget(self, conversation: str) -> Future[None]:
+        done: Future[None] = Future()
+        done.set_result(None)  # nothing of a conversation is kept in this process
+        return done
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        try:
+            answer = self.client.request(method, self.base_url + path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise EngineUnavailable(unreachable(self.base_url, exc)) from exc
+        if answer.is_error:
+            raise EngineUnavailable(refused(self.base_url, answer))
+        body = answer.json()
+        return body if isinstance(body, dict) else {}
+
+
+class RemoteReply:
+    """One reply streamed from the server. `cancel()` closes the stream, from any thread."""
+
+    def __init__(
+        self, engine: RemoteEngine, messages: list[ChatMessage], params: GenerationParams
+    ) -> None:
+        self.engine = engine
+        self.messages = messages
+        self.params = params
+        self.result: Generation | None = None
+        self._cancelled = threading.Event()
+        self._response: httpx.Response | None = None
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        response = self._response
+        if response is not None:
+            response.close()
+
+    def __iter__(self) -> Iterator[str]:
+        engine = self.engine
+        served = engine.load()
+        budget = engine.reply_budget(self.params)
+        body = {
+            "model": served.name,
+            "messages": self.messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": budget,
+            "temperature": self.params.temperature,
+            "top_p": self.params.top_p,
+        }
+        started = time.perf_counter()
+        first_at: float | None = None
+        pieces: list[str] = []
+        usage: dict[str, Any] = {}
+        finish: str | None = None
+        try:
+            with engine.client.stream(
+                "POST", engine.base_url + "/chat/completions", json=body
+            ) as response:
+                self._response = response
+                if response.is_error:
+                    response.read()
+                    raise EngineUnavailable(refused(engine.base_url, response))
+                if self._cancelled.is_set():
+                    response.close()
+                for event in EventSource(response).iter_sse():
+                    if event.data.strip() == "[DONE]":
+                        break
+                    chunk = _chunk(event.data)
+                    usage = chunk.get("usage") or usage
+                    for choice in chunk.get("choices") or []:
+                        finish = choice.get("finish_reason") or finish
+                        piece = (choice.get("delta") or {}).get("content")
+                        if piece:
+                            first_at = first_at or time.perf_counter()
+                            pieces.append(piece)
+                            yield piece
+                    if finish is not None and usage:
+                        break  # (a server may keep the stream open after its last chunk)
+        except (httpx.HTTPError, httpx.StreamError, EngineUnavailable) as exc:
+            if not self._cancelled.is_set():
+                self._end(pieces, usage, None, started, first_at)
+                if isinstance(exc, EngineUnavailable):
+                    raise
+                raise EngineUnavailable(_cut_off(engine, exc)) from exc
+        if finish is None and not self._cancelled.is_set():
+            self._end(pieces, usage, None, started, first_at)
+            raise EngineUnavailable(
+                f"The inference server at {engine.base_url} ended the reply without finishing it."
+            )
+        self._end(pieces, usage, finish, started, first_at)
+
+    def _end(
+        self,
+        pieces: list[str],
+        usage: dict[str, Any],
+        finish: str | None,
+        started: float,
+        first_at: float | None,
+    ) -> None:
+        finished = time.perf_counter()
+        if self._cancelled.is_set() and finish is None:
+            reason = FinishReason.CANCELLED
+        elif finish == "length":
+            reason = FinishReason.LENGTH
+        else:
+            reason = FinishReason.STOP
+        prompt_tokens = usage.get("prompt_tokens")
+        completion_tokens = usage.get("completion_tokens")
+        self.result = Generation(
+            text="".join(pieces),
+            prompt_tokens=(
+                prompt_tokens
+                if isinstance(prompt_tokens, int)
+                else self.engine.count_tokens(self.messages)
+            ),
+            # Without usage, a piece of the stream is about a token.
+            completion_tokens=(
+                completion_tokens if isinstance(completion_tokens, int) else len(pieces)
+            ),
+            ttft_ms=round(((first_at or finished) - started) * 1000),
+            total_ms=round((finished - started) * 1000),
+            finish_reason=reason,
+        )
+
+
+def folder_window(folder: str) -> int:
+    """The context window a model folder's config.json states (0: none stated)."""
+    config = Path(folder, "config.json") if folder else None
+    if config is None or not config.is_file():
+        return 0
+    try:
+        window = json.loads(config.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return window if isinstance(window, int) and window > 0 else 0
+
+
+def unreachable(base_url: str, exc: httpx.HTTPError) -> str:
+    if isinstance(exc, httpx.TimeoutException):
+        return f"The inference server at {base_url} did not answer in time ({exc!r})."
+    return f"The inference server at {base_url} could not be reached ({exc})."
+
+
+def refused(base_url: str, answer: httpx.Response) -> str:
+    return (
+        f"The inference server at {base_url} answered {answer.status_code}: {error_detail(answer)}"
+    )
+
+
+def error_detail(answer: httpx.Response) -> str:
+    """What an error body says: OpenAI's {"error": {"message": ...}}, FastAPI's
+    {"detail": ...}, or the text as it is."""
+    try:
+        body = answer.json()
+    except ValueError:
+        return answer.text.strip()[:500] or answer.reason_phrase
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if error:
+            return str(error)
+        if body.get("detail"):
+            return str(body["detail"])
+    return json.dumps(body)[:500]
+
+
+def _chunk(data: str) -> dict[str, Any]:
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        raise EngineUnavailable(
+            f"The inference server sent a piece that is not JSON: {data[:200]}"
+        ) from None
+    if not isinstance(chunk, dict):
+        return {}
+    if chunk.get("error"):  # an error reported inside the stream
+        error = chunk["error"]
+        message = error.get("message") if isinstance(error, dict) else error
+        raise EngineUnavailable(f"The inference server stopped the reply: {message}")
+    return chunk
+
+
+def _cut_off(engine: RemoteEngine, exc: Exception) -> str:
+    if isinstance(exc, httpx.TimeoutException):
+        seconds = engine.client.timeout.read
+        return f"The inference server at {engine.base_url} sent nothing for {seconds} s."
+    if isinstance(exc, httpx.ConnectError):
+        return unreachable(engine.base_url, exc)
+    return f"The inference server at {engine.base_url} broke off the reply ({exc})."
