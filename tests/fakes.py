@@ -15,6 +15,7 @@ from conversations.llm.interface import (
     FinishReason,
     Generation,
     GenerationParams,
+    already_done,
 )
 from conversations.llm.prefix_cache import CacheKey
 
@@ -112,9 +113,7 @@ class FakeEngine(ChatEngine):
 
     def forget(self, conversation: str) -> Future[None]:
         self.forgotten.append(conversation)
-        done: Future[None] = Future()
-        done.set_result(None)
-        return done
+        return already_done()
 
 
 if TYPE_CHECKING:  # the type checker holds the fake to the whole seam (none left abstract)

@@ -115,6 +115,13 @@ class ChatEngine(Protocol):
         done once it is gone."""
 
 
+def already_done() -> Future[None]:
+    """What `forget` returns when nothing of the conversation was kept to drop."""
+    done: Future[None] = Future()
+    done.set_result(None)
+    return done
+
+
 def read_to_end(stream: StreamingReply) -> Generation:
     """Read a reply to its end; its Generation."""
     for _ in stream:

@@ -23,7 +23,14 @@ from typing import Any
 import httpx
 from httpx_sse import EventSource
 
-from .interface import ChatEngine, ChatMessage, FinishReason, Generation, GenerationParams
+from .interface import (
+    ChatEngine,
+    ChatMessage,
+    FinishReason,
+    Generation,
+    GenerationParams,
+    already_done,
+)
 from .prefix_cache import CacheKey
 from .remote_tokens import TokenCounter, pick_counter
 
@@ -130,9 +137,7 @@ class RemoteEngine(ChatEngine):
         )
 
     def forget(self, conversation: str) -> Future[None]:
-        done: Future[None] = Future()
-        done.set_result(None)  # nothing of a conversation is kept in this process
-        return done
+        return already_done()  # nothing of a conversation is kept in this process
 
     def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         try:
