@@ -81,9 +81,10 @@ def own_inference_server(model_folder) -> Iterator[InferenceServer]:
 
 
 @contextmanager
-def engine_on(base_url: str, model_folder: Path) -> Iterator[CountingEngine]:
+def engine_on(base_url: str, model_folder: Path, **options) -> Iterator[CountingEngine]:
     """The process's engine asks the server at `base_url` for the test's duration."""
-    engine = CountingEngine(base_url=base_url, tokenizer=str(model_folder), read_timeout=120)
+    options = {"tokenizer": str(model_folder), "read_timeout": 120, **options}
+    engine = CountingEngine(base_url=base_url, **options)
     previous = runtime.set_engine(engine)
     try:
         yield engine
@@ -348,6 +349,22 @@ def test_a_server_that_is_not_there_gives_503_and_keeps_the_message(
     assert reply.status == Message.Status.ERROR
     assert "could not be reached" in reply.error
     assert response.json()["reply"]["id"] == str(reply.pk)
+
+
+@pytest.mark.inference_server
+def test_a_model_the_server_does_not_serve_gives_503_with_the_servers_reason(
+    api, owner, inference_server, model_folder, quick_settings
+):
+    with engine_on(inference_server.url, model_folder, model="no-such-model"):
+        conversation = make_conversation(owner, "Chat")
+
+        response = api.post(url(conversation), {"content": "Hello?"}, format="json")
+
+    detail = assert_detail(response, 503)
+    assert f"The inference server at {inference_server.url} answered 400: " in detail
+    assert "no-such-model" in detail  # (the server's own words name it)
+    assert response.json()["reply"]["status"] == "error"
+    assert conversation.messages.get(role=Message.Role.USER).content == "Hello?"
 
 
 @pytest.mark.parametrize(
