@@ -63,6 +63,10 @@ if not SECRET_KEY:
 
 # HTTPS, for a server behind TLS. All off by default: the local run is plain HTTP on loopback.
 SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", False)
+# Load balancers probe the health checks (chatsite/health.py) over plain HTTP, at the server
+# itself, and take a redirect as a failure. They answer no more than "ok" or "ready": nothing
+# to protect with TLS. (Patterns match the path without its leading slash.)
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
 SECURE_HSTS_SECONDS = env_int("DJANGO_SECURE_HSTS_SECONDS", 0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
 SECURE_HSTS_PRELOAD = env_bool("DJANGO_SECURE_HSTS_PRELOAD", False)

@@ -1,10 +1,14 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from chatsite import health
 from conversations.pages.auth import admin_login
 from conversations.pages.urls import auth_urlpatterns
 
 urlpatterns = [
+    # For load balancers: unauthenticated, and exempt from the HTTPS redirect (settings.py).
+    path("healthz", health.healthz, name="healthz"),
+    path("readyz", health.readyz, name="readyz"),
     path("admin/login/", admin_login),  # before the admin's own route to it
     path("admin/", admin.site.urls),
     path("api/", include("conversations.api.urls")),

@@ -69,7 +69,8 @@ class FakeStream:
 
 class FakeEngine(ChatEngine):
     """Counts a token per word and echoes the last user message; can be told to fail, to fail
-    part-way (`fail_after` words), or to write slowly (`word_delay` seconds a word)."""
+    part-way (`fail_after` words), to write slowly (`word_delay` seconds a word), or to say it is
+    not ready (`ready`)."""
 
     model_name = "fake-echo"
 
@@ -81,9 +82,13 @@ class FakeEngine(ChatEngine):
         self.calls: list[list[ChatMessage]] = []
         self.replies: list[str] = []  # replies to give, in order, before echoing
         self.forgotten: list[str] = []  # conversations whose cached turns were dropped
+        self.ready = True  # what is_ready() answers (a test sets it False)
 
     def load(self) -> None:
         pass
+
+    def is_ready(self) -> bool:
+        return self.ready
 
     def prompt_budget(self, params: GenerationParams) -> int:
         return self.window - params.max_new_tokens

@@ -239,6 +239,11 @@ class Engine(ChatEngine):
     def is_loaded(self) -> bool:
         return self._backend is not None
 
+    def is_ready(self) -> bool:
+        """Whether the model is loaded (by a reply, or by the worker's warm-up at start); asking
+        loads nothing."""
+        return self.is_loaded
+
     # What the model runs on (read by tests)
 
     @property

@@ -78,6 +78,10 @@ class ChatEngine(Protocol):
     def load(self) -> object:
         """Get ready to answer (the first reply does it otherwise)."""
 
+    def is_ready(self) -> bool:
+        """Whether the engine answers replies now without first loading anything: what a load
+        balancer's readiness probe asks (chatsite/health.py). Quick, never loads, never raises."""
+
     def prompt_budget(self, params: GenerationParams) -> int:
         """Tokens the prompt may take once the reply's budget is set aside."""
 

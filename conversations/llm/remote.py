@@ -12,6 +12,7 @@ body may be OpenAI's `{"error": {...}}` or FastAPI's `{"detail": ...}`.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -36,6 +37,12 @@ from .remote_tokens import TokenCounter, pick_counter
 
 # When neither the server, CHATBOT_CONTEXT_TOKENS nor a tokenizer folder gives the window.
 DEFAULT_WINDOW = 2048
+# Readiness (is_ready): seconds the server has to answer GET /models, and seconds an answer is
+# trusted for, so that a load balancer asking every second costs the server a request every few.
+READY_TIMEOUT = 2.0
+READY_KEPT = 2.0
+
+logger = logging.getLogger(__name__)
 
 
 class EngineUnavailable(Exception):
@@ -74,6 +81,7 @@ class RemoteEngine(ChatEngine):
         self.client = httpx.Client(headers=headers, timeout=timeout, limits=limits)
         self._served: ServedModel | None = None
         self._lock = threading.Lock()
+        self._ready_until = 0.0  # (time.monotonic) until when the last answer to /models holds
 
     @property
     def model_name(self) -> str:
@@ -104,6 +112,25 @@ class RemoteEngine(ChatEngine):
         counter = pick_counter(self.client, self.root, name, self.tokenizer_folder)
         window = min(windows, default=0) or folder_window(self.tokenizer_folder) or DEFAULT_WINDOW
         return ServedModel(name, window, counter)
+
+    def is_ready(self) -> bool:
+        """Whether the server answers GET /models within READY_TIMEOUT seconds. A success holds
+        for READY_KEPT seconds; a failure is logged, and not kept: the next probe asks again."""
+        if time.monotonic() < self._ready_until:
+            return True
+        try:
+            answer = self.client.get(self.base_url + "/models", timeout=READY_TIMEOUT)
+        except httpx.HTTPError as exc:
+            logger.warning("Not ready: %s", unreachable(self.base_url, exc))
+            return False
+        except Exception as exc:  # (a URL httpx cannot use, say: still an answer, not a 500)
+            logger.warning("Not ready: asking %s/models failed (%r).", self.base_url, exc)
+            return False
+        if answer.is_error:
+            logger.warning("Not ready: %s", refused(self.base_url, answer))
+            return False
+        self._ready_until = time.monotonic() + READY_KEPT
+        return True
 
     def reply_budget(self, params: GenerationParams) -> int:
         # Never more than half the window, as on the embedded engine.
