@@ -1,4 +1,6 @@
-"""llama.cpp for the decode comparison: `llama-cpp-python` in a virtualenv of its own.
+"""llama.cpp for the decode comparison and for the tests of the remote engine against a real
+inference server: `llama-cpp-python` (with its OpenAI-compatible server) in a virtualenv of its
+own.
 
 It is never a product dependency. The package compiles from source (several minutes on two
 cores), so the environment is built once and kept under var/bench/, named by a hash of what went
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from .common import BENCH_DIR
 
-LLAMA_CPP_PACKAGE = "llama-cpp-python==0.3.36"
+LLAMA_CPP_PACKAGE = "llama-cpp-python[server]==0.3.36"
 CMAKE_ARGS = (
     "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_OPENMP=OFF"
 )
