@@ -226,7 +226,9 @@ class ReplyWriter:
         reason = f"{type(exc).__name__}: {exc}"
         Message.objects.filter(pk=self.reply.pk).update(content=text)
         self.reply.content = text  # the error event and the 503 body show the saved text
-        error = GenerationFailed(f"The model could not answer: {reason}. Your message was saved.")
+        error = GenerationFailed(
+            f"The model could not answer: {reason.rstrip('.')}. Your message was saved."
+        )
         return self._fail(error, reason)
 
     def _save(self, fields: dict[str, Any], *, only_streaming: bool = False) -> bool:

@@ -21,6 +21,7 @@ from tests.live_server import free_port
 
 # A model server loads its weights before it listens; a machine whose cores are busy is slow.
 START_SECONDS = 180
+LLAMA_CPP_ALIAS = "smollm2-q4_1"  # the name llama.cpp's server lists its model by
 
 
 def transformers_serve(model_folder: Path) -> Callable[[int], list[str]]:
@@ -42,11 +43,48 @@ def transformers_serve(model_folder: Path) -> Callable[[int], list[str]]:
     return command
 
 
+def llama_cpp_server(gguf: Path) -> Callable[[int], list[str]]:
+    """llama.cpp's server (llama-cpp-python's) on a GGUF file, from the environment the
+    benchmarks build (benchmarks/llama_env.py: compiled once, ~10 minutes). It answers one
+    request at a time; `--interrupt_requests False` lets a new request wait for the stream in
+    flight instead of cutting it off. Its streams end with `data: [DONE]` and carry no usage."""
+    from benchmarks.llama_env import llama_python
+
+    python = llama_python()
+
+    def command(port: int) -> list[str]:
+        return [
+            str(python),
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(gguf),
+            "--model_alias",
+            LLAMA_CPP_ALIAS,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            "8192",
+            "--interrupt_requests",
+            "False",
+        ]
+
+    return command
+
+
+# What llama.cpp's server logs when a client leaves a stream: it stops writing that reply.
+LLAMA_CPP_LEFT = "Disconnected from client"
+
+
 @dataclass
 class InferenceServer:
     url: str  # the OpenAI-compatible base URL, http://127.0.0.1:PORT/v1
     process: subprocess.Popen[bytes]
     log: Path
+    # What the server logs when a client closes a stream in flight (None: it logs nothing).
+    says_when_left: str | None = None
 
     def log_text(self, start: int = 0) -> str:
         """The server's output, from byte `start` on."""
@@ -74,7 +112,10 @@ class InferenceServer:
 
 @contextmanager
 def running_server(
-    command: Callable[[int], list[str]], *, env: dict[str, str] | None = None
+    command: Callable[[int], list[str]],
+    *,
+    env: dict[str, str] | None = None,
+    says_when_left: str | None = None,
 ) -> Iterator[InferenceServer]:
     """Start `command(port)` on a free port, wait until it lists its models, yield it, stop it
     (its log is deleted then: a failing test has shown it)."""
@@ -88,7 +129,7 @@ def running_server(
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: stop() and kill() reach all of it
         )
-    server = InferenceServer(f"http://127.0.0.1:{port}/v1", process, log)
+    server = InferenceServer(f"http://127.0.0.1:{port}/v1", process, log, says_when_left)
     try:
         _wait_until_ready(server)
         yield server

@@ -1,10 +1,11 @@
-"""The product answering through RemoteEngine, against a real OpenAI-compatible server
-(`transformers serve` of the bundled model) on a loopback port: replies posted and streamed
-through the API, their statistics from the server's usage, stopping, regenerating, titles, a
-server killed in the middle of a reply and a server that is not there. The generated text is
-checked for its properties only (the "Paris" smoke answer aside)."""
+"""The product answering through RemoteEngine, against real OpenAI-compatible servers of the
+bundled model (`transformers serve`, llama.cpp's server) on a loopback port: replies posted and
+streamed through the API, their statistics from the server's usage, stopping, regenerating,
+titles, a server killed in the middle of a reply and a server that is not there. The generated
+text is checked for its properties only (the "Paris" smoke answer aside)."""
 
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,12 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 from django.conf import settings
-from httpx_sse import EventSource
 
 from conversations import runtime, services
 from conversations.llm import remote
 from conversations.llm.interface import ChatMessage, Generation, GenerationParams
-from conversations.llm.loading import prepare_bundled_model
+from conversations.llm.loading import bundled_gguf_path, prepare_bundled_model
 from conversations.llm.remote import RemoteEngine, RemoteReply
 from conversations.models import Message
 from tests.factories import (
@@ -32,7 +32,13 @@ from tests.factories import (
     stream_post,
     url,
 )
-from tests.inference_servers import InferenceServer, running_server, transformers_serve
+from tests.inference_servers import (
+    LLAMA_CPP_LEFT,
+    InferenceServer,
+    llama_cpp_server,
+    running_server,
+    transformers_serve,
+)
 from tests.live_server import free_port
 from tests.processes import run_python
 
@@ -67,16 +73,33 @@ def model_folder() -> Path:
     return prepare_bundled_model(settings.CHATBOT_MODEL_CACHE)
 
 
-@pytest.fixture(scope="session")
-def inference_server(model_folder) -> Iterator[InferenceServer]:
-    with running_server(transformers_serve(model_folder)) as server:
+SERVERS = ("transformers-serve", "llama-cpp")
+
+
+@contextmanager
+def started(kind: str, model_folder: Path) -> Iterator[InferenceServer]:
+    if kind == "llama-cpp":
+        with running_server(
+            llama_cpp_server(bundled_gguf_path()), says_when_left=LLAMA_CPP_LEFT
+        ) as server:
+            yield server
+    else:
+        with running_server(transformers_serve(model_folder)) as server:
+            yield server
+
+
+@pytest.fixture(scope="session", params=SERVERS)
+def inference_server(request, model_folder) -> Iterator[InferenceServer]:
+    """Each server in turn: `transformers serve` on the safetensors folder, llama.cpp's server
+    on the bundled GGUF."""
+    with started(request.param, model_folder) as server:
         yield server
 
 
-@pytest.fixture
-def own_inference_server(model_folder) -> Iterator[InferenceServer]:
+@pytest.fixture(params=SERVERS)
+def own_inference_server(request, model_folder) -> Iterator[InferenceServer]:
     """A server of the test's own, for a test that kills it."""
-    with running_server(transformers_serve(model_folder)) as server:
+    with started(request.param, model_folder) as server:
         yield server
 
 
@@ -125,23 +148,22 @@ def served_models(server: InferenceServer) -> list[str]:
 
 
 def server_usage(server: InferenceServer, model: str, messages: list[ChatMessage]) -> dict:
-    """The usage the server reports for a reply to `messages`, asked without the product."""
-    body = {
-        "model": model,
-        "messages": messages,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "max_tokens": 1,
-        "temperature": 0,
-    }
-    usage: dict = {}
-    with httpx.stream("POST", f"{server.url}/chat/completions", json=body, timeout=120) as answer:
-        assert answer.status_code == 200, answer.read()
-        for event in EventSource(answer).iter_sse():
-            if event.data.strip() == "[DONE]":
-                break
-            usage = json.loads(event.data).get("usage") or usage
-    return usage
+    """The usage the server reports for a reply to `messages`, asked without the product (not
+    streamed: llama.cpp's server reports usage only then)."""
+    body = {"model": model, "messages": messages, "max_tokens": 1, "temperature": 0}
+    answer = httpx.post(f"{server.url}/chat/completions", json=body, timeout=120)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["usage"]
+
+
+def wait_for_log(server: InferenceServer, start: int, text: str, seconds: float = 30) -> bool:
+    """Whether the server's log, from byte `start` on, comes to hold `text` within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while text not in server.log_text(start):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def deltas(events) -> str:
@@ -216,8 +238,11 @@ def test_a_streamed_reply_is_saved_as_its_deltas(api, owner, remote_engine):
 
 
 @pytest.mark.inference_server
-def test_stop_after_the_first_delta_keeps_the_partial_reply(api, owner, remote_engine):
+def test_stop_after_the_first_delta_keeps_the_partial_reply(
+    api, owner, remote_engine, inference_server
+):
     conversation = make_conversation(owner, "Chat", max_new_tokens=1000)
+    log_start = inference_server.log_size()
     reader = EventReader(stream_post(api, url(conversation), {"content": LONG_STORY}))
     first = reader.until("delta")
 
@@ -236,6 +261,10 @@ def test_stop_after_the_first_delta_keeps_the_partial_reply(api, owner, remote_e
     assert reply.generation_params["finish_reason"] == "cancelled"
     assert reply.completion_tokens < 1000
 
+    # Stopping closed the stream to the server, and the server stopped writing the reply: the
+    # server that says so in its log (llama.cpp's) said it.
+    if inference_server.says_when_left:
+        assert wait_for_log(inference_server, log_start, inference_server.says_when_left)
     # The server let the reply go: the next message is answered (a short one, to be quick).
     shorter = api.patch(detail_url(conversation), {"max_new_tokens": REPLY_TOKENS}, format="json")
     assert shorter.status_code == 200, shorter.content
@@ -352,17 +381,21 @@ def test_a_server_that_is_not_there_gives_503_and_keeps_the_message(
 
 
 @pytest.mark.inference_server
-def test_a_model_the_server_does_not_serve_gives_503_with_the_servers_reason(
+def test_a_model_the_server_does_not_list_gives_503_naming_those_it_does(
     api, owner, inference_server, model_folder, quick_settings
 ):
+    # (llama.cpp's server would answer any name with its one model: the reply would be labelled
+    # with a model that did not write it.)
     with engine_on(inference_server.url, model_folder, model="no-such-model"):
         conversation = make_conversation(owner, "Chat")
 
         response = api.post(url(conversation), {"content": "Hello?"}, format="json")
 
     detail = assert_detail(response, 503)
-    assert f"The inference server at {inference_server.url} answered 400: " in detail
-    assert "no-such-model" in detail  # (the server's own words name it)
+    assert f"The inference server at {inference_server.url} serves " in detail
+    assert "no-such-model" in detail
+    for name in served_models(inference_server):
+        assert name in detail
     assert response.json()["reply"]["status"] == "error"
     assert conversation.messages.get(role=Message.Role.USER).content == "Hello?"
 

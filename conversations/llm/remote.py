@@ -105,6 +105,13 @@ class RemoteEngine(ChatEngine):
         name = self.configured_model or next(iter(models), "")
         if not name:
             raise EngineUnavailable(f"The inference server at {self.base_url} lists no model.")
+        if models and name not in models:
+            # Some servers answer any name with the model they have: replies would be labelled
+            # with a model that did not write them.
+            raise EngineUnavailable(
+                f"The inference server at {self.base_url} serves {', '.join(models)}, not "
+                f"{name}: set CHATBOT_ENGINE_MODEL to one of those."
+            )
         # The window: the server's (vLLM reports it), capped by CHATBOT_CONTEXT_TOKENS; else the
         # model's own, from the tokenizer folder's config.json.
         reported = models.get(name, {}).get("max_model_len")
