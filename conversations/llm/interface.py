@@ -1,9 +1,8 @@
 """What the web side needs from an engine: the seam between Django and the generation layer.
 
 The views, services and context builder depend on `ChatEngine` alone. The embedded engine
-(engine.Engine) implements it, and so does the tests' stand-in (tests/fakes.py); an engine that
-asks an inference server instead would implement the same. Importing this module imports no
-torch and no Django.
+(engine.Engine) implements it, so does the one that asks an inference server (remote.RemoteEngine)
+and the tests' stand-in (tests/fakes.py). Importing this module imports no torch and no Django.
 """
 
 from __future__ import annotations
