@@ -3,7 +3,9 @@ snapshots they check, and the reading of streamed replies (server-sent events)."
 
 import json
 from datetime import timedelta
+from unittest import mock
 
+from django.db import connection
 from django.utils import timezone
 
 from conversations import replies, services
@@ -173,6 +175,16 @@ class EventReader:
         raw = self.buffer.encode() + b"".join(self.chunks)
         self.buffer = ""
         return parse_events(raw)
+
+
+def close_stream(response) -> None:
+    """Close a streamed response before its end, as a client going away does: the view's
+    stream is closed and `request_finished` sent. That signal closes a database connection in
+    the middle of a transaction, here the test's own: Django's test client holds it back for a
+    response read to its end (and SQLite's in-memory test database ignores it); the test's
+    connection is kept here too, so the test goes on in its transaction on any database."""
+    with mock.patch.object(connection, "close_if_unusable_or_obsolete"):
+        response.close()
 
 
 def kinds(events) -> list[str]:

@@ -7,7 +7,7 @@ import pytest
 
 from conversations import services
 from conversations.models import Conversation, Message
-from tests.factories import assert_detail, make_conversation, messages_url
+from tests.factories import assert_detail, close_stream, make_conversation, messages_url
 
 pytestmark = pytest.mark.django_db
 
@@ -47,7 +47,7 @@ def test_a_user_with_replies_in_flight_at_the_cap_gets_429_and_others_do_not(
     answered = other_api.post(messages_url(theirs), {"content": "Hi"}, format="json")
     assert answered.status_code == 201
 
-    streams[0].close()  # one of the replies ends: a place is free again
+    close_stream(streams[0])  # one of the replies ends: a place is free again
 
     assert api.post(messages_url(third), {"content": "Now"}, format="json").status_code == 201
 

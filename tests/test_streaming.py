@@ -21,6 +21,7 @@ from tests.factories import (
     add_streaming_reply,
     assert_409,
     assert_is_stream,
+    close_stream,
     kinds,
     make_conversation,
     parse_events,
@@ -284,7 +285,7 @@ def test_closing_the_stream_early_saves_the_partial_reply_as_cancelled(api, owne
     reader.until("delta")
     reader.next()
 
-    response.close()
+    close_stream(response)
 
     reply = conversation.messages.get(role="assistant")
     assert reply.status == Message.Status.CANCELLED
@@ -308,7 +309,7 @@ def test_a_stream_closed_before_the_reply_starts_cancels_its_reserved_reply(
     for _ in range(events_read):
         assert reader.next()[0] == "user_message"
 
-    response.close()
+    close_stream(response)
 
     reply = conversation.messages.get(role="assistant")
     assert reply.status == Message.Status.CANCELLED and reply.content == ""
