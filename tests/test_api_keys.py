@@ -96,11 +96,13 @@ def test_delete_needs_a_key(client, owner, anon_api):
 def test_tokens_from_before_api_keys_keep_working_after_the_migration(owner):
     executor = MigrationExecutor(connection)
     executor.migrate([("accounts", "0001_initial")])
-    # DRF's token table, as a database from before API keys has it.
+    # DRF's token table, as a database from before API keys has it (its date column of the
+    # type Django gives a DateTimeField on this database).
+    created_type = connection.data_types["DateTimeField"]
     with connection.cursor() as cursor:
         cursor.execute(
-            "CREATE TABLE authtoken_token (key varchar(40) PRIMARY KEY, created datetime NOT NULL,"
-            " user_id integer NOT NULL UNIQUE)"
+            "CREATE TABLE authtoken_token (key varchar(40) PRIMARY KEY,"
+            f" created {created_type} NOT NULL, user_id integer NOT NULL UNIQUE)"
         )
         cursor.execute(
             "INSERT INTO authtoken_token VALUES (%s, %s, %s)",
