@@ -1,7 +1,10 @@
 """The product as a user runs it: a gunicorn process serving the real bundled model on a free
 127.0.0.1 port, with its own var dir (SQLite database, logs). Shared by the end-to-end tests,
-the browser tests and scripts/screenshots.py."""
+the browser tests and scripts/screenshots.py. Where DATABASE_URL names a PostgreSQL database
+(`make test-postgres`), each var dir has a database of its own on that server instead."""
 
+import atexit
+import hashlib
 import os
 import signal
 import socket
@@ -9,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
@@ -41,8 +45,43 @@ def _model_cache() -> str:
     return str(settings.CHATBOT_MODEL_CACHE)
 
 
+class OwnPostgresDatabase:
+    """The database of one var dir on the PostgreSQL server of `base_url`, as a fresh SQLite
+    file is on SQLite: created by prepare(), dropped when this process exits (forcibly: a
+    killed server may have left connections behind)."""
+
+    def __init__(self, base_url: str, var_dir: Path) -> None:
+        self.base_url = base_url
+        parts = urlsplit(base_url)
+        digest = hashlib.sha1(str(var_dir.resolve()).encode()).hexdigest()[:12]
+        self.name = f"{parts.path.lstrip('/')}_server_{digest}"
+        self.url = urlunsplit(parts._replace(path=f"/{self.name}"))
+
+    def _run(self, sql: str) -> None:
+        import psycopg
+        from psycopg import sql as q
+
+        with psycopg.connect(self.base_url, autocommit=True) as db:
+            db.execute(q.SQL(sql).format(q.Identifier(self.name)))
+
+    def create(self) -> None:
+        self._run("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+        self._run("CREATE DATABASE {}")
+        atexit.register(self._run, "DROP DATABASE IF EXISTS {} WITH (FORCE)")
+
+
+def own_postgres_database(var_dir: Path, env: dict[str, str]) -> OwnPostgresDatabase | None:
+    """A var dir's own database where the environment's DATABASE_URL is PostgreSQL's (and the
+    caller did not choose a database itself); None on SQLite."""
+    url = os.environ.get("DATABASE_URL", "")
+    if "DATABASE_URL" in env or not url.startswith(("postgres://", "postgresql://")):
+        return None
+    return OwnPostgresDatabase(url, var_dir)
+
+
 class Server:
-    """A gunicorn process of the product on its own port, database and var dir.
+    """A gunicorn process of the product on its own port, database and var dir (servers given
+    one var dir share its database).
 
     `env` adds to or overrides the server's environment (e.g. CHATBOT_MAX_NEW_TOKENS)."""
 
@@ -58,6 +97,9 @@ class Server:
             "DJANGO_SETTINGS_MODULE": "chatsite.settings",
             **(env or {}),
         }
+        self.database = own_postgres_database(var_dir, env or {})
+        if self.database:
+            self.env["DATABASE_URL"] = self.database.url
         self.process = None
         self.log = var_dir / "server.log"
 
@@ -73,6 +115,8 @@ class Server:
 
     def prepare(self) -> None:
         """Create the database and collect the static files, as `make run` does."""
+        if self.database:
+            self.database.create()
         self.manage("migrate", "--noinput")
         self.manage("collectstatic", "--noinput")
 
