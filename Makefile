@@ -18,10 +18,10 @@ test: install-test
 	# without AVX-512 (torch's kernels, none of ours), taken on every machine that runs them.
 	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/pytest -m engine
 
-# The search and reply-lease tests again on a real PostgreSQL (installs and starts it: needs
-# root, Debian).
+# The whole suite again on a real PostgreSQL, but for the engine tests that use no database
+# (installs and starts it: needs root, Debian). See .ci/postgres-tests.
 test-postgres: install-test
-	.ci/postgres-tests tests/test_search.py tests/test_reply_leases.py -q
+	.ci/postgres-tests
 
 install: $(VENV)/.installed
 

@@ -60,15 +60,22 @@ def fp32_engine():
 
 
 ENGINE_FIXTURES = {"real_engine", "default_engine", "torch_kernels_engine", "fp32_engine"}
+# pytest-django's fixtures that give a test the database (or need it, as every fixture that
+# depends on them does: fixture names are the test's whole closure).
+DATABASE_FIXTURES = {"db", "transactional_db", "django_db_reset_sequences", "live_server"}
 
 
 def pytest_collection_modifyitems(items):
     """Tests that run the bundled model in this process are marked `engine`: `make test` runs
     them again with torch limited to AVX2 (the path of a CPU without AVX-512), without the tests
-    of fresh processes and servers, which would double its time."""
+    of fresh processes and servers, which would double its time. Those of them that use no
+    database are marked `engine_only` too: the PostgreSQL pass leaves them out."""
     for item in items:
-        if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if ENGINE_FIXTURES & fixtures:
             item.add_marker(pytest.mark.engine)
+            if not (DATABASE_FIXTURES & fixtures or item.get_closest_marker("django_db")):
+                item.add_marker(pytest.mark.engine_only)
 
 
 def pytest_report_header(config):
