@@ -69,13 +69,25 @@ def pytest_collection_modifyitems(items):
     """Tests that run the bundled model in this process are marked `engine`: `make test` runs
     them again with torch limited to AVX2 (the path of a CPU without AVX-512), without the tests
     of fresh processes and servers, which would double its time. Those of them that use no
-    database are marked `engine_only` too: the PostgreSQL pass leaves them out."""
+    database are marked `engine_only` too: the PostgreSQL pass leaves them out. Tests marked
+    `postgres` are skipped on SQLite: they share the database with server processes, as hosts
+    share one database server (`make test-postgres` runs them)."""
+    from django.conf import settings
+
+    on_sqlite = settings.DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3"
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         if ENGINE_FIXTURES & fixtures:
             item.add_marker(pytest.mark.engine)
             if not (DATABASE_FIXTURES & fixtures or item.get_closest_marker("django_db")):
                 item.add_marker(pytest.mark.engine_only)
+        if on_sqlite and item.get_closest_marker("postgres"):
+            item.add_marker(
+                pytest.mark.skip(
+                    reason="needs PostgreSQL: hosts share a database server "
+                    "(DATABASE_URL=postgres://...; make test-postgres)"
+                )
+            )
 
 
 def pytest_report_header(config):
