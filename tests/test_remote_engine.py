@@ -42,7 +42,11 @@ from tests.inference_servers import (
 from tests.live_server import free_port
 from tests.processes import run_python
 
-pytestmark = pytest.mark.django_db
+# Committed, as a server's writes are: the lease keeper renews a reply's lease through its own
+# connection (another thread) while the reply is written, and a long reply outlives a renewal.
+# In a test's open transaction its rows are not there for the keeper (on PostgreSQL), which
+# would take them for replies stopped elsewhere and stop them.
+pytestmark = pytest.mark.django_db(transaction=True)
 
 REPLY_TOKENS = 48  # the replies' budget, but for the long ones below: short replies, quick tests
 LONG_STORY = "Write a very long story about a lighthouse keeper, in many chapters."
