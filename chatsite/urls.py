@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.urls import include, path
 
-from chatsite import health
+from chatsite import health, metrics
 from conversations.pages.auth import admin_login
 from conversations.pages.urls import auth_urlpatterns
 
@@ -9,6 +9,8 @@ urlpatterns = [
     # For load balancers: unauthenticated, and exempt from the HTTPS redirect (settings.py).
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
+    # For Prometheus: 404 unless CHATBOT_METRICS is on (chatsite/metrics.py).
+    path("metrics", metrics.metrics_view, name="metrics"),
     path("admin/login/", admin_login),  # before the admin's own route to it
     path("admin/", admin.site.urls),
     path("api/", include("conversations.api.urls")),

@@ -20,6 +20,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
+from . import metrics
 from .context import build_context
 from .errors import ChatError, ContextOverflow, GenerationFailed
 from .leases import keeper
@@ -133,6 +134,7 @@ class ReplyWriter:
                 status=Message.Status.CANCELLED
             ):
                 self.reply.status = Message.Status.CANCELLED
+                metrics.reply_ended(Message.Status.CANCELLED)
             return
         for _ in self._events:
             pass
@@ -140,7 +142,8 @@ class ReplyWriter:
     def _write(self) -> Iterator[ReplyEvent]:
         keeper.hold(self)
         try:
-            finished = yield from self._write_held()
+            with metrics.reply_streaming():
+                finished = yield from self._write_held()
         finally:
             keeper.release(self)
         if finished and self.after_done is not None and (extra := self.after_done(self)):
@@ -212,11 +215,13 @@ class ReplyWriter:
             self.reply.status, self.reply.error = (
                 (row["status"], row["error"]) if row else (Message.Status.CANCELLED, "")
             )
+        metrics.reply_ended(self.reply.status, result)
         return self.reply
 
     def _fail(self, error: ChatError, reason: str) -> ReplyEvent:
         fields = {"status": Message.Status.ERROR, "error": reason}
         self._save(fields)
+        metrics.reply_ended(Message.Status.ERROR)
         error.exchange = Exchange(self.question, self.reply)
         self.error = error
         return ReplyEvent(EventKind.ERROR, self.reply, detail=error.detail)

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
+from conversations.llm.in_flight import InFlight
 from conversations.llm.interface import (
     ChatEngine,
     ChatMessage,
@@ -36,6 +37,10 @@ class FakeStream:
         self.cancelled.set()
 
     def __iter__(self) -> Iterator[str]:
+        with self.engine.in_flight:
+            yield from self._words()
+
+    def _words(self) -> Iterator[str]:
         engine = self.engine
         engine.calls.append(self.messages)
         if engine.fail_with is not None and engine.fail_after is None:
@@ -83,12 +88,16 @@ class FakeEngine(ChatEngine):
         self.replies: list[str] = []  # replies to give, in order, before echoing
         self.forgotten: list[str] = []  # conversations whose cached turns were dropped
         self.ready = True  # what is_ready() answers (a test sets it False)
+        self.in_flight = InFlight()  # streams being read
 
     def load(self) -> None:
         pass
 
     def is_ready(self) -> bool:
         return self.ready
+
+    def queue_depth(self) -> int:
+        return self.in_flight.count
 
     def prompt_budget(self, params: GenerationParams) -> int:
         return self.window - params.max_new_tokens

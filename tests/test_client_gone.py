@@ -71,23 +71,34 @@ def test_a_json_request_whose_client_hung_up_stops_its_reply(server):
 
 
 def test_a_stream_closed_before_its_first_event_frees_the_conversation(server):
-    conversation = server.new_conversation(max_new_tokens=8)
+    # A long reply: one the server failed to stop could not end before the check below (with
+    # a short one, a busy machine could finish it before noticing the client had gone).
+    conversation = server.new_conversation(**LONG_REPLY)
     path = f"/api/conversations/{conversation}/messages/"
 
     send_and_keep(server, path, {"content": "Hi!"}, accept="text/event-stream").close()
 
-    def posted():
-        response = requests.post(
-            f"{server.url}{path}",
-            json={"content": "Are you there?"},
-            headers=server.headers,
-            timeout=REQUEST_TIMEOUT,
-        )
-        assert response.status_code in (201, 409), response.text
-        return response.status_code == 201
+    reply = wait_for(
+        lambda: (
+            (r := last_reply(server, conversation)).get("status", "streaming") != "streaming" and r
+        ),
+        "the reply ended",
+    )
+    assert reply["status"] == "cancelled", reply
+    assert (reply["completion_tokens"] or 0) < LONG_REPLY["max_new_tokens"]
 
-    wait_for(posted, "the conversation took a new message")
-    first = requests.get(
-        f"{server.url}{path}?include=all", headers=server.headers, timeout=REQUEST_TIMEOUT
-    ).json()["results"]
-    assert next(m["status"] for m in first if m["role"] == "assistant") == "cancelled"
+    # The conversation is free: it takes the next message (a short reply, to be quick).
+    shorter = requests.patch(
+        f"{server.url}/api/conversations/{conversation}/",
+        json={"max_new_tokens": 8},
+        headers=server.headers,
+        timeout=REQUEST_TIMEOUT,
+    )
+    assert shorter.status_code == 200, shorter.text
+    response = requests.post(
+        f"{server.url}{path}",
+        json={"content": "Are you there?"},
+        headers=server.headers,
+        timeout=REQUEST_TIMEOUT,
+    )
+    assert response.status_code == 201, response.text

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from .backends import Backend, DecoderBackend, GenerateBackend, ReplyJob, Running
 from .events import ReplyEnded, TokensWritten
+from .in_flight import InFlight
 from .interface import ChatEngine, ChatMessage, FinishReason, Generation, GenerationParams
 from .loading import LoadedModel, describe_source, load_model
 from .prefix_cache import PrefixCache, owner_of
@@ -81,6 +82,10 @@ class ReplyStream:
         return list(self._text.ids) if self._text is not None else []
 
     def __iter__(self) -> Iterator[str]:
+        with self.engine.in_flight:
+            yield from self._pieces()
+
+    def _pieces(self) -> Iterator[str]:
         engine, cancelled = self.engine, self.cancelled
         backend = engine.backend
         prompt = engine.prompt(self.messages)
@@ -187,6 +192,7 @@ class Engine(ChatEngine):
         self._encoded: Recent[Messages, Prompt] = Recent(ENCODINGS_KEPT, token_cache_bytes // 2)
         self._encoded_lock = threading.Lock()
         self._scheduler = Scheduler(None, self._prefix_cache, max(1, max_batch))
+        self.in_flight = InFlight()  # replies being read: waiting for the model or written
 
     @property
     def model_name(self) -> str:
@@ -243,6 +249,10 @@ class Engine(ChatEngine):
         """Whether the model is loaded (by a reply, or by the worker's warm-up at start); asking
         loads nothing."""
         return self.is_loaded
+
+    def queue_depth(self) -> int:
+        """Replies whose stream is being read: waiting for the model thread or being written."""
+        return self.in_flight.count
 
     # What the model runs on (read by tests)
 

@@ -117,6 +117,11 @@ class ChatEngine(Protocol):
         """Drop what is kept of a conversation's turns (its text was deleted); the Future is
         done once it is gone."""
 
+    def queue_depth(self) -> int:
+        """Replies this engine holds now: waiting for the model or being written (in flight to
+        the inference server). Read by the metrics at scrape time: quick, never loads, never
+        raises."""
+
 
 def already_done() -> Future[None]:
     """What `forget` returns when nothing of the conversation was kept to drop."""

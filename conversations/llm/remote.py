@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 from httpx_sse import EventSource
 
+from .in_flight import InFlight
 from .interface import (
     ChatEngine,
     ChatMessage,
@@ -82,6 +83,7 @@ class RemoteEngine(ChatEngine):
         self._served: ServedModel | None = None
         self._lock = threading.Lock()
         self._ready_until = 0.0  # (time.monotonic) until when the last answer to /models holds
+        self.in_flight = InFlight()  # replies being streamed from the server
 
     @property
     def model_name(self) -> str:
@@ -138,6 +140,10 @@ class RemoteEngine(ChatEngine):
             return False
         self._ready_until = time.monotonic() + READY_KEPT
         return True
+
+    def queue_depth(self) -> int:
+        """Replies in flight to the server from this process."""
+        return self.in_flight.count
 
     def reply_budget(self, params: GenerationParams) -> int:
         # Never more than half the window, as on the embedded engine.
@@ -204,6 +210,10 @@ class RemoteReply:
             response.close()
 
     def __iter__(self) -> Iterator[str]:
+        with self.engine.in_flight:
+            yield from self._pieces()
+
+    def _pieces(self) -> Iterator[str]:
         engine = self.engine
         served = engine.load()
         budget = engine.reply_budget(self.params)
