@@ -17,7 +17,14 @@ from conversations.llm.engine import Engine, ReplyStream
 from conversations.llm.interface import GenerationParams
 from conversations.llm.remote import RemoteEngine
 from conversations.models import Message
-from tests.factories import SCRIPTED, EventReader, make_conversation, stream_post, url
+from tests.factories import (
+    SCRIPTED,
+    EventReader,
+    close_stream,
+    make_conversation,
+    stream_post,
+    url,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -186,7 +193,7 @@ def test_a_reply_whose_stream_is_closed_counts_as_cancelled(
 
     conversation, response, _ = reply_under_way(api, owner, fake_engine)
     during = scrape(client)
-    response.close()
+    close_stream(response)
 
     after = scrape(client)
     assert conversation.messages.get(role="assistant").status == Message.Status.CANCELLED
