@@ -2,7 +2,9 @@
 bundled model (`transformers serve`, llama.cpp's server) on a loopback port: replies posted and
 streamed through the API, their statistics from the server's usage, stopping, regenerating,
 titles, a server killed in the middle of a reply and a server that is not there. The generated
-text is checked for its properties only (the "Paris" smoke answer aside)."""
+text is checked for its properties only (the "Paris" smoke answer aside). Against a stand-in
+server (httpx's MockTransport), what the engine keeps so as not to ask twice: prompt
+counts."""
 
 import json
 import time
@@ -402,6 +404,58 @@ def test_a_model_the_server_does_not_list_gives_503_naming_those_it_does(
         assert name in detail
     assert response.json()["reply"]["status"] == "error"
     assert conversation.messages.get(role=Message.Role.USER).content == "Hello?"
+
+
+def test_a_prompt_counted_for_its_context_is_not_counted_again_for_its_reply():
+    counted: list[list[ChatMessage]] = []
+    # A stream with no usage, as llama.cpp's server sends: the reply needs its prompt's count.
+    stream = (
+        'data: {"choices": [{"delta": {"content": "Hi"}, "finish_reason": null}]}\n\n'
+        'data: {"choices": [{"delta": {}, "finish_reason": "stop"}]}\n\n'
+        "data: [DONE]\n\n"
+    )
+
+    def server(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "m", "max_model_len": 4096}]})
+        if request.url.path == "/tokenize":  # (vLLM's)
+            messages = json.loads(request.content)["messages"]
+            counted.append(messages)
+            return httpx.Response(200, json={"count": 10 * len(messages)})
+        if request.url.path == "/v1/chat/completions":
+            return httpx.Response(200, text=stream, headers={"Content-Type": "text/event-stream"})
+        return httpx.Response(404, json={"detail": "Not Found"})
+
+    engine = stand_in_engine(server)
+    engine.load()
+    counted.clear()  # (the probe that picked /tokenize)
+    messages: list[ChatMessage] = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello"},
+    ]
+
+    assert engine.count_tokens(messages) == 20
+    reply = engine.stream([dict(m) for m in messages], GenerationParams())  # an equal copy
+    assert list(reply) == ["Hi"]
+
+    assert reply.result is not None and reply.result.prompt_tokens == 20
+    assert counted == [messages], "the reply reused the count its context was built with"
+    others = [[{"role": "user", "content": f"Question {n}"}] for n in range(remote.COUNTS_KEPT)]
+    for other in others:
+        engine.count_tokens(other)
+    engine.count_tokens(others[-1])
+    assert len(counted) == 1 + remote.COUNTS_KEPT, "a count kept is not asked for again"
+    engine.count_tokens(messages)
+    assert counted[-1] == messages, "the oldest count made way for newer ones"
+    engine.client.close()
+
+
+def stand_in_engine(server) -> RemoteEngine:
+    """A RemoteEngine whose requests `server` answers (an httpx.MockTransport handler)."""
+    engine = RemoteEngine(base_url="http://inference.test/v1")
+    engine.client.close()
+    engine.client = httpx.Client(transport=httpx.MockTransport(server))
+    return engine
 
 
 @pytest.mark.parametrize(

@@ -11,10 +11,12 @@ body may be OpenAI's `{"error": {...}}` or FastAPI's `{"detail": ...}`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -42,6 +44,9 @@ DEFAULT_WINDOW = 2048
 # trusted for, so that a load balancer asking every second costs the server a request every few.
 READY_TIMEOUT = 2.0
 READY_KEPT = 2.0
+# Prompt counts kept: a reply whose stream reports no usage takes its prompt's count from the
+# one made while its context was built, rather than ask the server (or render the template) again.
+COUNTS_KEPT = 64
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +88,7 @@ class RemoteEngine(ChatEngine):
         self._served: ServedModel | None = None
         self._lock = threading.Lock()
         self._ready_until = 0.0  # (time.monotonic) until when the last answer to /models holds
+        self._counts = RecentCounts(COUNTS_KEPT)
         self.in_flight = InFlight()  # replies being streamed from the server
 
     @property
@@ -154,10 +160,16 @@ class RemoteEngine(ChatEngine):
 
     def count_tokens(self, messages: list[ChatMessage]) -> int:
         served = self.load()
+        key = RecentCounts.key(messages)
+        known = self._counts.get(key)
+        if known is not None:
+            return known
         try:
-            return served.counter.count(messages)
+            count = served.counter.count(messages)
         except httpx.HTTPError as exc:
             raise EngineUnavailable(unreachable(self.base_url, exc)) from exc
+        self._counts.put(key, count)
+        return count
 
     def stream(
         self,
@@ -188,6 +200,35 @@ class RemoteEngine(ChatEngine):
             raise EngineUnavailable(refused(self.base_url, answer))
         body = answer.json()
         return body if isinstance(body, dict) else {}
+
+
+class RecentCounts:
+    """The token counts of the last `size` prompts counted, by a digest of their JSON (so that
+    a long prompt is not held twice); the least recently used goes first. Thread-safe."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._counts: OrderedDict[bytes, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(messages: list[ChatMessage]) -> bytes:
+        text = json.dumps(messages, sort_keys=True)
+        return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+    def get(self, key: bytes) -> int | None:
+        with self._lock:
+            count = self._counts.get(key)
+            if count is not None:
+                self._counts.move_to_end(key)
+            return count
+
+    def put(self, key: bytes, count: int) -> None:
+        with self._lock:
+            self._counts[key] = count
+            self._counts.move_to_end(key)
+            while len(self._counts) > self.size:
+                self._counts.popitem(last=False)
 
 
 class RemoteReply:
