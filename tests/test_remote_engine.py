@@ -3,8 +3,8 @@ bundled model (`transformers serve`, llama.cpp's server) on a loopback port: rep
 streamed through the API, their statistics from the server's usage, stopping, regenerating,
 titles, a server killed in the middle of a reply and a server that is not there. The generated
 text is checked for its properties only (the "Paris" smoke answer aside). Against a stand-in
-server (httpx's MockTransport), what the engine keeps so as not to ask twice: prompt
-counts."""
+server (httpx's MockTransport), what the engine keeps so as not to ask twice: a failed look-up
+of the served model, and prompt counts."""
 
 import json
 import time
@@ -404,6 +404,30 @@ def test_a_model_the_server_does_not_list_gives_503_naming_those_it_does(
         assert name in detail
     assert response.json()["reply"]["status"] == "error"
     assert conversation.messages.get(role=Message.Role.USER).content == "Hello?"
+
+
+def test_a_server_that_is_down_is_tried_once_per_message(api, owner, quick_settings):
+    tried: list[str] = []
+
+    def down(request: httpx.Request) -> httpx.Response:
+        tried.append(request.url.path)
+        raise httpx.ConnectError("Connection refused", request=request)
+
+    engine = stand_in_engine(down)
+    previous = runtime.set_engine(engine)
+    try:
+        conversation = make_conversation(owner, "Chat")
+        response = api.post(url(conversation), {"content": "Hello?"}, format="json")
+        assert "could not be reached" in assert_detail(response, 503)
+        assert tried == ["/v1/models"], "the model's name and its reply share one attempt"
+
+        engine._unavailable_until = 0.0  # the failure is stale: the next message asks again
+        response = api.post(url(conversation), {"content": "Now?"}, format="json")
+        assert "could not be reached" in assert_detail(response, 503)
+        assert tried == ["/v1/models", "/v1/models"]
+    finally:
+        runtime.set_engine(previous)
+        engine.client.close()
 
 
 def test_a_prompt_counted_for_its_context_is_not_counted_again_for_its_reply():

@@ -44,6 +44,9 @@ DEFAULT_WINDOW = 2048
 # trusted for, so that a load balancer asking every second costs the server a request every few.
 READY_TIMEOUT = 2.0
 READY_KEPT = 2.0
+# Seconds a failed GET /models is kept: a message asks for the model's name, its window and its
+# reply in turn, and a server that is down should cost it one connect timeout, not one each.
+UNAVAILABLE_KEPT = 2.0
 # Prompt counts kept: a reply whose stream reports no usage takes its prompt's count from the
 # one made while its context was built, rather than ask the server (or render the template) again.
 COUNTS_KEPT = 64
@@ -88,6 +91,8 @@ class RemoteEngine(ChatEngine):
         self._served: ServedModel | None = None
         self._lock = threading.Lock()
         self._ready_until = 0.0  # (time.monotonic) until when the last answer to /models holds
+        self._unavailable = ""  # why the last discovery failed
+        self._unavailable_until = 0.0  # (time.monotonic) until when that failure holds
         self._counts = RecentCounts(COUNTS_KEPT)
         self.in_flight = InFlight()  # replies being streamed from the server
 
@@ -101,10 +106,18 @@ class RemoteEngine(ChatEngine):
             return ""  # (the reply itself then fails with the reason)
 
     def load(self) -> ServedModel:
-        """Ask the server which model it serves and how to count its tokens (once)."""
+        """Ask the server which model it serves and how to count its tokens (once). A failure
+        is raised again, without asking, for UNAVAILABLE_KEPT seconds."""
         with self._lock:
             if self._served is None:
-                self._served = self._discover()
+                if time.monotonic() < self._unavailable_until:
+                    raise EngineUnavailable(self._unavailable)
+                try:
+                    self._served = self._discover()
+                except EngineUnavailable as exc:
+                    self._unavailable = str(exc)
+                    self._unavailable_until = time.monotonic() + UNAVAILABLE_KEPT
+                    raise
             return self._served
 
     def _discover(self) -> ServedModel:
