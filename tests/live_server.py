@@ -36,6 +36,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def post_head(path: str, length: int, *, token: str = "", **headers: str) -> bytes:
+    """The head of a POST of `length` bytes of JSON to a server on 127.0.0.1, for tests that
+    write requests on a raw socket (to send them in parts, or never whole), with `headers`
+    added."""
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json"]
+    if token:
+        lines.append(f"Authorization: Token {token}")
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    lines.append(f"Content-Length: {length}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
 def _model_cache() -> str:
     """Where the bundled model is unpacked: the cache of the settings this process runs with
     (outside a test run, the repository's own var/models)."""

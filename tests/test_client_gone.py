@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from benchmarks.server import REQUEST_TIMEOUT, running
+from tests.live_server import post_head
 
 BOUND = 60  # seconds any one wait may take on a busy machine (no assertion on time)
 LONG_REPLY = {"temperature": 2.0, "max_new_tokens": 1000}
@@ -25,12 +26,7 @@ def send_and_keep(server, path: str, body: dict, *, accept="application/json") -
     """POST `body` on a raw connection and read nothing back."""
     data = json.dumps(body).encode()
     sock = socket.create_connection(("127.0.0.1", server.server.port), timeout=BOUND)
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Token {server.token}\r\n"
-        f"Content-Type: application/json\r\nAccept: {accept}\r\n"
-        f"Content-Length: {len(data)}\r\n\r\n"
-    )
-    sock.sendall(head.encode() + data)
+    sock.sendall(post_head(path, len(data), token=server.token, Accept=accept) + data)
     return sock
 
 

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from benchmarks.server import REQUEST_TIMEOUT, running
-from tests.live_server import ROOT, free_port
+from tests.live_server import ROOT, free_port, post_head
 
 THREADS = 4
 CLIENT_TIMEOUT = 3
@@ -70,10 +70,7 @@ def test_idle_and_half_sent_requests_hold_no_thread(server):
         half_open.append(sock)
     for _ in range(16):  # a whole head, and a part of the body it announces
         sock = connect(server)
-        sock.sendall(
-            f"POST /api/conversations/ HTTP/1.1\r\n{head}Content-Type: application/json\r\n"
-            f'Content-Length: 100\r\n\r\n{{"title": '.encode()
-        )
+        sock.sendall(post_head("/api/conversations/", 100, token=server.token) + b'{"title": ')
         half_open.append(sock)
 
     page = requests.get(f"{server.url}/accounts/login/", timeout=REQUEST_TIMEOUT)
@@ -115,11 +112,7 @@ def test_pipelined_requests_are_each_answered(server):
 
 def test_a_body_larger_than_any_accepted_is_refused_before_it_is_read(server):
     sock = connect(server)
-    sock.sendall(
-        f"POST /api/conversations/import/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        f"Authorization: Token {server.token}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {500 * 1024 * 1024}\r\n\r\n".encode()
-    )
+    sock.sendall(post_head("/api/conversations/import/", 500 * 1024 * 1024, token=server.token))
     status, _, body = read_response(sock).partition(b"\r\n\r\n")
     assert status.startswith(b"HTTP/1.1 413 ")
     assert "too large" in json.loads(body)["detail"]
@@ -139,9 +132,13 @@ def test_a_client_waiting_for_100_continue_gets_it_once(server):
     body = json.dumps({"title": "Sent after 100 Continue"}).encode()
     sock = connect(server)
     sock.sendall(
-        f"POST /api/conversations/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-        f"Authorization: Token {server.token}\r\nContent-Type: application/json\r\n"
-        f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        post_head(
+            "/api/conversations/",
+            len(body),
+            token=server.token,
+            Connection="close",
+            Expect="100-continue",
+        )
     )
     assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
     sock.sendall(body)
