@@ -1,12 +1,17 @@
-"""Replies being written hold a lease on their row, so a reply whose server died frees its
-conversation by itself.
+"""Replies being written: their text saved as it grows, and a lease held on their row, so a
+reply whose server died frees its conversation by itself.
 
-The writer renews the lease with every save of its text, and a keeper thread in each process
-renews the leases of all the replies the process is writing every third of
-CHATBOT_STALE_REPLY_SECONDS, also while a reply waits for the model (a full batch, a model still
-loading) and writes nothing. A streaming reply whose lease is older than that has lost its
-writer (a worker killed, a server gone); whoever next looks marks it interrupted, keeping its
-text, in one conditional UPDATE that a writer renewing its lease at that moment cannot lose to.
+Each process saves the text of all the replies it is writing together, every FLUSH_SECONDS, in
+one UPDATE that also renews their leases: whichever writer finds the save due does it as its
+pieces come, and a keeper thread does it every third of CHATBOT_STALE_REPLY_SECONDS, also while
+a reply waits for the model (a full batch, a model still loading) and writes nothing. One
+statement for hundreds of streams, instead of one transaction each, keeps a web process that
+relays many streams from an inference server off the database's write lock. A reply whose row
+no longer says streaming (stopped from another process, or given up for dead) is stopped.
+
+A streaming reply whose lease is older than CHATBOT_STALE_REPLY_SECONDS has lost its writer (a
+worker killed, a server gone); whoever next looks marks it interrupted, keeping its text, in one
+conditional UPDATE that a writer renewing its lease at that moment cannot lose to.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Protocol
 
 from django.conf import settings
 from django.db import close_old_connections
-from django.db.models import Q
+from django.db.models import Case, F, Q, TextField, Value, When
 from django.utils import timezone
 
 from .models import Message
@@ -27,12 +32,17 @@ from .models import Message
 logger = logging.getLogger(__name__)
 
 INTERRUPTED_REASON = "Its server stopped while writing it; the text written until then is kept."
+# How often the text of the replies being written is saved (and a stop from elsewhere noticed).
+FLUSH_SECONDS = 0.5
+# Replies saved in one statement at most (SQLite allows some 32k parameters in one).
+SAVE_BATCH = 500
 
 
 class Holder(Protocol):
     """What the keeper needs of a reply's writer."""
 
     reply: Message
+    text: str  # what it has written so far (it only grows)
 
     def stop(self) -> None: ...
 
@@ -60,16 +70,21 @@ def being_written(messages):
 
 
 class LeaseKeeper:
-    """The replies this process is writing: their leases renewed, stopped when asked."""
+    """The replies this process is writing: their text saved and leases renewed, stopped when
+    asked."""
 
     def __init__(self) -> None:
         self._held: dict[object, Holder] = {}  # by reply id
+        self._saved: dict[object, int] = {}  # by reply id: the length of its text saved
         self._lock = threading.Lock()
+        self._saving = threading.Lock()
+        self._saved_at = 0.0  # (time.monotonic) of the last save
         self._thread: threading.Thread | None = None
 
     def hold(self, holder: Holder) -> None:
         with self._lock:
             self._held[holder.reply.pk] = holder
+            self._saved[holder.reply.pk] = 0
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="reply-leases", daemon=True)
                 self._thread.start()
@@ -77,6 +92,7 @@ class LeaseKeeper:
     def release(self, holder: Holder) -> None:
         with self._lock:
             self._held.pop(holder.reply.pk, None)
+            self._saved.pop(holder.reply.pk, None)
 
     def stop_conversation(self, conversation_id) -> bool:
         """Stop the replies this process is writing in a conversation; True if there were any."""
@@ -86,19 +102,56 @@ class LeaseKeeper:
             holder.stop()
         return bool(holders)
 
-    def renew(self) -> None:
-        """Renew the leases of the replies held; stop those whose row no longer says streaming
-        (stopped from another process, or given up for dead during a long pause)."""
-        with self._lock:
-            holders = dict(self._held)
-        if not holders:
+    def renew_if_due(self, holder: Holder) -> None:
+        """Called by a writer as its text grows: renew() if FLUSH_SECONDS have passed since
+        the last, unless another thread is at it. A reply's first text is saved at once, on its
+        own, so that whoever opens the conversation sees the reply begun."""
+        if self._saved.get(holder.reply.pk) == 0:
+            self._renew([holder], timezone.now())
             return
-        rows = Message.objects.filter(pk__in=list(holders), status=Message.Status.STREAMING)
-        if rows.update(lease_renewed_at=timezone.now()) == len(holders):
+        if time.monotonic() - self._saved_at < FLUSH_SECONDS:
+            return
+        if not self._saving.acquire(blocking=False):
+            return
+        try:
+            if time.monotonic() - self._saved_at >= FLUSH_SECONDS:
+                self.renew()
+        finally:
+            self._saving.release()
+
+    def renew(self) -> None:
+        """Save the new text of the replies held and renew their leases; stop those whose row
+        no longer says streaming (stopped from another process, or given up for dead during a
+        long pause). A row that says streaming no more is not written: its writer's last save
+        holds all of its text."""
+        self._saved_at = time.monotonic()
+        with self._lock:
+            holders = list(self._held.values())
+        now = timezone.now()
+        for start in range(0, len(holders), SAVE_BATCH):
+            self._renew(holders[start : start + SAVE_BATCH], now)
+
+    def _renew(self, holders: list[Holder], now) -> None:
+        texts = {h.reply.pk: h.text for h in holders}
+        grown = {pk: text for pk, text in texts.items() if len(text) != self._saved.get(pk)}
+        fields = {"lease_renewed_at": now}
+        if grown:
+            fields["content"] = Case(
+                *(When(pk=pk, then=Value(text)) for pk, text in grown.items()),
+                default=F("content"),
+                output_field=TextField(),
+            )
+        rows = Message.objects.filter(pk__in=list(texts), status=Message.Status.STREAMING)
+        renewed = rows.update(**fields)
+        with self._lock:
+            for pk, text in grown.items():
+                if pk in self._saved:
+                    self._saved[pk] = len(text)
+        if renewed == len(holders):
             return
         alive = set(rows.values_list("pk", flat=True))
-        for pk, holder in holders.items():
-            if pk not in alive:
+        for holder in holders:
+            if holder.reply.pk not in alive:
                 holder.stop()
 
     def _run(self) -> None:
@@ -106,7 +159,8 @@ class LeaseKeeper:
             time.sleep(settings.CHATBOT_STALE_REPLY_SECONDS / 3)
             try:
                 close_old_connections()  # (as a request would: CONN_MAX_AGE, broken links)
-                self.renew()
+                with self._saving:
+                    self.renew()
             except Exception:  # the next round tries again; two may fail before a lease ends
                 logger.exception("Renewing the leases of replies being written failed")
 

@@ -1,17 +1,18 @@
 """Writing one reply into the database while the model streams it.
 
 The reply row is reserved with the question (status "streaming", no text yet), so a second
-message to the same conversation sees it busy; its text is saved at the first token and every
-FLUSH_SECONDS while the model writes, and it ends as ok, cancelled or error, with the statistics
-of the run. Nothing about a running reply lives only in memory: a stop request from any process
-flips the row to "cancelled", and the writer notices at its next save. While it writes, the
-reply holds a lease on its row (leases.py), so a reply whose server died frees its conversation.
+message to the same conversation sees it busy; its text is saved at its first piece and every
+FLUSH_SECONDS while the model writes (with those of the process's other replies, leases.py),
+and it ends as ok,
+cancelled or error, with the statistics of the run. Nothing about a running reply lives only in
+memory: a stop request from any process flips the row to "cancelled", and the writer is stopped
+at the next save. While it writes, the reply holds a lease on its row, so a reply whose server
+died frees its conversation.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -29,8 +30,6 @@ from .models import Conversation, Message
 from .runtime import cache_key
 
 logger = logging.getLogger(__name__)
-
-FLUSH_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -99,6 +98,7 @@ class ReplyWriter:
     # Called after a finished reply; may return one more event (the conversation's new title).
     after_done: Callable[[ReplyWriter], ReplyEvent | None] | None = None
     error: ChatError | None = None
+    text: str = ""  # written so far, for the lease keeper to save
     _stream: StreamingReply | None = field(default=None, repr=False)
     _events: Iterator[ReplyEvent] | None = field(default=None, repr=False)
     _stopped: bool = field(default=False, repr=False)
@@ -167,30 +167,18 @@ class ReplyWriter:
         if self._stopped:  # stopped while the context was being built
             stream.cancel()
 
-        text, last_flush = "", 0.0  # (so the first piece of text is saved at once)
         try:
             for delta in stream:
-                text += delta
-                if time.monotonic() - last_flush >= FLUSH_SECONDS:
-                    self._flush(text)
-                    last_flush = time.monotonic()
+                self.text += delta
+                keeper.renew_if_due(self)
                 yield ReplyEvent(EventKind.DELTA, delta)
         except Exception as exc:
-            yield self._fail_unexpected(exc, text)
+            yield self._fail_unexpected(exc, self.text)
             return False
         yield ReplyEvent(EventKind.DONE, self._finish(stream, context.context_turns))
         return True
 
     # Rows
-
-    def _flush(self, text: str) -> None:
-        saved = Message.objects.filter(pk=self.reply.pk, status=Message.Status.STREAMING).update(
-            content=text, lease_renewed_at=timezone.now()
-        )
-        # Stopped from elsewhere (the stop endpoint, maybe in another process), or given up for
-        # dead while this process stood still (interrupted): write no more.
-        if not saved:
-            self.stop()
 
     def _finish(self, stream: StreamingReply, context_turns: int) -> Message:
         result = stream.result

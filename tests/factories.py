@@ -8,7 +8,7 @@ from unittest import mock
 from django.db import connection
 from django.utils import timezone
 
-from conversations import replies, services
+from conversations import leases, services
 from conversations.models import Conversation, Message
 
 # The reply statistics the API promises, as listed in the README.
@@ -208,7 +208,7 @@ def stream_post(api, path, data=None, *, how="accept"):
 def stream_saving_every_piece(api, owner, fake_engine, monkeypatch):
     """A conversation and a reader of its reply of SCRIPTED words, each saved as it comes,
     after the first word."""
-    monkeypatch.setattr(replies, "FLUSH_SECONDS", 0)
+    monkeypatch.setattr(leases, "FLUSH_SECONDS", 0)
     conversation = make_conversation(owner, "Chat")
     fake_engine.replies = [SCRIPTED]
     reader = EventReader(stream_post(api, url(conversation), {"content": "Count"}))

@@ -177,8 +177,9 @@ def test_a_writer_whose_reply_was_given_up_stops_and_keeps_that_status(
 
 
 class Holder:
-    def __init__(self, reply: Message) -> None:
+    def __init__(self, reply: Message, text: str = "") -> None:
         self.reply = reply
+        self.text = text
         self.stopped = False
 
     def stop(self) -> None:
@@ -201,6 +202,43 @@ def test_the_keeper_renews_the_leases_of_replies_waiting_for_the_model(owner):
     assert not waiting.stopped
     assert stopped_elsewhere.stopped, "a reply stopped from another process stops here too"
     assert services.interrupt_dead_replies() == 0
+
+
+def test_the_keeper_saves_the_text_of_every_reply_it_holds_in_one_statement(
+    owner, django_assert_num_queries
+):
+    """A process writing many replies saves all their text together; a reply stopped
+    elsewhere is not written (its writer's last save holds all of its text) but stopped."""
+    writing = [
+        Holder(add_streaming_reply(make_conversation(owner, "Chat")), text=f"reply {n} so far")
+        for n in range(3)
+    ]
+    stopped_elsewhere = Holder(add_streaming_reply(make_conversation(owner, "Chat")), "more")
+    Message.objects.filter(pk=stopped_elsewhere.reply.pk).update(status="cancelled")
+    keeper = leases.LeaseKeeper()
+    for holder in [*writing, stopped_elsewhere]:
+        keeper._held[holder.reply.pk] = holder  # (as hold() does, without its thread)
+        keeper._saved[holder.reply.pk] = 0
+
+    with django_assert_num_queries(2):  # the UPDATE, and which rows still say streaming
+        keeper.renew()
+
+    for n, holder in enumerate(writing):
+        holder.reply.refresh_from_db()
+        assert holder.reply.content == f"reply {n} so far"
+        assert not holder.stopped
+    stopped_elsewhere.reply.refresh_from_db()
+    assert stopped_elsewhere.reply.content == "half an ans"
+    assert stopped_elsewhere.stopped
+
+    # Text that has not grown since is not sent again; the leases are renewed all the same.
+    del keeper._held[stopped_elsewhere.reply.pk]
+    Message.objects.filter(pk=writing[0].reply.pk).update(**expired())
+    with django_assert_num_queries(1) as queries:
+        keeper.renew()
+    assert "so far" not in str(queries.captured_queries)
+    writing[0].reply.refresh_from_db()
+    assert writing[0].reply.lease_renewed_at > leases.stale_before()
 
 
 def test_the_keeper_thread_renews_on_its_own(owner, settings, monkeypatch):
