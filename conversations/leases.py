@@ -23,10 +23,10 @@ from datetime import timedelta
 from typing import Protocol
 
 from django.conf import settings
-from django.db import close_old_connections
 from django.db.models import Case, F, Q, TextField, Value, When
 from django.utils import timezone
 
+from . import connections
 from .models import Message
 
 logger = logging.getLogger(__name__)
@@ -76,15 +76,16 @@ class LeaseKeeper:
     def __init__(self) -> None:
         self._held: dict[object, Holder] = {}  # by reply id
         self._saved: dict[object, int] = {}  # by reply id: the length of its text saved
+        self._due: dict[object, float] = {}  # by reply id: when (time.monotonic) to save next
         self._lock = threading.Lock()
         self._saving = threading.Lock()
-        self._saved_at = 0.0  # (time.monotonic) of the last save
         self._thread: threading.Thread | None = None
 
     def hold(self, holder: Holder) -> None:
         with self._lock:
             self._held[holder.reply.pk] = holder
             self._saved[holder.reply.pk] = 0
+            self._due[holder.reply.pk] = 0.0
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="reply-leases", daemon=True)
                 self._thread.start()
@@ -93,6 +94,7 @@ class LeaseKeeper:
         with self._lock:
             self._held.pop(holder.reply.pk, None)
             self._saved.pop(holder.reply.pk, None)
+            self._due.pop(holder.reply.pk, None)
 
     def stop_conversation(self, conversation_id) -> bool:
         """Stop the replies this process is writing in a conversation; True if there were any."""
@@ -103,19 +105,24 @@ class LeaseKeeper:
         return bool(holders)
 
     def renew_if_due(self, holder: Holder) -> None:
-        """Called by a writer as its text grows: renew() if FLUSH_SECONDS have passed since
-        the last, unless another thread is at it. A reply's first text is saved at once, on its
-        own, so that whoever opens the conversation sees the reply begun."""
-        if self._saved.get(holder.reply.pk) == 0:
-            self._renew([holder], timezone.now())
+        """Called by a writer as its text grows: renew() if its text was saved FLUSH_SECONDS
+        ago, unless another thread is at it. Every save sets the next one FLUSH_SECONDS later
+        for all the replies it saved, so the process saves about once per FLUSH_SECONDS,
+        whatever the number of replies. A reply's first text is saved at once, on its own, so
+        that whoever opens the conversation sees the reply begun."""
+        pk = holder.reply.pk
+        if self._saved.get(pk) == 0 and holder.text:
+            with connections.briefly():
+                self._renew([holder], timezone.now())
             return
-        if time.monotonic() - self._saved_at < FLUSH_SECONDS:
+        if time.monotonic() < self._due.get(pk, 0.0):
             return
         if not self._saving.acquire(blocking=False):
             return
         try:
-            if time.monotonic() - self._saved_at >= FLUSH_SECONDS:
-                self.renew()
+            if time.monotonic() >= self._due.get(pk, 0.0):
+                with connections.briefly():
+                    self.renew()
         finally:
             self._saving.release()
 
@@ -124,7 +131,6 @@ class LeaseKeeper:
         no longer says streaming (stopped from another process, or given up for dead during a
         long pause). A row that says streaming no more is not written: its writer's last save
         holds all of its text."""
-        self._saved_at = time.monotonic()
         with self._lock:
             holders = list(self._held.values())
         now = timezone.now()
@@ -143,10 +149,14 @@ class LeaseKeeper:
             )
         rows = Message.objects.filter(pk__in=list(texts), status=Message.Status.STREAMING)
         renewed = rows.update(**fields)
+        due = time.monotonic() + FLUSH_SECONDS
         with self._lock:
             for pk, text in grown.items():
                 if pk in self._saved:
                     self._saved[pk] = len(text)
+            for pk in texts:
+                if pk in self._due:
+                    self._due[pk] = due
         if renewed == len(holders):
             return
         alive = set(rows.values_list("pk", flat=True))
@@ -158,8 +168,7 @@ class LeaseKeeper:
         while True:
             time.sleep(settings.CHATBOT_STALE_REPLY_SECONDS / 3)
             try:
-                close_old_connections()  # (as a request would: CONN_MAX_AGE, broken links)
-                with self._saving:
+                with self._saving, connections.briefly():
                     self.renew()
             except Exception:  # the next round tries again; two may fail before a lease ends
                 logger.exception("Renewing the leases of replies being written failed")

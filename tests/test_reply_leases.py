@@ -241,6 +241,27 @@ def test_the_keeper_saves_the_text_of_every_reply_it_holds_in_one_statement(
     assert writing[0].reply.lease_renewed_at > leases.stale_before()
 
 
+def test_a_reply_s_first_text_is_saved_at_once_even_right_after_a_save(owner, monkeypatch):
+    """The process's save of all its replies, made a moment before a reply's first piece,
+    does not put off the saving of that piece: a client that has it finds it stored."""
+    keeper = leases.LeaseKeeper()
+    monkeypatch.setattr(keeper, "_run", lambda: None)  # (no thread: renew() is called here)
+    holder = Holder(add_streaming_reply(make_conversation(owner, "Chat"), content=""))
+    keeper.hold(holder)
+    keeper.renew()  # (nothing written yet: only the lease)
+
+    holder.text = "Once"
+    keeper.renew_if_due(holder)
+
+    holder.reply.refresh_from_db()
+    assert holder.reply.content == "Once"
+    holder.text = "Once upon"
+    keeper.renew_if_due(holder)  # the next save of it waits its turn
+    holder.reply.refresh_from_db()
+    assert holder.reply.content == "Once"
+    keeper.release(holder)
+
+
 def test_the_keeper_thread_renews_on_its_own(owner, settings, monkeypatch):
     settings.CHATBOT_STALE_REPLY_SECONDS = 0.3
     keeper = leases.LeaseKeeper()
