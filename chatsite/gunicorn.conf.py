@@ -63,6 +63,13 @@ def on_starting(server):
 
     if count := interrupt_dead_replies():
         server.log.info("Marked %d unfinished replies as interrupted.", count)
+    # The workers are forked from this process: none may inherit its connections (or its
+    # PostgreSQL pool, whose threads a fork does not copy).
+    from django.db import connection, connections
+
+    connections.close_all()
+    if connection.vendor == "postgresql":
+        connection.close_pool()
 
 
 def post_worker_init(worker):

@@ -140,6 +140,19 @@ DATABASES = {
         conn_health_checks=True,
     )
 }
+DATABASE_POOL_SIZE = max(0, env_int("DATABASE_POOL_SIZE", 10))
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and DATABASE_POOL_SIZE:
+    # On PostgreSQL each web process shares a pool of connections among its threads, and a
+    # thread holds one only while it uses the database (a streaming reply gives its back:
+    # conversations/connections.py): hundreds of streams in a process need a few connections,
+    # not one each. Django's pool replaces kept connections (and, with health checks on, checks
+    # a connection before lending it).
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 1,
+        "max_size": DATABASE_POOL_SIZE,
+        "timeout": 30,  # seconds a thread waits for a free connection
+    }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     if str(DATABASES["default"]["NAME"]) not in ("", ":memory:"):
         _private_sqlite_file(Path(DATABASES["default"]["NAME"]))

@@ -21,7 +21,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from . import metrics
+from . import connections, metrics
 from .context import build_context
 from .errors import ChatError, ContextOverflow, GenerationFailed
 from .leases import keeper
@@ -166,6 +166,7 @@ class ReplyWriter:
             return False
         if self._stopped:  # stopped while the context was being built
             stream.cancel()
+        connections.release()  # (none is needed until the next save)
 
         try:
             for delta in stream:

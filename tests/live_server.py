@@ -91,6 +91,17 @@ def own_postgres_database(var_dir: Path, env: dict[str, str]) -> OwnPostgresData
     return OwnPostgresDatabase(url, var_dir)
 
 
+def shared_database_url() -> str:
+    """The test database (pytest-django's, on PostgreSQL), as server processes reach it."""
+    from django.db import connection
+
+    db = connection.settings_dict
+    return (
+        f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST'] or '127.0.0.1'}:"
+        f"{db['PORT'] or 5432}/{db['NAME']}"
+    )
+
+
 class Server:
     """A gunicorn process of the product on its own port, database and var dir (servers given
     one var dir share its database).

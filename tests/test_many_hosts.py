@@ -19,13 +19,12 @@ import httpx
 import pytest
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import connection
 
 from accounts.keys import issue_key
 from conversations.llm.loading import prepare_bundled_model
 from tests.factories import parse_block
 from tests.inference_servers import InferenceServer, running_server, transformers_serve
-from tests.live_server import Server
+from tests.live_server import Server, shared_database_url
 
 pytestmark = [
     pytest.mark.postgres,
@@ -49,20 +48,11 @@ def engine_server() -> Iterator[InferenceServer]:
         yield server
 
 
-def database_url() -> str:
-    """The test database (pytest-django's), as the hosts reach it."""
-    db = connection.settings_dict
-    return (
-        f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST'] or '127.0.0.1'}:"
-        f"{db['PORT'] or 5432}/{db['NAME']}"
-    )
-
-
 @pytest.fixture
 def hosts(engine_server, tmp_path) -> Iterator[tuple[Server, Server]]:
     model_folder = prepare_bundled_model(settings.CHATBOT_MODEL_CACHE)
     env = {
-        "DATABASE_URL": database_url(),
+        "DATABASE_URL": shared_database_url(),
         "CHATBOT_ENGINE_URL": engine_server.url,
         "CHATBOT_TOKENIZER": str(model_folder),
         "CHATBOT_ENGINE_READ_TIMEOUT": "300",
