@@ -53,7 +53,8 @@ serve: install
 
 # The benchmark suite (benchmarks/): prints a table, writes var/bench/results-<time>.json.
 # The first run also builds llama.cpp (for comparison only) into var/bench/: ~10 minutes, once.
-bench: install
+# (The test requirements: the relay benchmark's simulated inference server runs on uvicorn.)
+bench: install-test
 	$(BIN)/python -m benchmarks
 
 # A bounded load run on loopback: 16 clients x 3 messages through the real server and model.

@@ -1,4 +1,5 @@
-"""python -m benchmarks [--only decode,ttft,quality,concurrency,fairness,memory,api,soak] [--quick]
+"""python -m benchmarks [--only decode,ttft,quality,concurrency,fairness,memory,api,relay,soak]
+[--quick]
 
 Runs the benchmarks (all but the soak by default: it takes an hour or more), prints a table with
 the ratios and the targets, and writes var/bench/results-<timestamp>.json. Figures only: nothing
@@ -25,6 +26,7 @@ BENCHMARKS = {
     "fairness": "Another user's first token while one user floods the model",
     "memory": "Start-up time and peak memory of the server",
     "api": "API overhead without generation on 1k and 100k messages",
+    "relay": "One web process relaying streams from an inference server",
     "soak": "The worker's memory over 1,000 messages of a mixed workload",
 }
 # Run only when named (`--only soak`, `make soak`): the rest of the suite takes minutes.

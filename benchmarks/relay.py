@@ -36,7 +36,7 @@ import httpx
 import psutil
 
 from . import common
-from .report import Report, fmt
+from .report import Report, fmt, fmt_ratio
 from .server import REQUEST_TIMEOUT, BenchServer
 
 KEY = "relay"
@@ -92,8 +92,10 @@ class SimulatedServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.simulated_engine", "--port", str(self.port)]
-            + ["--tokens", str(tokens), "--rate", str(rate)],
+            [
+                *(sys.executable, "-m", "benchmarks.simulated_engine"),
+                *("--port", str(self.port), "--tokens", str(tokens), "--rate", str(rate)),
+            ],
             cwd=common.ROOT,
         )
         deadline = time.monotonic() + 30
@@ -207,9 +209,7 @@ def _stored(server: BenchServer, conversations: list[str], turns: int, tokens: i
             replies = [m for m in messages if m["role"] == "assistant"]
             missing_messages += turns - len(users)
             bad_replies += turns - sum(
-                1
-                for m in replies
-                if m["status"] == "ok" and len(m["content"].split()) == tokens
+                1 for m in replies if m["status"] == "ok" and len(m["content"].split()) == tokens
             )
     return {"missing_user_messages": missing_messages, "replies_not_whole": bad_replies}
 
@@ -280,35 +280,69 @@ def measure(streams: int, tokens: int, rate: float, turns: int) -> dict:
 
 def run(report: Report, quick: bool) -> None:
     streams = 64 if quick else TARGET_STREAMS
-    section = report.section(KEY, f"One web process relaying {streams} streams")
+    section = report.section(KEY, f"One web process relaying {streams} streams at 10 tokens/s")
     result = measure(streams, tokens=100, rate=10.0, turns=3)
-    section.data = result
     through, straight = result["through"], result["straight"]
     report.row(
         KEY,
-        "Delay per piece through the product",
+        "Delay per token through the product",
         f"p95 {fmt(through['delay_p95_ms'])} ms",
-        f"p50 {fmt(through['delay_p50_ms'])} ms, max {fmt(through['delay_max_ms'])} ms; "
-        f"straight from the engine p95 {fmt(straight['delay_p95_ms'])} ms",
+        f"p50 {fmt(through['delay_p50_ms'])} ms, max {fmt(through['delay_max_ms'])} ms; gap "
+        f"between tokens p95 +{fmt(through['added_gap_p95_ms'])} ms; the same client straight "
+        f"from the engine: p95 {fmt(straight['delay_p95_ms'])} ms",
     )
-    lost = result["stored"]["missing_user_messages"] + result["stored"]["replies_not_whole"]
-    errors = through["errors"]
+    stored = result["stored"]
+    lost = stored["missing_user_messages"] + stored["replies_not_whole"]
+    report.row(
+        KEY,
+        "Streams at once, errors, lost",
+        f"{result['peak_streams']}, {through['errors']}, {lost}",
+        f"{through['pieces']} tokens in {through['seconds']} s; every follow-up carried the "
+        f"earlier turns: {'yes' if result['history_carried'] else 'NO'}",
+    )
+    report.row(
+        KEY,
+        "The web process",
+        f"{result['web_cpu_ms_per_piece']} ms CPU a token",
+        f"{result['web_cpu_share']} of a core; started in {result['web_startup_s']} s; "
+        f"peak {fmt(result['web_memory_mb'].get('VmHWM'))} MiB",
+    )
     report.target(
         f"{TARGET_STREAMS} streams, p95 added delay < {TARGET_P95_MS:.0f} ms, 0 errors, 0 lost",
         f">= {TARGET_STREAMS} at once",
         f"{result['peak_streams']} at once, p95 {fmt(through['delay_p95_ms'])} ms, "
-        f"{errors} errors, {lost} lost",
+        f"{through['errors']} errors, {lost} lost",
         result["peak_streams"] >= TARGET_STREAMS
         and (through["delay_p95_ms"] or 1e9) < TARGET_P95_MS
-        and errors == 0
+        and through["errors"] == 0
         and lost == 0
         and result["history_carried"],
+    )
+
+    llama = llama_overhead(runs=1 if quick else LLAMA_RUNS)
+    result["llama"] = llama
+    section.data = result
+    ratio = llama["ratio_tokens_per_s"]
+    report.row(
+        KEY,
+        "llama.cpp's server: one reply through the product vs straight",
+        fmt_ratio(ratio),
+        f"{fmt(llama['through_tokens_per_s'])} vs {fmt(llama['straight_tokens_per_s'])} tok/s "
+        f"(medians of {llama['runs']}, alternating); decode alone "
+        f"{fmt_ratio(llama['ratio_decode_tokens_per_s'])}",
+    )
+    report.target(
+        "Tokens/s through the product vs straight from llama.cpp's server",
+        ">= 0.95x",
+        fmt_ratio(ratio),
+        ratio >= 0.95 if ratio is not None else None,
     )
 
 
 # -- through llama.cpp's server ---------------------------------------------------------------
 
 LLAMA_PROMPT = "Write a long story about a lighthouse keeper named {name}."
+LLAMA_RUNS = 5
 LLAMA_NAMES = ["Ada", "Ben", "Clara", "David", "Elena", "Finn", "Greta", "Hugo"]
 
 
@@ -322,10 +356,13 @@ def _timed_stream(lines, delta_text) -> dict:
     for line in lines:
         if line.startswith("event: "):
             event = line[7:]
-        elif line.startswith("data: ") and line != "data: [DONE]":
-            if delta_text(event, json.loads(line[6:])):
-                first = first or time.perf_counter()
-                pieces += 1
+        elif (
+            line.startswith("data: ")
+            and line != "data: [DONE]"
+            and delta_text(event, json.loads(line[6:]))
+        ):
+            first = first or time.perf_counter()
+            pieces += 1
     finished = time.perf_counter()
     first = first or finished
     return {
@@ -381,9 +418,7 @@ def llama_overhead(runs: int, tokens: int = 128) -> dict:
                 conversation = server.new_conversation()
                 url = f"{server.url}/api/conversations/{conversation}/messages/"
                 headers = {**server.headers, "Accept": "text/event-stream"}
-                with client.stream(
-                    "POST", url, json={"content": prompt}, headers=headers
-                ) as r:
+                with client.stream("POST", url, json={"content": prompt}, headers=headers) as r:
                     r.raise_for_status()
                     through.append(_timed_stream(r.iter_lines(), lambda e, _: e == "delta"))
                 print(f"  llama.cpp run {run + 1}: straight {straight[-1]}, through {through[-1]}")
