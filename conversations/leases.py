@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
 
@@ -69,23 +70,26 @@ def being_written(messages):
     return messages.filter(status=Message.Status.STREAMING, lease_renewed_at__gte=stale_before())
 
 
+@dataclass
+class _Held:
+    holder: Holder
+    saved: int = 0  # the length of its text saved
+    due: float = 0.0  # when (time.monotonic) to save it next
+
+
 class LeaseKeeper:
     """The replies this process is writing: their text saved and leases renewed, stopped when
     asked."""
 
     def __init__(self) -> None:
-        self._held: dict[object, Holder] = {}  # by reply id
-        self._saved: dict[object, int] = {}  # by reply id: the length of its text saved
-        self._due: dict[object, float] = {}  # by reply id: when (time.monotonic) to save next
+        self._held: dict[object, _Held] = {}  # by reply id
         self._lock = threading.Lock()
         self._saving = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def hold(self, holder: Holder) -> None:
         with self._lock:
-            self._held[holder.reply.pk] = holder
-            self._saved[holder.reply.pk] = 0
-            self._due[holder.reply.pk] = 0.0
+            self._held[holder.reply.pk] = _Held(holder)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="reply-leases", daemon=True)
                 self._thread.start()
@@ -93,13 +97,15 @@ class LeaseKeeper:
     def release(self, holder: Holder) -> None:
         with self._lock:
             self._held.pop(holder.reply.pk, None)
-            self._saved.pop(holder.reply.pk, None)
-            self._due.pop(holder.reply.pk, None)
 
     def stop_conversation(self, conversation_id) -> bool:
         """Stop the replies this process is writing in a conversation; True if there were any."""
         with self._lock:
-            holders = [h for h in self._held.values() if h.reply.conversation_id == conversation_id]
+            holders = [
+                held.holder
+                for held in self._held.values()
+                if held.holder.reply.conversation_id == conversation_id
+            ]
         for holder in holders:
             holder.stop()
         return bool(holders)
@@ -110,17 +116,19 @@ class LeaseKeeper:
         for all the replies it saved, so the process saves about once per FLUSH_SECONDS,
         whatever the number of replies. A reply's first text is saved at once, on its own, so
         that whoever opens the conversation sees the reply begun."""
-        pk = holder.reply.pk
-        if self._saved.get(pk) == 0 and holder.text:
-            with connections.briefly():
-                self._renew([holder], timezone.now())
+        held = self._held.get(holder.reply.pk)
+        if held is None:
             return
-        if time.monotonic() < self._due.get(pk, 0.0):
+        if held.saved == 0 and holder.text:
+            with connections.briefly():
+                self._renew([held], timezone.now())
+            return
+        if time.monotonic() < held.due:
             return
         if not self._saving.acquire(blocking=False):
             return
         try:
-            if time.monotonic() >= self._due.get(pk, 0.0):
+            if time.monotonic() >= held.due:
                 with connections.briefly():
                     self.renew()
         finally:
@@ -132,14 +140,18 @@ class LeaseKeeper:
         long pause). A row that says streaming no more is not written: its writer's last save
         holds all of its text."""
         with self._lock:
-            holders = list(self._held.values())
+            records = list(self._held.values())
         now = timezone.now()
-        for start in range(0, len(holders), SAVE_BATCH):
-            self._renew(holders[start : start + SAVE_BATCH], now)
+        for start in range(0, len(records), SAVE_BATCH):
+            self._renew(records[start : start + SAVE_BATCH], now)
 
-    def _renew(self, holders: list[Holder], now) -> None:
-        texts = {h.reply.pk: h.text for h in holders}
-        grown = {pk: text for pk, text in texts.items() if len(text) != self._saved.get(pk)}
+    def _renew(self, records: list[_Held], now) -> None:
+        texts = {held.holder.reply.pk: held.holder.text for held in records}
+        grown = {
+            held.holder.reply.pk: texts[held.holder.reply.pk]
+            for held in records
+            if len(texts[held.holder.reply.pk]) != held.saved
+        }
         fields = {"lease_renewed_at": now}
         if grown:
             fields["content"] = Case(
@@ -150,19 +162,15 @@ class LeaseKeeper:
         rows = Message.objects.filter(pk__in=list(texts), status=Message.Status.STREAMING)
         renewed = rows.update(**fields)
         due = time.monotonic() + FLUSH_SECONDS
-        with self._lock:
-            for pk, text in grown.items():
-                if pk in self._saved:
-                    self._saved[pk] = len(text)
-            for pk in texts:
-                if pk in self._due:
-                    self._due[pk] = due
-        if renewed == len(holders):
+        for held in records:
+            held.saved = len(texts[held.holder.reply.pk])
+            held.due = due
+        if renewed == len(records):
             return
         alive = set(rows.values_list("pk", flat=True))
-        for holder in holders:
-            if holder.reply.pk not in alive:
-                holder.stop()
+        for held in records:
+            if held.holder.reply.pk not in alive:
+                held.holder.stop()
 
     def _run(self) -> None:
         while True:

@@ -3,11 +3,10 @@
 The reply row is reserved with the question (status "streaming", no text yet), so a second
 message to the same conversation sees it busy; its text is saved at its first piece and every
 FLUSH_SECONDS while the model writes (with those of the process's other replies, leases.py),
-and it ends as ok,
-cancelled or error, with the statistics of the run. Nothing about a running reply lives only in
-memory: a stop request from any process flips the row to "cancelled", and the writer is stopped
-at the next save. While it writes, the reply holds a lease on its row, so a reply whose server
-died frees its conversation.
+and it ends as ok, cancelled or error, with the statistics of the run. Nothing about a running
+reply lives only in memory: a stop request from any process flips the row to "cancelled", and
+the writer is stopped at the next save. While it writes, the reply holds a lease on its row, so
+a reply whose server died frees its conversation.
 """
 
 from __future__ import annotations

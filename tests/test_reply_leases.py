@@ -186,14 +186,22 @@ class Holder:
         self.stopped = True
 
 
-def test_the_keeper_renews_the_leases_of_replies_waiting_for_the_model(owner):
+def keeper_holding(monkeypatch, *holders: Holder) -> leases.LeaseKeeper:
+    """A keeper of its own holding `holders`, without its thread: renew() is called by hand."""
+    keeper = leases.LeaseKeeper()
+    monkeypatch.setattr(keeper, "_run", lambda: None)
+    for holder in holders:
+        keeper.hold(holder)
+    return keeper
+
+
+def test_the_keeper_renews_the_leases_of_replies_waiting_for_the_model(owner, monkeypatch):
     """Between two saves (a full batch ahead, a model still loading) the keeper renews."""
     conversation = make_conversation(owner, "Chat")
     waiting = Holder(add_streaming_reply(conversation, **expired()))
     stopped_elsewhere = Holder(add_streaming_reply(make_conversation(owner, "Chat"), **expired()))
     Message.objects.filter(pk=stopped_elsewhere.reply.pk).update(status="cancelled")
-    keeper = leases.LeaseKeeper()
-    keeper._held = {h.reply.pk: h for h in (waiting, stopped_elsewhere)}  # (no thread needed)
+    keeper = keeper_holding(monkeypatch, waiting, stopped_elsewhere)
 
     keeper.renew()
 
@@ -205,7 +213,7 @@ def test_the_keeper_renews_the_leases_of_replies_waiting_for_the_model(owner):
 
 
 def test_the_keeper_saves_the_text_of_every_reply_it_holds_in_one_statement(
-    owner, django_assert_num_queries
+    owner, django_assert_num_queries, monkeypatch
 ):
     """A process writing many replies saves all their text together; a reply stopped
     elsewhere is not written (its writer's last save holds all of its text) but stopped."""
@@ -215,10 +223,7 @@ def test_the_keeper_saves_the_text_of_every_reply_it_holds_in_one_statement(
     ]
     stopped_elsewhere = Holder(add_streaming_reply(make_conversation(owner, "Chat")), "more")
     Message.objects.filter(pk=stopped_elsewhere.reply.pk).update(status="cancelled")
-    keeper = leases.LeaseKeeper()
-    for holder in [*writing, stopped_elsewhere]:
-        keeper._held[holder.reply.pk] = holder  # (as hold() does, without its thread)
-        keeper._saved[holder.reply.pk] = 0
+    keeper = keeper_holding(monkeypatch, *writing, stopped_elsewhere)
 
     with django_assert_num_queries(2):  # the UPDATE, and which rows still say streaming
         keeper.renew()
@@ -232,7 +237,7 @@ def test_the_keeper_saves_the_text_of_every_reply_it_holds_in_one_statement(
     assert stopped_elsewhere.stopped
 
     # Text that has not grown since is not sent again; the leases are renewed all the same.
-    del keeper._held[stopped_elsewhere.reply.pk]
+    keeper.release(stopped_elsewhere)
     Message.objects.filter(pk=writing[0].reply.pk).update(**expired())
     with django_assert_num_queries(1) as queries:
         keeper.renew()
@@ -244,10 +249,8 @@ def test_the_keeper_saves_the_text_of_every_reply_it_holds_in_one_statement(
 def test_a_reply_s_first_text_is_saved_at_once_even_right_after_a_save(owner, monkeypatch):
     """The process's save of all its replies, made a moment before a reply's first piece,
     does not put off the saving of that piece: a client that has it finds it stored."""
-    keeper = leases.LeaseKeeper()
-    monkeypatch.setattr(keeper, "_run", lambda: None)  # (no thread: renew() is called here)
     holder = Holder(add_streaming_reply(make_conversation(owner, "Chat"), content=""))
-    keeper.hold(holder)
+    keeper = keeper_holding(monkeypatch, holder)
     keeper.renew()  # (nothing written yet: only the lease)
 
     holder.text = "Once"
