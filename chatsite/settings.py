@@ -265,6 +265,18 @@ CHATBOT_MESSAGES_PER_MINUTE = env_int("CHATBOT_MESSAGES_PER_MINUTE", 30)
 CHATBOT_LOGINS_PER_MINUTE = env_int("CHATBOT_LOGINS_PER_MINUTE", 10)
 # Conversations a user may create or import per minute (0: no limit).
 CHATBOT_CONVERSATIONS_PER_MINUTE = env_int("CHATBOT_CONVERSATIONS_PER_MINUTE", 10)
+# The rate limits count in the database (a table of Django's database cache, made by a
+# migration), so that every process on every host counts against the same ones. Counts live a
+# minute; past MAX_ENTRIES rows the expired are deleted first.
+RATE_LIMIT_CACHE = "rate_limits"
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    RATE_LIMIT_CACHE: {
+        "BACKEND": "django.core.cache.backends.db.DatabaseCache",
+        "LOCATION": "chatbot_rate_limits",
+        "OPTIONS": {"MAX_ENTRIES": 10_000},
+    },
+}
 # What one user may keep (0: no limit): conversations, and megabytes of text (messages and
 # system prompts).
 CHATBOT_MAX_CONVERSATIONS = env_int("CHATBOT_MAX_CONVERSATIONS", 10_000)

@@ -3,8 +3,10 @@ sign-in attempts (login page, admin login, sign-up, API token) per client addres
 username.
 
 The limits are settings (CHATBOT_MESSAGES_PER_MINUTE, CHATBOT_LOGINS_PER_MINUTE; 0 turns one
-off), read at each request. DRF's throttles count in Django's cache: with the default
-local-memory cache, per server process.
+off), read at each request. DRF's throttles count in Django's database cache
+(settings.RATE_LIMIT_CACHE): every server process on every host counts against the same limits.
+(A count is read, then written: requests that arrive at the same instant may each see the
+count before the others, so a burst can pass a limit by a few.)
 """
 
 import functools
@@ -13,6 +15,7 @@ import math
 from collections.abc import Mapping
 
 from django.conf import settings
+from django.core.cache import caches
 from django.shortcuts import render
 from rest_framework.throttling import SimpleRateThrottle
 
@@ -36,6 +39,10 @@ class _PerMinute(SimpleRateThrottle):
     """A limit per minute from a setting; reading (GET, HEAD, OPTIONS) is never limited."""
 
     setting = ""
+
+    @property
+    def cache(self):
+        return caches[settings.RATE_LIMIT_CACHE]
 
     def get_rate(self):
         per_minute = getattr(settings, self.setting)

@@ -65,6 +65,10 @@ ENGINE_FIXTURES = {"real_engine", "default_engine", "torch_kernels_engine", "fp3
 DATABASE_FIXTURES = {"db", "transactional_db", "django_db_reset_sequences", "live_server"}
 
 
+def uses_database(item, fixtures) -> bool:
+    return bool(DATABASE_FIXTURES & set(fixtures) or item.get_closest_marker("django_db"))
+
+
 def pytest_collection_modifyitems(items):
     """Tests that run the bundled model in this process are marked `engine`: `make test` runs
     them again with torch limited to AVX2 (the path of a CPU without AVX-512), without the tests
@@ -79,7 +83,7 @@ def pytest_collection_modifyitems(items):
         fixtures = set(getattr(item, "fixturenames", ()))
         if ENGINE_FIXTURES & fixtures:
             item.add_marker(pytest.mark.engine)
-            if not (DATABASE_FIXTURES & fixtures or item.get_closest_marker("django_db")):
+            if not uses_database(item, fixtures):
                 item.add_marker(pytest.mark.engine_only)
         if on_sqlite and item.get_closest_marker("postgres"):
             item.add_marker(
@@ -103,11 +107,20 @@ def _fast_passwords(settings):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_rate_limits():
-    """Rate limits count in the cache: each test starts with none used."""
-    from django.core.cache import cache
+def _fresh_rate_limits(request):
+    """Rate limits count in the database: each test that uses one starts with none used. (A
+    transactional test's database is emptied after it, but not the cache's table.)"""
+    from django.conf import settings
+    from django.core.cache import caches
 
-    cache.clear()
+    if not uses_database(request.node, request.fixturenames):
+        return
+    # Set up now, not later among the test's fixtures (one marked django_db has it already).
+    for name in ("transactional_db", "django_db_reset_sequences", "db"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name)
+            break
+    caches[settings.RATE_LIMIT_CACHE].clear()
 
 
 @pytest.fixture

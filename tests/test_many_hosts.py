@@ -37,6 +37,7 @@ LEASE = 3.0  # seconds: a dead host's reply is freed this long after its last sa
 # early: this reply runs to its budget, far longer than the test takes to stop it.
 LONG_REPLY = {"temperature": 2.0, "max_new_tokens": 400}
 LONG_STORY = "Write a very long story about a lighthouse keeper, in many chapters."
+LOGINS_PER_MINUTE = 4
 TIMEOUT = httpx.Timeout(300.0, connect=10.0)  # a reply may wait for the engine's one at a time
 
 
@@ -58,6 +59,7 @@ def hosts(engine_server, tmp_path) -> Iterator[tuple[Server, Server]]:
         "CHATBOT_ENGINE_READ_TIMEOUT": "300",
         "CHATBOT_STALE_REPLY_SECONDS": str(LEASE),
         "CHATBOT_MESSAGES_PER_MINUTE": "0",
+        "CHATBOT_LOGINS_PER_MINUTE": str(LOGINS_PER_MINUTE),
     }
     pair = []
     for name in ("a", "b"):
@@ -235,3 +237,17 @@ def test_a_reply_whose_host_was_killed_is_freed_through_the_other(hosts, headers
     assert answered.json()["reply"]["status"] == "ok"
     statuses = [m["status"] for m in history(b, headers, conversation)]
     assert statuses == ["ok", "interrupted", "ok", "ok"]
+
+
+def test_the_rate_limits_hold_across_hosts(hosts, headers):
+    """Sign-in attempts from one address, to one host and the other in turn: the limit holds
+    for all of them together, not for each host."""
+    statuses = [
+        httpx.post(
+            f"{host.url}/api/token/",
+            json={"username": "alice", "password": "wrong"},
+            timeout=TIMEOUT,
+        ).status_code
+        for host in hosts * LOGINS_PER_MINUTE
+    ]
+    assert statuses == [400] * LOGINS_PER_MINUTE + [429] * LOGINS_PER_MINUTE, statuses
