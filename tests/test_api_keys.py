@@ -2,13 +2,17 @@
 and tokens made before API keys keep working once hashed by the migration."""
 
 import hashlib
+import html
+import re
 
 import pytest
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 from rest_framework.test import APIClient
 
+from accounts.keys import issue_key
 from accounts.models import ApiKey
+from accounts.views import TOKEN_KEY_NAME
 from tests.conftest import PASSWORD
 from tests.factories import assert_detail
 
@@ -133,3 +137,78 @@ def test_staff_see_keys_by_name_and_prefix_and_can_revoke_them(admin_client, own
     deleted = admin_client.post(f"/admin/accounts/apikey/{api_key.pk}/delete/", {"post": "yes"})
     assert deleted.status_code == 302
     assert not works(key)
+
+
+# The keys page.
+
+
+def made_on_page(client, name: str) -> str:
+    """Make a key on the keys page; the key shown."""
+    page = client.post("/keys/", {"name": name})
+    assert page.status_code == 200, page.content
+    (key,) = re.findall(r'<code id="new-key">([^<]+)</code>', page.content.decode())
+    return html.unescape(key)
+
+
+def test_a_key_made_on_the_page_is_shown_once_and_works_as_bearer_and_token(owner_client, owner):
+    page = owner_client.post("/keys/", {"name": "Open WebUI"})
+    assert "no-store" in page["Cache-Control"], "a cache may not keep the key"
+    key = made_on_page(owner_client, "laptop")
+
+    stored = ApiKey.objects.get(user=owner, name="laptop")
+    assert stored.digest == hashlib.sha256(key.encode()).hexdigest() and stored.prefix == key[:8]
+    for scheme in ("Bearer", "Token"):
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"{scheme} {key}")
+        assert client.get("/api/conversations/").status_code == 200, scheme
+
+    listed = owner_client.get("/keys/").content.decode()
+    assert "laptop" in listed and "Open WebUI" in listed and f"{key[:8]}…" in listed
+    assert key not in listed, "shown once only"
+
+
+def test_the_page_lists_the_users_keys_only_with_their_last_use(owner_client, owner, other_user):
+    token = obtain()  # the token endpoint's keys are keys like the others
+    with_key(token).get("/api/conversations/")
+    issue_key(user=other_user, name="theirs")
+
+    listed = owner_client.get("/keys/").content.decode()
+    assert TOKEN_KEY_NAME in listed and token[:8] in listed
+    assert "theirs" not in listed
+    assert "never" not in listed, "its last use is shown"
+
+
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [("", "This field is required."), ("x" * 101, "at most 100 characters")],
+)
+def test_a_key_needs_a_name(owner_client, owner, name, error):
+    page = owner_client.post("/keys/", {"name": name})
+    assert page.status_code == 400
+    assert error in html.unescape(page.content.decode())
+    assert not ApiKey.objects.filter(user=owner).exists()
+
+
+def test_a_key_revoked_on_the_page_is_refused(owner_client, owner):
+    key = made_on_page(owner_client, "script")
+    (stored,) = ApiKey.objects.filter(user=owner)
+
+    assert owner_client.get(f"/keys/{stored.pk}/revoke/").status_code == 405
+    done = owner_client.post(f"/keys/{stored.pk}/revoke/", follow=True)
+
+    assert done.redirect_chain == [("/keys/", 302)]
+    assert "Revoked" in done.content.decode()
+    assert_detail(with_key(key).get("/api/conversations/"), 401)
+    assert_detail(APIClient(HTTP_AUTHORIZATION=f"Bearer {key}").get("/api/conversations/"), 401)
+
+
+def test_another_users_key_cannot_be_revoked(owner_client, other_user):
+    theirs, key = issue_key(user=other_user, name="theirs")
+    assert owner_client.post(f"/keys/{theirs.pk}/revoke/").status_code == 404
+    assert works(key)
+
+
+def test_the_keys_page_needs_a_signed_in_user(client, owner):
+    for response in (client.get("/keys/"), client.post("/keys/", {"name": "x"})):
+        assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
+    assert not ApiKey.objects.exists()

@@ -17,6 +17,7 @@ import re
 import time
 
 import pytest
+import requests
 
 from tests.live_server import CHROMIUM, CHROMIUM_ARGS, Server
 
@@ -482,6 +483,7 @@ def test_9_no_page_breaks_the_content_security_policy(new_browser, server):
         page.goto(thread + "settings/")
         page.goto(thread + "delete/")
         page.goto("/?q=hello")
+        page.goto("/keys/")
         page.goto("/api/docs/")
         expect(page.locator(".swagger-ui .info .title")).to_contain_text("Chat API")
         page.goto("/admin/")
@@ -489,3 +491,25 @@ def test_9_no_page_breaks_the_content_security_policy(new_browser, server):
         page.get_by_role("link", name="Headers").click()
         expect(page.locator("#content h2, #content h1").first).to_be_visible()
         page.goto("/admin/conversations/message/")
+
+
+def test_10_a_key_made_on_the_keys_page_opens_the_api_until_it_is_revoked(new_browser, server):
+    with _watched(new_browser()) as page:
+        _sign_up(page, "ivan")
+        page.get_by_role("link", name="API keys").click()
+        page.get_by_label("Name").fill("my script")
+        page.get_by_role("button", name="Create a key").click()
+        key = page.locator("#new-key").inner_text().strip()
+
+        api = f"{server.url}/api/conversations/"
+        bearer = {"Authorization": f"Bearer {key}"}
+        assert requests.get(api, headers=bearer, timeout=UI_MS / 1000).status_code == 200
+
+        page.goto("/keys/")
+        expect(page.locator("#new-key")).to_have_count(0)
+        row = page.locator(".key-list tr", has_text="my script").first
+        expect(row).to_contain_text(key[:8])
+        expect(row).not_to_contain_text("never")  # it was used
+        row.get_by_role("button", name="Revoke my script").click()
+        expect(page.get_by_role("alert")).to_contain_text("Revoked")
+        assert requests.get(api, headers=bearer, timeout=UI_MS / 1000).status_code == 401

@@ -2,6 +2,8 @@ from django import forms
 from django.conf import settings
 from django.utils.html import format_html
 
+from accounts.models import ApiKey
+
 from ..models import Conversation
 from ..validators import validate_message_content
 
@@ -80,3 +82,12 @@ class ConversationSettingsForm(forms.ModelForm):
         value = self.cleaned_data["max_new_tokens"]
         Conversation.validate_max_new_tokens(value)
         return value
+
+
+class NewKeyForm(forms.Form):
+    name = forms.CharField(
+        label="Name",
+        max_length=ApiKey.NAME_MAX_LENGTH,
+        help_text="What will use it (a laptop, a script, an app), to tell your keys apart.",
+        widget=forms.TextInput(attrs={"placeholder": "e.g. Open WebUI on my laptop"}),
+    )

@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from . import auth, chats, exports, imports, thread
+from . import auth, chats, exports, imports, keys, thread
 
 app_name = "conversations"
 
@@ -20,6 +20,8 @@ urlpatterns = [
     path("c/<uuid:conversation_id>/delete/", thread.delete, name="delete"),
     path("c/<uuid:conversation_id>/export/", exports.export, name="export"),
     path("import/", imports.import_conversation, name="import"),
+    path("keys/", keys.api_keys, name="keys"),
+    path("keys/<int:key_id>/revoke/", keys.revoke_key, name="revoke-key"),
 ]
 
 auth_urlpatterns = [
