@@ -173,15 +173,18 @@ class LeaseKeeper:
     def _renew(self, records: list[_Held], now) -> None:
         texts = {held.holder.reply.pk: held.holder.text for held in records}
         rows = Message.objects.filter(pk__in=list(texts), status=Message.Status.STREAMING)
-        with transaction.atomic():
-            renewed = rows.update(lease_renewed_at=now)
-            _save_texts(
-                [
-                    (pk, text)
-                    for held in records
-                    if len(text := texts[pk := held.holder.reply.pk]) != held.saved
-                ]
-            )
+        grown = [
+            (pk, text)
+            for held in records
+            if len(text := texts[pk := held.holder.reply.pk]) != held.saved
+        ]
+        if len(records) == 1:  # (a reply's first text, most often): one statement
+            fields = {"content": grown[0][1]} if grown else {}
+            renewed = rows.update(lease_renewed_at=now, **fields)
+        else:
+            with transaction.atomic():
+                renewed = rows.update(lease_renewed_at=now)
+                _save_texts(grown)
         due = time.monotonic() + FLUSH_SECONDS
         for held in records:
             held.saved = len(texts[held.holder.reply.pk])
