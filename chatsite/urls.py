@@ -14,6 +14,8 @@ urlpatterns = [
     path("admin/login/", admin_login),  # before the admin's own route to it
     path("admin/", admin.site.urls),
     path("api/", include("conversations.api.urls")),
+    # OpenAI's API, for its clients: their base URL is http://host/v1.
+    path("v1/", include("conversations.openai_api.urls")),
     path("accounts/", include(auth_urlpatterns)),
     path("", include("conversations.pages.urls")),
 ]

@@ -36,6 +36,13 @@ TITLE_PROMPT = (
 )
 
 
+def served_models() -> list[str]:
+    """The names of the models replies are written with: the engine's one (none while an
+    inference server that names no model in the settings cannot be asked)."""
+    name = get_engine().model_name
+    return [name] if name else []
+
+
 def fallback_title(content: str) -> str:
     """A title from the first user message: its first line, cut at a word boundary."""
     line = clean_title(content.strip().split("\n", 1)[0])

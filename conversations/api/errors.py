@@ -46,7 +46,12 @@ def _summarize(detail, field: str = "") -> str:
 
 
 def page_not_found(request, exception):
-    """Django's 404 for pages; JSON with a `detail`, like every other API error, under /api/."""
+    """Django's 404 for pages; JSON with a `detail`, like every other API error, under /api/;
+    OpenAI's error under /v1/."""
+    if request.path.startswith("/v1/"):
+        from ..openai_api.errors import not_found
+
+        return not_found(request)
     if request.path.startswith("/api/"):
         return JsonResponse({"detail": "Not found."}, status=status.HTTP_404_NOT_FOUND)
     return defaults.page_not_found(request, exception)

@@ -1,6 +1,7 @@
 """OpenAPI schema post-processing: the errors any operation can answer, documented once.
 
-Every API error is JSON with a human-readable `detail` (errors.py); the operations' own
+Every API error is JSON with a human-readable `detail` (errors.py), or OpenAI's `error` object
+under /v1/ (openai_api/errors.py); the operations' own
 decorators document their particular outcomes (201, 409, 503 ...), and this hook adds the
 statuses that any of them can meet. It also marks the response fields that are not always
 there as optional."""
@@ -36,11 +37,14 @@ SOMETIMES_PRESENT = {"snippet", "reply_to", "error", *REPLY_FIELDS}
 def add_error_responses(result, generator, request, public):
     schemas = result.setdefault("components", {}).setdefault("schemas", {})
     schemas["Error"] = ERROR_SCHEMA
-    for component in schemas.values():
-        if "required" in component:
+    for name, component in schemas.items():
+        if "required" in component and not name.startswith("OpenAI"):
             component["required"] = [f for f in component["required"] if f not in SOMETIMES_PRESENT]
-    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
-    for operations in result.get("paths", {}).values():
+    product = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    # OpenAI's API under /v1/ answers errors in OpenAI's shape (openai_api/errors.py).
+    openai = {"application/json": {"schema": {"$ref": "#/components/schemas/OpenAIError"}}}
+    for path, operations in result.get("paths", {}).items():
+        error = openai if path.startswith("/v1/") else product
         for method, operation in operations.items():
             if method not in METHODS:
                 continue
