@@ -23,13 +23,19 @@ USERNAME, PASSWORD = "alice", "correct-Horse-battery-9"
 # Sampled at the highest temperature a conversation may have, the model all but never ends its
 # turn early, so these replies run to their budget (several seconds) on any CPU.
 LONG_REPLY = {"temperature": 2.0, "max_new_tokens": 800}
+# A reply that must outlast several leases: 800 tokens take under 6 s on a fast CPU.
+LONGEST_REPLY = {"temperature": 2.0, "max_new_tokens": 4096}
 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     """Server A writes one reply at a time (so a second one waits); B shares its database."""
     var_dir = tmp_path_factory.mktemp("recovery")
-    common = {"CHATBOT_STALE_REPLY_SECONDS": str(LEASE), "CHATBOT_MESSAGES_PER_MINUTE": "0"}
+    common = {
+        "CHATBOT_STALE_REPLY_SECONDS": str(LEASE),
+        "CHATBOT_MESSAGES_PER_MINUTE": "0",
+        "CHATBOT_MAX_NEW_TOKENS_LIMIT": str(LONGEST_REPLY["max_new_tokens"]),
+    }
     a = Server(var_dir, env={**common, "CHATBOT_BATCH_SIZE": "1", "CHATBOT_WEB_THREADS": "8"})
     b = Server(var_dir, env=common)
     b.log = var_dir / "server-b.log"
@@ -180,7 +186,7 @@ def test_a_live_writer_waiting_for_the_model_keeps_its_lease(servers):
     """On A, one reply at a time: a second conversation's reply waits, writing nothing, while
     the first runs for several leases. Neither is taken for dead."""
     a, b, headers = servers
-    first = new_conversation(a, headers, **LONG_REPLY)
+    first = new_conversation(a, headers, **LONGEST_REPLY)
     second = new_conversation(a, headers, max_new_tokens=8)
     running = Stream.post(a, headers, first, "Tell me a long story about the mountains.")
     running.first_delta()
