@@ -35,15 +35,14 @@ def model_object(name: str) -> dict:
     return {"id": name, "object": "model", "created": STARTED, "owned_by": "system"}
 
 
-# (the other errors any operation can meet are added by api/schema.py, in this shape too)
-NOT_FOUND = {404: OpenAIErrorSerializer}
+# (the errors any operation can meet are added by api/schema.py, in this shape too)
 
 
 class ModelList(OpenAIView):
     @extend_schema(
         operation_id="openai_models_list",
         tags=[TAG],
-        responses={200: OpenAIModelListSerializer, **NOT_FOUND},
+        responses={200: OpenAIModelListSerializer},
         description="The served model (OpenAI's `GET /v1/models`).",
     )
     def get(self, request):
@@ -56,7 +55,7 @@ class ModelDetail(OpenAIView):
     @extend_schema(
         operation_id="openai_model_retrieve",
         tags=[TAG],
-        responses={200: OpenAIModelSerializer, **NOT_FOUND},
+        responses={200: OpenAIModelSerializer, 404: OpenAIErrorSerializer},
         description="One served model by its name (OpenAI's `GET /v1/models/{model}`).",
     )
     def get(self, request, model: str):

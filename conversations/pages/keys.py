@@ -5,7 +5,6 @@ listed here too: they are the same keys."""
 from django.contrib import messages as flash
 from django.contrib.auth.decorators import login_required
 from django.shortcuts import get_object_or_404, redirect, render
-from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods, require_POST
 
 from accounts import keys
@@ -14,8 +13,7 @@ from accounts.models import ApiKey
 from .forms import NewKeyForm
 
 
-@login_required
-@never_cache  # the answer to a POST holds a new key: no cache may keep it
+@login_required  # (so its answers, a new key among them, are no-store: chatsite/headers.py)
 @require_http_methods(["GET", "POST"])
 def api_keys(request):
     form = NewKeyForm(request.POST if request.method == "POST" else None)
