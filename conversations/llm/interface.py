@@ -35,9 +35,16 @@ class GenerationParams:
     temperature: float = 0.0
     top_p: float = 0.9
     repetition_penalty: float = 1.1
+    # Texts that end the reply where they first appear, left out of it (OpenAI's `stop`).
+    stop: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        params = asdict(self)
+        if not self.stop:  # (most replies have none: their stored parameters stay as they were)
+            del params["stop"]
+        else:
+            params["stop"] = list(self.stop)
+        return params
 
 
 @dataclass(frozen=True)
