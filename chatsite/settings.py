@@ -225,6 +225,12 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    # OpenAI's message roles under /v1/, apart from the product's own.
+    "ENUM_NAME_OVERRIDES": {
+        "OpenAIMessageRoleEnum": "conversations.openai_api.chat_requests.ROLES",
+        "OpenAIReplyRoleEnum": ["assistant"],
+        "RoleEnum": "conversations.models.Message.Role",
+    },
 }
 
 LOGGING = {

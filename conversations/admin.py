@@ -25,10 +25,11 @@ class MessageInline(admin.TabularInline):
 class ConversationAdmin(admin.ModelAdmin):
     list_display = ("display_title", "owner", "message_count", "created_at", "updated_at")
     list_select_related = ("owner",)
-    list_filter = ("created_at", "updated_at")
+    # "Sent by a program": conversations sent whole through /v1/chat/completions.
+    list_filter = (("api_key", admin.EmptyFieldListFilter), "created_at", "updated_at")
     search_fields = ("title", "owner__username", "messages__content")
-    readonly_fields = ("id", "owner", "created_at", "updated_at")
-    fields = ("id", "owner", "title", "system_prompt", "created_at", "updated_at")
+    readonly_fields = ("id", "owner", "api_key", "created_at", "updated_at")
+    fields = ("id", "owner", "api_key", "title", "system_prompt", "created_at", "updated_at")
     date_hierarchy = "updated_at"
     inlines = [MessageInline]
 

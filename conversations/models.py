@@ -59,6 +59,22 @@ class Conversation(models.Model):
     # Moves on every message, so lists can sort by last activity without a join.
     updated_at = models.DateTimeField(default=timezone.now)
 
+    # A conversation a program sends whole every turn (OpenAI's chat completions): the key it
+    # came with, and the digest of its turns as they stand, by which its next call is matched
+    # (transcripts.py). Nullable without defaults, so that SQLite adds the columns in place
+    # instead of rebuilding the table without its search triggers.
+    api_key = models.ForeignKey(
+        "accounts.ApiKey",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="conversations",
+        help_text="The API key of the program that sent this conversation whole, if one did.",
+    )
+    transcript_digest = models.CharField(  # noqa: DJ001 (see above)
+        max_length=64, null=True, blank=True, editable=False, db_index=True
+    )
+
     objects = ConversationQuerySet.as_manager()
 
     class Meta:

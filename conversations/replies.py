@@ -25,6 +25,7 @@ from .context import build_context
 from .errors import ChatError, ContextOverflow, GenerationFailed
 from .leases import keeper
 from .llm.interface import ChatEngine, FinishReason, GenerationParams, StreamingReply
+from .llm.stop_sequences import stop_at
 from .models import Conversation, Message
 from .runtime import cache_key
 
@@ -61,11 +62,12 @@ def reserve_reply(
     engine: ChatEngine,
     params: GenerationParams,
     new_question: bool = False,
+    labels: dict[str, Any] | None = None,
 ) -> Message:
     """The row of the reply to `question`, before any text: status streaming, so the
     conversation counts as busy from the moment the question is saved (call it in the same
     transaction). Regenerating: the earlier replies stay, as inactive versions (`new_question`:
-    it has no replies yet, nothing to set aside)."""
+    it has no replies yet, nothing to set aside). `labels` are kept with its parameters."""
     if not new_question:
         question.replies.filter(is_active=True).update(is_active=False)
     reply: Message = Message.objects.create(
@@ -77,7 +79,7 @@ def reserve_reply(
         reply_to=question,
         version_group=question.pk,
         model=engine.model_name,
-        generation_params=params.as_dict(),
+        generation_params={**params.as_dict(), **(labels or {})},
     )
     if new_question:  # the first of its versions (see api.serializers.load_versions)
         reply.version = reply.versions = 1
@@ -96,6 +98,8 @@ class ReplyWriter:
     params: GenerationParams
     # Called after a finished reply; may return one more event (the conversation's new title).
     after_done: Callable[[ReplyWriter], ReplyEvent | None] | None = None
+    # What the request said of itself, kept with the reply's parameters (OpenAI's `user`).
+    labels: dict[str, Any] = field(default_factory=dict)
     error: ChatError | None = None
     text: str = ""  # written so far, for the lease keeper to save
     _stream: StreamingReply | None = field(default=None, repr=False)
@@ -154,8 +158,11 @@ class ReplyWriter:
             context = build_context(
                 self.conversation, new_message=self.question, engine=self.engine, params=self.params
             )
-            stream = self._stream = self.engine.stream(
-                context.messages, self.params, cache_key=cache_key(self.conversation)
+            stream = self._stream = stop_at(
+                self.engine.stream(
+                    context.messages, self.params, cache_key=cache_key(self.conversation)
+                ),
+                self.params.stop,
             )
         except ContextOverflow as exc:
             yield self._fail(exc, exc.detail)
@@ -192,7 +199,11 @@ class ReplyWriter:
             "ttft_ms": result.ttft_ms,
             "total_ms": result.total_ms,
             "context_turns": context_turns,
-            "generation_params": {**self.params.as_dict(), "finish_reason": result.finish_reason},
+            "generation_params": {
+                **self.params.as_dict(),
+                **self.labels,
+                "finish_reason": result.finish_reason,
+            },
         }
         # Saved as is while the row still says streaming; a row stopped (cancelled) or given up
         # for dead (interrupted) meanwhile keeps that status, with all the text written.

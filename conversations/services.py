@@ -18,9 +18,9 @@ from django.contrib.auth import get_user_model
 from django.db import connection, transaction
 from django.utils import timezone
 
-from . import leases, quotas
+from . import leases, quotas, transcripts
 from .errors import Conflict, TooManyReplies
-from .llm.interface import FinishReason
+from .llm.interface import ChatMessage, FinishReason
 from .models import Conversation, Message
 from .replies import EventKind, Exchange, ReplyEvent, ReplyWriter, reserve_reply
 from .runtime import default_generation_params, get_engine
@@ -88,14 +88,16 @@ def update_conversation(*, conversation: Conversation, **changes) -> Conversatio
     return conversation
 
 
-def generation_params(conversation: Conversation):
-    """The server's defaults, with this conversation's own choices on top."""
+def generation_params(conversation: Conversation, overrides: dict | None = None):
+    """The server's defaults, with this conversation's own choices on top, and a request's
+    own (`overrides`: GenerationParams fields, for one reply) on top of those."""
     params = default_generation_params()
-    overrides = {
+    chosen = {
         "temperature": conversation.temperature,
         "max_new_tokens": conversation.max_new_tokens,
+        **(overrides or {}),
     }
-    params = dataclasses.replace(params, **{k: v for k, v in overrides.items() if v is not None})
+    params = dataclasses.replace(params, **{k: v for k, v in chosen.items() if v is not None})
     # A budget stored before the ceiling was lowered (or imported) is cut to it, not refused.
     limit = settings.CHATBOT_MAX_NEW_TOKENS_LIMIT
     return dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, limit))
@@ -110,12 +112,52 @@ def post_message(*, conversation: Conversation, content: str) -> Exchange:
     return open_message_stream(conversation=conversation, content=content).run()
 
 
-def open_message_stream(*, conversation: Conversation, content: str) -> ReplyWriter:
-    """Store the user's message now; the returned writer answers it as it is iterated."""
+def open_message_stream(
+    *, conversation: Conversation, content: str, overrides: dict | None = None, labels=None
+) -> ReplyWriter:
+    """Store the user's message now; the returned writer answers it as it is iterated.
+    `overrides`: generation parameters for this reply only (see generation_params); `labels`:
+    what to keep with them."""
     with transaction.atomic():
         _ensure_idle(conversation)
         question = _save_user_message(conversation, content)
-        return _writer(conversation, question, new_question=True)
+        return _writer(
+            conversation, question, new_question=True, overrides=overrides, labels=labels
+        )
+
+
+def continue_transcript(
+    *,
+    owner,
+    api_key,
+    system_prompt: str,
+    messages: list[ChatMessage],
+    overrides: dict | None = None,
+    labels: dict | None = None,
+) -> ReplyWriter:
+    """Answer the last of `messages` (a user message), sent whole with the turns before it by a
+    program that keeps no state (OpenAI's chat completions). Stored in the conversation these
+    turns continue, or in a new one that holds them as given (transcripts.py says which)."""
+    *earlier, question = messages
+    with transaction.atomic():
+        conversation = transcripts.find_continued(
+            owner=owner, api_key=api_key, system_prompt=system_prompt, earlier=earlier
+        )
+        if conversation is None:
+            first = next(m["content"] for m in messages if m["role"] == Message.Role.USER)
+            quotas.check_room(owner=owner, texts=tuple(m["content"] for m in earlier))
+            conversation = create_conversation(
+                owner=owner, title=fallback_title(first), system_prompt=system_prompt
+            )
+            Conversation.objects.filter(pk=conversation.pk).update(api_key=api_key)
+            conversation.api_key = api_key
+            transcripts.store_turns(conversation, earlier)
+        return open_message_stream(
+            conversation=conversation,
+            content=question["content"],
+            overrides=overrides,
+            labels=labels,
+        )
 
 
 def start_conversation(
@@ -283,18 +325,36 @@ def _last_question(conversation: Conversation) -> Message | None:
     )
 
 
-def _writer(conversation: Conversation, question: Message, *, new_question=False) -> ReplyWriter:
+def _writer(
+    conversation: Conversation,
+    question: Message,
+    *,
+    new_question=False,
+    overrides=None,
+    labels=None,
+) -> ReplyWriter:
     """The writer of the reply to `question`, whose row it reserves (inside the caller's
     transaction). A question saved just now has no earlier replies to set aside."""
-    engine, params = get_engine(), generation_params(conversation)
+    engine, params = get_engine(), generation_params(conversation, overrides)
     return ReplyWriter(
         conversation=conversation,
         question=question,
-        reply=reserve_reply(question, engine=engine, params=params, new_question=new_question),
+        reply=reserve_reply(
+            question, engine=engine, params=params, new_question=new_question, labels=labels
+        ),
         engine=engine,
         params=params,
-        after_done=_write_title,
+        after_done=_after_reply,
+        labels=labels or {},
     )
+
+
+def _after_reply(writer: ReplyWriter) -> ReplyEvent | None:
+    """After a finished reply: a conversation sent whole by a program keeps the digest of its
+    turns (transcripts.py); then the model may name the conversation."""
+    if writer.conversation.api_key_id is not None:
+        transcripts.remember(writer.conversation)
+    return _write_title(writer)
 
 
 def _write_title(writer: ReplyWriter) -> ReplyEvent | None:

@@ -2,6 +2,7 @@
 `done` with the saved reply (or `error`), and `title` when the model has named the chat."""
 
 import json
+from collections.abc import Iterator
 
 from django.http import StreamingHttpResponse
 from rest_framework import renderers
@@ -40,50 +41,61 @@ def format_event(kind: str, data) -> str:
 def reply_response(request, writer: ReplyWriter, *, user_message=None) -> StreamingHttpResponse:
     """Stream `writer`'s reply. If the client goes away, the model is stopped and the partial
     reply is kept as cancelled."""
-    events = _ReplyEvents(writer, user_message, unwatch=watch_client(request, writer.stop))
-    response = StreamingHttpResponse(events, content_type=f"{EVENT_STREAM}; charset=utf-8")
+    unwatch = watch_client(request, writer.stop)
+    return stream_response(writer, _reply_events(writer, user_message), unwatch=unwatch)
+
+
+def stream_response(
+    writer: ReplyWriter, chunks: Iterator[str], *, unwatch
+) -> StreamingHttpResponse:
+    """`chunks` (the text of `writer`'s events, as a client reads them) as an event stream;
+    `unwatch` ends the watch on its client (disconnects.watch_client)."""
+    body = _StreamBody(writer, chunks, unwatch)
+    response = StreamingHttpResponse(body, content_type=f"{EVENT_STREAM}; charset=utf-8")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # tell proxies such as nginx not to buffer the stream
     return response
 
 
-class _ReplyEvents:
+class _StreamBody:
     """The events of one reply as a response body. The server closes the body when the client
     goes away or the stream ends; closing it also cancels a reply whose events were never
     read (a generator never started runs no cleanup of its own), so its reserved row does not
     keep the conversation busy."""
 
-    def __init__(self, writer: ReplyWriter, user_message, unwatch) -> None:
+    def __init__(self, writer: ReplyWriter, chunks: Iterator[str], unwatch) -> None:
         self.writer = writer
-        self.user_message = user_message
-        self._events = self._generate()
+        self._chunks = chunks
         self._unwatch = unwatch
 
     def __iter__(self):
-        return self._events
+        return self._chunks
 
     def close(self) -> None:
         self._unwatch()
-        self._events.close()
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
         self.writer.cancel_and_finish()  # (nothing more to a reply already finished)
 
-    def _generate(self):
-        writer, user_message = self.writer, self.user_message
-        if user_message is not None:
-            load_versions(user_message)  # an edit's new version: n of n
-            data = message_data(user_message)
-            data["conversation"] = str(user_message.conversation_id)
-            yield format_event("user_message", data)
-        for event in writer:
-            if event.kind == EventKind.DELTA:
-                yield format_event(event.kind, {"text": event.data})
-            elif event.kind == EventKind.DONE:
-                load_versions(event.data)
-                reply = message_data(event.data)
-                reply["html"] = str(render_markdown(event.data.content))
-                yield format_event(event.kind, reply)
-            elif event.kind == EventKind.ERROR:
-                reply = message_data(event.data)
-                yield format_event(event.kind, {"detail": event.detail, "reply": reply})
-            elif event.kind == EventKind.TITLE:
-                yield format_event(event.kind, {"title": event.data})
+
+def _reply_events(writer: ReplyWriter, user_message) -> Iterator[str]:
+    """The product's events: `user_message`, `delta`s, then `done` or `error`, and `title`."""
+    if user_message is not None:
+        load_versions(user_message)  # an edit's new version: n of n
+        data = message_data(user_message)
+        data["conversation"] = str(user_message.conversation_id)
+        yield format_event("user_message", data)
+    for event in writer:
+        if event.kind == EventKind.DELTA:
+            yield format_event(event.kind, {"text": event.data})
+        elif event.kind == EventKind.DONE:
+            load_versions(event.data)
+            reply = message_data(event.data)
+            reply["html"] = str(render_markdown(event.data.content))
+            yield format_event(event.kind, reply)
+        elif event.kind == EventKind.ERROR:
+            reply = message_data(event.data)
+            yield format_event(event.kind, {"detail": event.detail, "reply": reply})
+        elif event.kind == EventKind.TITLE:
+            yield format_event(event.kind, {"title": event.data})

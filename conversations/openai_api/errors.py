@@ -6,7 +6,7 @@ from django.http import JsonResponse
 from rest_framework import exceptions, status
 
 from ..api.errors import exception_handler as api_exception_handler
-from ..errors import ChatError
+from ..errors import ChatError, ContextOverflow
 
 # OpenAI's `type` for each status: what its clients and their users read.
 TYPES = {
@@ -49,6 +49,14 @@ def exception_handler(exc, context):
         return None
     if isinstance(exc, OpenAIError):
         param, code = exc.param, exc.error_code
+    elif isinstance(exc, exceptions.ValidationError):
+        param, message = first_problem(exc.detail)
+        response.data = error_body(message, response.status_code, param=param)
+        return response
+    elif isinstance(exc, ContextOverflow):
+        # OpenAI's clients know this one as a 400 with its code.
+        response.status_code = status.HTTP_400_BAD_REQUEST
+        param, code = "messages", "context_length_exceeded"
     else:
         param, code = None, next((c for t, c in CODES.items() if isinstance(exc, t)), None)
     if isinstance(exc, ChatError) or not isinstance(response.data, dict):
@@ -57,6 +65,29 @@ def exception_handler(exc, context):
         message = str(response.data.get("detail", exc))
     response.data = error_body(message, response.status_code, param=param, code=code)
     return response
+
+
+def first_problem(detail, param: str = "") -> tuple[str | None, str]:
+    """The first of DRF's nested validation errors, as OpenAI's `param` (`messages[1].role`)
+    and a sentence naming it."""
+    if isinstance(detail, dict):
+        for key, value in detail.items():
+            if key == "non_field_errors":
+                child = param
+            elif isinstance(key, int) or str(key).isdigit():
+                child = f"{param}[{key}]"
+            else:
+                child = f"{param}.{key}" if param else str(key)
+            if value:
+                return first_problem(value, child)
+    if isinstance(detail, list):
+        for index, value in enumerate(detail):
+            if isinstance(value, dict | list):
+                if value:
+                    return first_problem(value, f"{param}[{index}]")
+            else:
+                return param or None, f"{param}: {value}" if param else str(value)
+    return param or None, str(detail)
 
 
 def not_found(request) -> JsonResponse:

@@ -26,3 +26,35 @@ class OpenAIModelSerializer(serializers.Serializer):
 class OpenAIModelListSerializer(serializers.Serializer):
     object = serializers.ChoiceField(choices=["list"])
     data = OpenAIModelSerializer(many=True)
+
+
+class OpenAIChatCompletionMessageSerializer(serializers.Serializer):
+    role = serializers.ChoiceField(choices=["assistant"])
+    content = serializers.CharField(allow_blank=True)
+    refusal = serializers.CharField(allow_null=True)
+
+
+class OpenAIChatCompletionChoiceSerializer(serializers.Serializer):
+    index = serializers.IntegerField()
+    message = OpenAIChatCompletionMessageSerializer()
+    logprobs = serializers.JSONField(allow_null=True)
+    finish_reason = serializers.ChoiceField(choices=["stop", "length"])
+
+
+class OpenAIUsageSerializer(serializers.Serializer):
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    total_tokens = serializers.IntegerField()
+
+
+class OpenAIChatCompletionSerializer(serializers.Serializer):
+    id = serializers.CharField()
+    object = serializers.ChoiceField(choices=["chat.completion"])
+    created = serializers.IntegerField()
+    model = serializers.CharField()
+    choices = OpenAIChatCompletionChoiceSerializer(many=True)
+    usage = OpenAIUsageSerializer()
+    system_fingerprint = serializers.CharField(allow_null=True)
+    conversation = serializers.UUIDField(
+        help_text="Not OpenAI's: the stored conversation (the product's API and pages)."
+    )

@@ -2,7 +2,8 @@
 
 import time
 
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
@@ -11,8 +12,18 @@ from rest_framework.views import APIView
 from accounts.authentication import ApiKeyAuthentication, BearerKeyAuthentication
 
 from .. import services
-from . import errors
-from .serializers import OpenAIErrorSerializer, OpenAIModelListSerializer, OpenAIModelSerializer
+from ..api.streaming import EVENT_STREAM, stream_response
+from ..disconnects import run_while_connected, watch_client
+from ..replies import EventKind
+from ..throttles import MessageRateThrottle
+from . import completions, errors
+from .chat_requests import OpenAIChatCompletionRequestSerializer, parse_chat_request
+from .serializers import (
+    OpenAIChatCompletionSerializer,
+    OpenAIErrorSerializer,
+    OpenAIModelListSerializer,
+    OpenAIModelSerializer,
+)
 
 TAG = "OpenAI-compatible (/v1)"
 # OpenAI's model objects carry a creation time; ours is when this process began serving.
@@ -67,3 +78,58 @@ class ModelDetail(OpenAIView):
                 code="model_not_found",
             )
         return Response(model_object(model))
+
+
+class ChatCompletions(OpenAIView):
+    throttle_classes = [MessageRateThrottle]
+
+    @extend_schema(
+        operation_id="openai_chat_completions_create",
+        tags=[TAG],
+        request=OpenAIChatCompletionRequestSerializer,
+        responses={
+            200: OpenAIChatCompletionSerializer,
+            (200, EVENT_STREAM): OpenApiResponse(
+                response=OpenApiTypes.STR,
+                description="With `stream`: `chat.completion.chunk`s as `data:` lines, then "
+                "`data: [DONE]`.",
+            ),
+            404: OpenAIErrorSerializer,
+            409: OpenAIErrorSerializer,
+            503: OpenAIErrorSerializer,
+        },
+        description="OpenAI's chat completions. The exchange is stored: in the conversation "
+        "that the messages before the last continue (same key, same turns), else in a new "
+        "one holding them. The model's context is rebuilt from the database.",
+    )
+    def post(self, request):
+        chat = parse_chat_request(request.data)
+        writer = services.continue_transcript(
+            owner=request.user,
+            api_key=request.auth,
+            system_prompt=chat.system_prompt,
+            messages=chat.messages,
+            overrides=chat.overrides,
+            labels=chat.labels,
+        )
+        conversation = str(writer.conversation.pk)
+        if not chat.stream:
+            reply = run_while_connected(request, writer).reply
+            response = Response(completions.completion(reply))
+        else:
+            # The first event is awaited here, so that a reply that cannot be written (the
+            # model failed, the context is too long) is an error status, not a broken stream.
+            unwatch = watch_client(request, writer.stop)
+            try:
+                first = next(iter(writer))
+            except BaseException:
+                unwatch()
+                writer.cancel_and_finish()
+                raise
+            if first.kind == EventKind.ERROR:
+                unwatch()
+                raise writer.error
+            body = completions.chunks(writer, first, include_usage=chat.include_usage)
+            response = stream_response(writer, body, unwatch=unwatch)
+        response["X-Conversation-Id"] = conversation
+        return response
