@@ -74,6 +74,8 @@ class Conversation(models.Model):
     transcript_digest = models.CharField(  # noqa: DJ001 (see above)
         max_length=64, null=True, blank=True, editable=False, db_index=True
     )
+    # Up to 16 short strings a program keeps with it (OpenAI's conversation `metadata`).
+    metadata = models.JSONField(null=True, blank=True)
 
     objects = ConversationQuerySet.as_manager()
 

@@ -147,10 +147,11 @@ def continue_transcript(
             first = next(m["content"] for m in messages if m["role"] == Message.Role.USER)
             quotas.check_room(owner=owner, texts=tuple(m["content"] for m in earlier))
             conversation = create_conversation(
-                owner=owner, title=fallback_title(first), system_prompt=system_prompt
+                owner=owner,
+                title=fallback_title(first),
+                system_prompt=system_prompt,
+                api_key=api_key,
             )
-            Conversation.objects.filter(pk=conversation.pk).update(api_key=api_key)
-            conversation.api_key = api_key
             transcripts.store_turns(conversation, earlier)
         return open_message_stream(
             conversation=conversation,
@@ -182,6 +183,71 @@ def open_new_conversation(
     with transaction.atomic():
         conversation = create_conversation(owner=owner, title=title, system_prompt=system_prompt)
         return open_message_stream(conversation=conversation, content=content)
+
+
+def answer_items(
+    *,
+    owner,
+    api_key,
+    items: list[ChatMessage],
+    after: Message | None = None,
+    conversation: Conversation | None = None,
+    system_prompt: str | None = None,
+    overrides: dict | None = None,
+    labels: dict | None = None,
+) -> ReplyWriter:
+    """Store `items` (user and assistant messages, the last the user's) and answer the last
+    (OpenAI's responses): after the reply `after` (the conversation goes on from it; if turns
+    followed it there, a new conversation copies the turns up to it and goes on instead), in
+    `conversation`, or in a new conversation. A `system_prompt` given becomes the
+    conversation's."""
+    *earlier, question = items
+    with transaction.atomic():
+        if after is not None:
+            conversation = after.conversation
+            if transcripts.last_turn(conversation) != after.pk:
+                conversation = _copy_up_to(after)
+        if conversation is None:
+            first = next(m["content"] for m in items if m["role"] == Message.Role.USER)
+            conversation = create_conversation(
+                owner=owner,
+                title=fallback_title(first),
+                system_prompt=system_prompt or "",
+                api_key=api_key,
+            )
+        elif system_prompt is not None and system_prompt != conversation.system_prompt:
+            update_conversation(conversation=conversation, system_prompt=system_prompt)
+        if earlier:
+            _ensure_idle(conversation)
+            quotas.check_room(owner=owner, texts=tuple(m["content"] for m in earlier))
+            transcripts.store_turns(conversation, earlier)
+        return open_message_stream(
+            conversation=conversation,
+            content=question["content"],
+            overrides=overrides,
+            labels=labels,
+        )
+
+
+def _copy_up_to(reply: Message) -> Conversation:
+    """A new conversation of the same owner holding `reply`'s conversation's turns up to it."""
+    source = reply.conversation
+    # (The reply itself may be a version set aside since: it is taken as it is.)
+    earlier = transcripts.path_messages(source, before=reply)
+    turns = [
+        m
+        for m in [*earlier, {"role": reply.role, "content": reply.content}]
+        if m["content"].strip()
+    ]
+    copy = create_conversation(
+        owner=source.owner,
+        title=source.title,
+        system_prompt=source.system_prompt,
+        api_key=source.api_key,
+    )
+    quotas.check_room(owner=source.owner, texts=tuple(m["content"] for m in turns))
+    transcripts.store_turns(copy, turns)
+    return copy
 
 
 def regenerate(*, conversation: Conversation) -> ReplyWriter:
@@ -246,6 +312,26 @@ def delete_conversation(*, conversation: Conversation) -> None:
     first, so the model does not go on writing for a conversation that is gone."""
     stop_generation(conversation=conversation)
     conversation.delete()
+
+
+def add_messages(*, conversation: Conversation, messages: list[ChatMessage]) -> list[Message]:
+    """Store user and assistant messages at the end of a conversation, unanswered (OpenAI's
+    conversation items). Refused while a reply is being written in it."""
+    with transaction.atomic():
+        _ensure_idle(conversation)
+        quotas.check_room(owner=conversation.owner_id, texts=tuple(m["content"] for m in messages))
+        stored = transcripts.store_turns(conversation, messages)
+        Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
+    return stored
+
+
+def delete_messages(*, conversation: Conversation, messages) -> None:
+    """Delete messages of a conversation (with the replies to them): a reply among them that
+    is being written is stopped first."""
+    ids = [message.pk for message in messages]
+    if conversation.messages.filter(pk__in=ids, status=Message.Status.STREAMING).exists():
+        stop_generation(conversation=conversation)
+    conversation.messages.filter(pk__in=ids).delete()
 
 
 def interrupt_dead_replies(*, conversation: Conversation | None = None) -> int:

@@ -36,15 +36,25 @@ def digest(system_prompt: str, turns: Turns) -> str:
     return hashlib.sha256(document.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def stored_turns(conversation: Conversation) -> Turns:
-    """The conversation's turns as the model sees them again, in one query."""
-    rows = (
-        conversation.messages.active_path()
-        .filter(status__in=SEEN_STATUSES, role__in=[Message.Role.USER, Message.Role.ASSISTANT])
-        .order_by("created_at")
-        .values_list("role", "content")
+def path_messages(
+    conversation: Conversation, *, before: Message | None = None
+) -> list[ChatMessage]:
+    """The conversation's user and assistant messages that the model sees again (active path,
+    written replies), those before `before` if given, in one query."""
+    rows = conversation.messages.active_path().filter(
+        status__in=SEEN_STATUSES, role__in=[Message.Role.USER, Message.Role.ASSISTANT]
     )
-    return normalized([{"role": role, "content": content} for role, content in rows])
+    if before is not None:
+        rows = rows.filter(created_at__lt=before.created_at)
+    return [
+        {"role": role, "content": content}
+        for role, content in rows.order_by("created_at").values_list("role", "content")
+    ]
+
+
+def stored_turns(conversation: Conversation) -> Turns:
+    """The conversation's turns as a resent chat is compared with them."""
+    return normalized(path_messages(conversation))
 
 
 def find_continued(
@@ -65,6 +75,13 @@ def find_continued(
     return None
 
 
+def last_turn(conversation: Conversation):
+    """The id of the last message on the conversation's active path."""
+    return (
+        conversation.messages.active_path().order_by("-created_at").values_list("pk", flat=True)
+    ).first()
+
+
 def remember(conversation: Conversation) -> None:
     """Keep the digest of the conversation's turns as they stand now (after a reply)."""
     value = digest(conversation.system_prompt, stored_turns(conversation))
@@ -72,7 +89,7 @@ def remember(conversation: Conversation) -> None:
     conversation.transcript_digest = value
 
 
-def store_turns(conversation: Conversation, messages: list[ChatMessage]) -> None:
+def store_turns(conversation: Conversation, messages: list[ChatMessage]) -> list[Message]:
     """Store a new conversation's earlier turns as the program gave them: an assistant
     message right after a user message as the reply to it (one more in a row stands alone).
     Their times are a microsecond apart, just before now, so that they come before the message
@@ -94,4 +111,4 @@ def store_turns(conversation: Conversation, messages: list[ChatMessage]) -> None
             question = None
         rows.append(row)
     with transaction.atomic(savepoint=False):
-        Message.objects.bulk_create(rows)
+        return Message.objects.bulk_create(rows)

@@ -11,10 +11,18 @@ from benchmarks.server import BenchServer
 
 EXAMPLES_PER_OPERATION = 15
 # What the schema cannot say: credentials that fit it are still wrong ones (the token endpoint
-# answers 400), an uploaded export must be one (the import answers 400), and a chat completion's
-# messages must end with the user's and name a served model (400, 404). The check that
-# schema-valid data is accepted is left out for these operations only.
-SEMANTIC_INPUT = ("/api/token/", "/api/conversations/import/", "/v1/chat/completions")
+# answers 400), an uploaded export must be one (the import answers 400), and OpenAI's messages
+# and items under /v1 must come in an order (system and developer ones first, the user's last
+# where the model answers) and name a served model (400, 404). The check that schema-valid data
+# is accepted is left out for these operations only.
+SEMANTIC_INPUT = (
+    "/api/token/",
+    "/api/conversations/import/",
+    "/v1/chat/completions",
+    "/v1/responses",
+    "/v1/conversations",
+    "/v1/conversations/{conversation_id}/items",
+)
 
 
 @pytest.fixture(scope="module")

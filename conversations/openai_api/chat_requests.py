@@ -52,19 +52,20 @@ ROLES = ("system", "developer", "user", "assistant")
 INSTRUCTION_ROLES = ("system", "developer")
 
 
-def _refuse_unknown(data: dict, known, where: str = "") -> None:
-    """A key that is neither a field nor a neutral parameter is refused by name."""
+def refuse_unknown(data: dict, known, neutral=NEUTRAL) -> None:
+    """A key that is neither a field nor a `neutral` parameter at its neutral value is refused
+    by name."""
     for key, value in data.items():
         if key in known:
             continue
-        param = f"{where}.{key}" if where else key
-        if not where and key in NEUTRAL:
-            accepts, reason = NEUTRAL[key]
+        param = key
+        if key in neutral:
+            accepts, reason = neutral[key]
             try:
-                neutral = accepts(value)
+                asks_nothing = accepts(value)
             except TypeError:
-                neutral = False
-            if not neutral:
+                asks_nothing = False
+            if not asks_nothing:
                 raise OpenAIError(reason, param=param, code="unsupported_parameter")
             continue
         raise OpenAIError(
@@ -200,7 +201,7 @@ class OpenAIChatCompletionRequestSerializer(serializers.Serializer):
 
     def to_internal_value(self, data):
         if isinstance(data, dict):
-            _refuse_unknown(data, self.fields)
+            refuse_unknown(data, self.fields)
         return super().to_internal_value(data)
 
 
@@ -219,19 +220,7 @@ class ChatRequest:
 
 def parse_chat_request(data: Any) -> ChatRequest:
     """The request as the services take it; OpenAIError (400, 404) naming what is wrong."""
-    if not isinstance(data, dict):
-        raise OpenAIError("The request body must be a JSON object.")
-    serializer = OpenAIChatCompletionRequestSerializer(data=data)
-    serializer.is_valid(raise_exception=True)
-    checked = serializer.validated_data
-    if checked["model"] not in services.served_models():
-        raise OpenAIError(
-            f"The model '{checked['model']}' does not exist here; GET /v1/models lists those "
-            "served.",
-            status_code=404,
-            param="model",
-            code="model_not_found",
-        )
+    checked = checked_request(OpenAIChatCompletionRequestSerializer, data)
     if checked.get("stream_options") and not checked["stream"]:
         raise OpenAIError(
             "stream_options is only allowed when stream is true.", param="stream_options"
@@ -243,9 +232,29 @@ def parse_chat_request(data: Any) -> ChatRequest:
         messages=messages,
         stream=checked["stream"],
         include_usage=bool((checked.get("stream_options") or {}).get("include_usage")),
-        overrides=_overrides(checked),
+        overrides=generation_overrides(checked, ("max_completion_tokens", "max_tokens")),
         labels={"user": checked["user"]} if checked.get("user") else {},
     )
+
+
+def checked_request(serializer_class, data: Any) -> dict:
+    """A request body checked by `serializer_class`, whose `model` is the served one."""
+    if not isinstance(data, dict):
+        raise OpenAIError("The request body must be a JSON object.")
+    serializer = serializer_class(data=data)
+    serializer.is_valid(raise_exception=True)
+    check_model(serializer.validated_data["model"])
+    return serializer.validated_data
+
+
+def check_model(name: str) -> None:
+    if name not in services.served_models():
+        raise OpenAIError(
+            f"The model '{name}' does not exist here; GET /v1/models lists those served.",
+            status_code=404,
+            param="model",
+            code="model_not_found",
+        )
 
 
 def _split_instructions(messages: list[dict]) -> tuple[str, list[ChatMessage]]:
@@ -255,7 +264,7 @@ def _split_instructions(messages: list[dict]) -> tuple[str, list[ChatMessage]]:
     while start < len(messages) and messages[start]["role"] in INSTRUCTION_ROLES:
         start += 1
     system_prompt = "\n\n".join(m["content"] for m in messages[:start] if m["content"].strip())
-    _check_text(system_prompt, "messages", limit=Conversation.MAX_SYSTEM_PROMPT_CHARS)
+    check_text(system_prompt, "messages", limit=Conversation.MAX_SYSTEM_PROMPT_CHARS)
     turns: list[ChatMessage] = []
     for index, message in enumerate(messages[start:], start):
         if message["role"] in INSTRUCTION_ROLES:
@@ -264,7 +273,7 @@ def _split_instructions(messages: list[dict]) -> tuple[str, list[ChatMessage]]:
                 "before the user's and the assistant's.",
                 param=f"messages[{index}].role",
             )
-        _check_text(message["content"], f"messages[{index}].content")
+        check_text(message["content"], f"messages[{index}].content")
         turns.append({"role": message["role"], "content": message["content"]})
     if not turns or turns[-1]["role"] != "user":
         raise OpenAIError(
@@ -278,7 +287,7 @@ def _split_instructions(messages: list[dict]) -> tuple[str, list[ChatMessage]]:
     return system_prompt, turns
 
 
-def _check_text(text: str, param: str, *, limit: int | None = None) -> None:
+def check_text(text: str, param: str, *, limit: int | None = None) -> None:
     """A stored text's limits (validate_message_content's, an empty text aside)."""
     if not text.strip():
         return
@@ -295,12 +304,11 @@ def _check_text(text: str, param: str, *, limit: int | None = None) -> None:
         raise OpenAIError("Text must not contain NUL characters.", param=param)
 
 
-def _overrides(checked: dict) -> dict[str, Any]:
-    """The generation parameters the request sets for its reply."""
-    budget = checked.get("max_completion_tokens")
-    param = "max_completion_tokens"
-    if budget is None:
-        budget, param = checked.get("max_tokens"), "max_tokens"
+def generation_overrides(checked: dict, budgets: tuple[str, ...]) -> dict[str, Any]:
+    """The generation parameters a request sets for its reply; its reply budget is the first
+    of the `budgets` parameters it gives."""
+    param = next((name for name in budgets if checked.get(name) is not None), budgets[0])
+    budget = checked.get(param)
     if budget is not None:
         try:
             Conversation.validate_max_new_tokens(budget)

@@ -58,3 +58,45 @@ class OpenAIChatCompletionSerializer(serializers.Serializer):
     conversation = serializers.UUIDField(
         help_text="Not OpenAI's: the stored conversation (the product's API and pages)."
     )
+
+
+class OpenAIMetadataField(serializers.DictField):
+    def __init__(self, **kwargs):
+        super().__init__(
+            child=serializers.CharField(max_length=512, allow_blank=True),
+            required=False,
+            help_text="Up to 16 keys (at most 64 characters) and string values (at most 512).",
+            **kwargs,
+        )
+
+
+class OpenAIItemSerializer(serializers.Serializer):
+    type = serializers.ChoiceField(choices=["message"], required=False)
+    role = serializers.ChoiceField(choices=["system", "developer", "user", "assistant"])
+    content = serializers.JSONField(help_text="Text, or a list of text parts.")
+
+
+class OpenAIConversationCreateRequestSerializer(serializers.Serializer):
+    items = OpenAIItemSerializer(many=True, required=False, max_length=20)
+    metadata = OpenAIMetadataField()
+
+
+class OpenAIConversationUpdateRequestSerializer(serializers.Serializer):
+    metadata = OpenAIMetadataField()
+
+
+class OpenAIConversationItemsRequestSerializer(serializers.Serializer):
+    items = OpenAIItemSerializer(many=True, max_length=20)
+
+
+class OpenAIConversationSerializer(serializers.Serializer):
+    id = serializers.CharField()
+    object = serializers.ChoiceField(choices=["conversation"])
+    created_at = serializers.IntegerField()
+    metadata = serializers.DictField(child=serializers.CharField())
+
+
+class OpenAIDeletedSerializer(serializers.Serializer):
+    id = serializers.CharField()
+    object = serializers.CharField()
+    deleted = serializers.BooleanField()

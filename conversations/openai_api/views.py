@@ -17,7 +17,11 @@ from ..disconnects import run_while_connected, watch_client
 from ..replies import EventKind
 from ..throttles import MessageRateThrottle
 from . import completions, errors
-from .chat_requests import OpenAIChatCompletionRequestSerializer, parse_chat_request
+from .chat_requests import (
+    OpenAIChatCompletionRequestSerializer,
+    check_model,
+    parse_chat_request,
+)
 from .serializers import (
     OpenAIChatCompletionSerializer,
     OpenAIErrorSerializer,
@@ -40,6 +44,23 @@ class OpenAIView(APIView):
 
     def get_exception_handler(self):
         return errors.exception_handler
+
+
+def first_event(request, writer):
+    """The first event of `writer`'s reply, awaited before the answer starts, so that a reply
+    that cannot be written (the model failed, the context is too long) is an error status,
+    not a broken stream; and the function that ends the watch on the client."""
+    unwatch = watch_client(request, writer.stop)
+    try:
+        first = next(iter(writer))
+    except BaseException:
+        unwatch()
+        writer.cancel_and_finish()
+        raise
+    if first.kind == EventKind.ERROR:
+        unwatch()
+        raise writer.error
+    return first, unwatch
 
 
 def model_object(name: str) -> dict:
@@ -70,13 +91,7 @@ class ModelDetail(OpenAIView):
         description="One served model by its name (OpenAI's `GET /v1/models/{model}`).",
     )
     def get(self, request, model: str):
-        if model not in services.served_models():
-            raise errors.OpenAIError(
-                f"The model '{model}' does not exist here; GET /v1/models lists those served.",
-                status_code=404,
-                param="model",
-                code="model_not_found",
-            )
+        check_model(model)
         return Response(model_object(model))
 
 
@@ -117,18 +132,7 @@ class ChatCompletions(OpenAIView):
             reply = run_while_connected(request, writer).reply
             response = Response(completions.completion(reply))
         else:
-            # The first event is awaited here, so that a reply that cannot be written (the
-            # model failed, the context is too long) is an error status, not a broken stream.
-            unwatch = watch_client(request, writer.stop)
-            try:
-                first = next(iter(writer))
-            except BaseException:
-                unwatch()
-                writer.cancel_and_finish()
-                raise
-            if first.kind == EventKind.ERROR:
-                unwatch()
-                raise writer.error
+            first, unwatch = first_event(request, writer)
             body = completions.chunks(writer, first, include_usage=chat.include_usage)
             response = stream_response(writer, body, unwatch=unwatch)
         response["X-Conversation-Id"] = conversation
