@@ -45,7 +45,9 @@ class FakeStream:
         engine.calls.append(self.messages)
         if engine.fail_with is not None and engine.fail_after is None:
             raise engine.fail_with
-        words = engine.reply_for(self.messages).split(" ")[: self.params.max_new_tokens]
+        words = engine.reply_for(self.messages).split(" ")
+        cut = len(words) > self.params.max_new_tokens  # the budget ends the reply
+        words = words[: self.params.max_new_tokens]
         sent: list[str] = []
         try:
             for i, word in enumerate(words):
@@ -67,7 +69,11 @@ class FakeStream:
                 ttft_ms=5,
                 total_ms=20,
                 finish_reason=(
-                    FinishReason.CANCELLED if self.cancelled.is_set() else FinishReason.STOP
+                    FinishReason.CANCELLED
+                    if self.cancelled.is_set()
+                    else FinishReason.LENGTH
+                    if cut
+                    else FinishReason.STOP
                 ),
             )
 

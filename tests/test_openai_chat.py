@@ -312,7 +312,7 @@ def test_stop_sequences_end_the_reply_without_them(client, fake_engine):
 
 
 def test_the_requests_parameters_are_used_for_its_reply_only(client, fake_engine):
-    chat(
+    completion = chat(
         client,
         fake_engine.model_name,
         [{"role": "user", "content": "a b c d e f"}],
@@ -323,6 +323,7 @@ def test_the_requests_parameters_are_used_for_its_reply_only(client, fake_engine
     reply = Message.objects.get(role="assistant")
     params = reply.generation_params
     assert (params["temperature"], params["top_p"], params["max_new_tokens"]) == (1.5, 0.5, 3)
+    assert completion.choices[0].finish_reason == "length"
     assert reply.content == "Echo: a b"
     conversation = reply.conversation
     assert conversation.temperature is None and conversation.max_new_tokens is None

@@ -198,6 +198,26 @@ def test_each_event_is_an_event_line_and_a_data_line(live_server, key, model):
     assert blocks[-1].startswith("event: response.completed")
 
 
+def test_a_stream_cut_by_max_output_tokens_ends_incomplete(live_server, key, model):
+    response = httpx.post(
+        f"{live_server.url}/v1/responses",
+        json={"model": model, "input": "a b c d", "stream": True, "max_output_tokens": 2},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+    )
+    events = [
+        json.loads(block.split("\n")[1].removeprefix("data: "))
+        for block in response.text.split("\n\n")
+        if block
+    ]
+    last = events[-1]
+    assert last["type"] == "response.incomplete"
+    assert last["response"]["status"] == "incomplete"
+    assert last["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert last["response"]["output"][0]["content"][0]["text"] == "Echo: a"
+    assert last["response"]["usage"]["output_tokens"] == 2
+
+
 def test_a_failure_while_streaming_is_an_error_then_response_failed(
     live_server, key, model, fake_engine
 ):
