@@ -54,7 +54,7 @@ def test_real_model_answers_a_factual_question(real_engine):
     assert "<|im_end|>" not in generation.text
 
 
-def test_memory_comes_from_the_database_after_a_restart(db, owner, real_engine):
+def test_memory_comes_from_the_database_after_a_restart(transactional_db, owner, real_engine):
     conversation = services.create_conversation(owner=owner)
     Message.objects.create(conversation=conversation, role="user", content=FACT)
     Message.objects.create(conversation=conversation, role="assistant", content=ACK)
@@ -236,7 +236,9 @@ def test_a_follow_up_reuses_every_position_of_the_reply_the_model_wrote(real_eng
     assert follow_up.result.completion_tokens > 0
 
 
-def test_a_saved_reply_is_reused_whole_by_the_follow_up(db, owner, settings, real_engine):
+def test_a_saved_reply_is_reused_whole_by_the_follow_up(
+    transactional_db, owner, settings, real_engine
+):
     """The same through the database, as the server does it: the reply saved, the history
     rebuilt from the stored messages, the follow-up's prompt tokenized from that text. The
     reply here ends with the end of its turn."""

@@ -202,7 +202,7 @@ def test_greedy_generation_is_deterministic(tiny_engine):
     assert (second.text, second.completion_tokens) == (first.text, first.completion_tokens)
 
 
-def test_seq2seq_blenderbot_path(db, owner, tiny_blenderbot_dir, tmp_path):
+def test_seq2seq_blenderbot_path(transactional_db, owner, tiny_blenderbot_dir, tmp_path):
     engine = Engine(model=str(tiny_blenderbot_dir), cache_dir=tmp_path)
     loaded = engine.load()
     assert loaded.is_seq2seq
