@@ -1,10 +1,13 @@
-"""Decode speed, single stream: 128 new tokens, greedy, the same prompt, three contenders.
+"""Decode speed, single stream: 128 new tokens, greedy, the same prompt, four contenders.
 
 - the engine, through its public interface (Engine.generate), with the product's parameters;
+- the engine as on a CPU with AVX2 and no AVX-512 (torch limited to AVX2, our AVX2 kernels:
+  workers.AVX2_ENV);
 - the naive baseline: plain `model.generate` in fp32 from the cached safetensors directory,
   `generate(max_new_tokens=128, min_new_tokens=128, do_sample=False)`;
 - llama.cpp (llama-cpp-python) on the same bundled GGUF, 2 threads, the GGUF's chat template,
-  temperature 0, max_tokens=128.
+  temperature 0, max_tokens=128, built for AVX2 + FMA (llama_env.py): the AVX2-only engine's
+  match, and a floor for the engine with AVX-512.
 
 Each contender runs in its own process (workers.py) and warms up first; then the rounds
 interleave the contenders, so a slow moment of the machine hits all of them alike. Tokens/s =
@@ -23,8 +26,9 @@ KEY = "decode"
 NEW_TOKENS = 128
 WARMUP_TOKENS = 32
 ENGINE = "engine"
+ENGINE_AVX2 = "engine, AVX2 only"
 GENERATE = "transformers generate (fp32)"
-LLAMA = "llama.cpp (same GGUF)"
+LLAMA = "llama.cpp AVX2 build (same GGUF)"
 
 
 def run(report: Report, quick: bool) -> None:
@@ -34,9 +38,11 @@ def run(report: Report, quick: bool) -> None:
     runs: dict[str, list[dict]] = {}
     with ExitStack() as stack:
         engine = stack.enter_context(workers.engine_worker())
+        avx2 = stack.enter_context(workers.engine_worker(env=workers.AVX2_ENV))
         reference = stack.enter_context(workers.reference_worker())
         contenders = {
             ENGINE: lambda n: engine.request(op="generate", messages=messages, max_new_tokens=n),
+            ENGINE_AVX2: lambda n: avx2.request(op="generate", messages=messages, max_new_tokens=n),
             GENERATE: lambda n: reference.request(
                 op="generate", messages=messages, max_new_tokens=n, min_new_tokens=n
             ),
@@ -73,10 +79,18 @@ def run(report: Report, quick: bool) -> None:
 
     versus_llama = common.ratio(speeds[ENGINE], speeds.get(LLAMA))
     section.data["engine_vs_llama_cpp"] = versus_llama
+    avx2_vs_llama = common.ratio(speeds[ENGINE_AVX2], speeds.get(LLAMA))
+    section.data["engine_avx2_vs_llama_cpp_avx2"] = avx2_vs_llama
     section.data["engine_vs_generate"] = common.ratio(speeds[ENGINE], speeds[GENERATE])
     report.target(
         "Single-stream decode vs llama.cpp (same GGUF, same run)",
         ">= 1.0x",
         fmt_ratio(versus_llama),
         None if versus_llama is None else versus_llama >= 1.0,
+    )
+    report.target(
+        "Single-stream decode, both AVX2 only: engine vs llama.cpp (same GGUF, same run)",
+        ">= 1.0x",
+        fmt_ratio(avx2_vs_llama),
+        None if avx2_vs_llama is None else avx2_vs_llama >= 1.0,
     )

@@ -10,6 +10,7 @@ slower.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,9 +63,19 @@ class WorkerProcess:
         self.close()
 
 
-def engine_worker() -> WorkerProcess:
-    """The product's engine (built from settings as the server builds it)."""
-    return WorkerProcess([sys.executable, "-m", "benchmarks.contender", "engine"])
+# The engine as it runs on a CPU with AVX2 and no AVX-512: torch limited to AVX2, our AVX2 kernels.
+AVX2_ENV = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "CHATBOT_NATIVE_KERNELS": "avx2",
+}
+
+
+def engine_worker(*, env: dict | None = None) -> WorkerProcess:
+    """The product's engine (built from settings as the server builds it), with `env` added to
+    its environment."""
+    command = [sys.executable, "-m", "benchmarks.contender", "engine"]
+    return WorkerProcess(command, env={**os.environ, **env} if env else None)
 
 
 def reference_worker() -> WorkerProcess:

@@ -62,6 +62,19 @@ def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def env_kernels(name: str) -> str:
+    """Which kernels of our own to use: `true` (the best the CPU has), `false` (torch's), or an
+    instruction set by name (`avx2`, `avx512`)."""
+    value = env_str(name).lower()
+    if not value or value in TRUE_WORDS:
+        return "true"
+    if value in FALSE_WORDS:
+        return "false"
+    if value in ("avx2", "avx512"):
+        return value
+    raise ImproperlyConfigured(f"{name}={value!r}: use true, false, avx2 or avx512.")
+
+
 def env_list(name: str, default: str = "") -> list[str]:
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
 

@@ -12,7 +12,16 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from .env import env_batch_size, env_bool, env_choice, env_float, env_int, env_list, env_str
+from .env import (
+    env_batch_size,
+    env_bool,
+    env_choice,
+    env_float,
+    env_int,
+    env_kernels,
+    env_list,
+    env_str,
+)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("CHATBOT_VAR_DIR") or BASE_DIR / "var")
@@ -301,7 +310,7 @@ CHATBOT_WEIGHTS = env_choice("CHATBOT_WEIGHTS", "int4", ("int4", "int8", "bf16",
 # Kernels of our own for the quantized matrix products (int4 layers, int8 head) and decode-step
 # attention, compiled into the model cache at first load, on CPUs with AVX-512 BF16 and VNNI
 # (elsewhere, or off, or if they cannot be built: torch's kernels).
-CHATBOT_NATIVE_KERNELS = env_bool("CHATBOT_NATIVE_KERNELS", True)
+CHATBOT_NATIVE_KERNELS = env_kernels("CHATBOT_NATIVE_KERNELS")
 CHATBOT_BATCH_SIZE = env_batch_size()
 # A reply being written whose server has shown no sign of life for this long (its writer renews
 # a lease on the row every third of it) is taken as dead and marked interrupted.

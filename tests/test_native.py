@@ -23,9 +23,18 @@ from tests.processes import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_cpu = pytest.mark.skipif(
-    not native.supported(),
+    not native.supported(native.AVX512),
     reason="no AVX-512 BF16 and VNNI here (the CPU lacks them or torch is limited to less)",
 )
+# The quantized products are built for AVX2 too: they run wherever either set does. They are
+# tested again in `make test`'s pass with torch limited to AVX2 (marked `engine`), where the
+# AVX2 ones are loaded, so an AVX-512 machine tests both.
+needs_products = [
+    pytest.mark.skipif(
+        native.choose("true") is None, reason="neither AVX-512 BF16 and VNNI nor AVX2 here"
+    ),
+    pytest.mark.engine,
+]
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +170,8 @@ def int8_rounded(x):
     return (levels * (peak / 127)).view(x.shape)
 
 
-@needs_cpu
+@needs_products[0]
+@needs_products[1]
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize(("outputs", "inputs"), [(960, 576), (576, 1536), (16, 32)])
 def test_the_quantized_products_compute_the_matrix_product(kernel, bits, outputs, inputs):
@@ -192,7 +202,8 @@ def test_the_quantized_products_compute_the_matrix_product(kernel, bits, outputs
             assert torch.equal(out, alone)
 
 
-@needs_cpu
+@needs_products[0]
+@needs_products[1]
 @pytest.mark.parametrize("bits", [4, 8])
 def test_the_quantized_products_are_exact_where_int8_holds_the_inputs(kernel, bits):
     """Inputs that int8 holds exactly (integers, each group's largest 127) and power-of-two
@@ -208,7 +219,8 @@ def test_the_quantized_products_are_exact_where_int8_holds_the_inputs(kernel, bi
     assert torch.equal(out, (x.double() @ dense.double().T).to(result_type))
 
 
-@needs_cpu
+@needs_products[0]
+@needs_products[1]
 @pytest.mark.parametrize("bits", [4, 8])
 def test_the_quantized_products_refuse_what_they_cannot_compute_with_a_clear_error(kernel, bits):
     multiply, _ = product(bits)
@@ -259,7 +271,7 @@ def test_a_matrix_the_quantized_products_cannot_take_goes_to_torchs_kernels():
     assert type(head(weight, "int4", native_int8=True)) is FbgemmInt8Head
 
 
-@needs_cpu
+@needs_products[0]
 def test_the_kernel_is_built_into_the_cache_once_and_loaded_from_there(tmp_path):
     """In fresh processes, as at a first start and the starts after it: two starting at once
     over the lock file a build killed midway left behind (torch's own lock would wait for it
@@ -272,7 +284,8 @@ def test_the_kernel_is_built_into_the_cache_once_and_loaded_from_there(tmp_path)
         "cpp_extension.load = None if sys.argv[2] == 'no-build' else cpp_extension.load;"
         "print(native.load(sys.argv[1]))"
     )
-    built = tmp_path / "kernels" / native.TARGET
+    target = native.choose("true")
+    built = tmp_path / "kernels" / target.folder
     built.mkdir(parents=True)
     (built / "lock").touch()
 
@@ -300,7 +313,7 @@ def test_the_kernel_is_built_into_the_cache_once_and_loaded_from_there(tmp_path)
     (built / "stamp").write_text("other sources")
     assert results([start("no-build")]) == ["False"]  # (it would have to build)
     assert results([start()]) == ["True"]  # (cpp_extension finds its build current)
-    assert (built / "stamp").read_text() == native._stamp()
+    assert (built / "stamp").read_text() == native._stamp(target)
 
 
 @pytest.fixture
@@ -309,6 +322,7 @@ def kernels_not_loaded(monkeypatch):
     library loaded into a process cannot be unloaded, so the module's record of it is what is
     patched (and put back after the test); the product has no reason to forget it."""
     monkeypatch.setattr(native, "_loaded", None)
+    monkeypatch.setattr(native, "_loaded_target", None)
 
 
 @pytest.mark.usefixtures("kernels_not_loaded")
@@ -318,14 +332,14 @@ def test_where_the_kernels_cannot_be_built_the_decoder_uses_torchs(monkeypatch, 
     def no_compiler(**_):
         raise RuntimeError("Ninja is required to load C++ extensions")
 
-    monkeypatch.setattr(native, "supported", lambda: True)
+    monkeypatch.setattr(native, "supported", lambda target: True)
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     with caplog.at_level(logging.WARNING, logger=native.__name__):
         assert native.load(tmp_path) is False
     assert "Could not build our kernels" in caplog.text
     assert "Ninja is required" in caplog.text
 
-    monkeypatch.setattr(native, "supported", lambda: False)
+    monkeypatch.setattr(native, "supported", lambda target: False)
     assert native.load(tmp_path) is False
 
 
@@ -384,7 +398,7 @@ def test_decode_steps_of_the_real_model_score_a_text_as_with_torch_attention(def
     assert similarity.mean() > 0.998 and similarity.min() > 0.95
 
 
-@needs_cpu
+@needs_products[0]
 @pytest.mark.model
 @pytest.mark.parametrize("rows", [1, 8])
 def test_decode_steps_of_the_real_model_score_a_text_as_with_torchs_kernels(
@@ -393,7 +407,7 @@ def test_decode_steps_of_the_real_model_score_a_text_as_with_torchs_kernels(
     """One reply, or eight, read a text one token a step: with our quantized products (inputs
     rounded to int8 in groups of 32) the scores are those of torch's kernels (int4 on bf16
     inputs; FBGEMM's int8 for the head, and at eight rows for query-key-value and gate-up) but
-    for rounding."""
+    for rounding. (Run for the AVX2 products in `make test`'s pass with torch limited to AVX2.)"""
     assert type(default_engine.decoder.layers[0].qkv) is weights.NativeInt4Linear
     assert type(torch_kernels_engine.decoder.layers[0].qkv) is weights.Int4Linear
     parts, targets = text_parts(default_engine, rows)
@@ -436,31 +450,41 @@ def test_the_setting_turns_the_kernels_off(torch_kernels_engine, request):
         )
 
     assert off.scheduler.call(lambda: calls(off)).result() == ((0, 1, 0, 4), (0, 1))
-    if native.supported():
+    if native.choose("true") is not None:
         on = request.getfixturevalue("default_engine")
-        assert on.scheduler.call(lambda: calls(on)).result() == ((1, 0, 4, 0), (1, 0))
+        ours = 1 if native.loaded_target().attention else 0  # (attention: AVX-512's only)
+        assert on.scheduler.call(lambda: calls(on)).result() == ((ours, 1 - ours, 4, 0), (1, 0))
 
 
 @pytest.mark.model
 def test_each_kernel_path_tested_is_the_one_the_engine_runs(real_engine, request):
     """The real-model tests run on each path of conftest.KERNEL_PATHS: ours (every layer's
-    products and decode attention) or torch's alone. With torch limited to less than AVX-512
-    (the run of `make test` with ATEN_CPU_CAPABILITY=avx2, as on a CPU without it), only
-    torch's, and no kernel of ours is loaded into the process."""
+    products, and decode attention with AVX-512) or torch's alone. With torch limited to AVX2
+    (the run of `make test` with ATEN_CPU_CAPABILITY=avx2, as on a CPU without AVX-512), ours
+    are the AVX2 products, with torch's attention."""
     path = request.node.callspec.params["real_engine"]
     decoder, ours = real_engine.decoder, path == "ours"
-    assert decoder.native is ours and decoder.native_attention is ours
+    capability = torch.backends.cpu.get_cpu_capability()
+    target = native.AVX512 if capability == "AVX512" else native.AVX2
+    assert decoder.native is ours and decoder.native_attention is (ours and target.attention)
     expected = weights.NativeInt4Linear if ours else weights.Int4Linear
     assert {type(layer.qkv) for layer in decoder.layers} == {expected}
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        assert path == "torch" and not native.is_loaded()
+    if ours:
+        assert native.loaded_target() is target
 
 
 @pytest.mark.usefixtures("kernels_not_loaded")
-def test_torch_limited_to_less_than_avx512_rules_our_kernels_out(monkeypatch):
+def test_torch_limited_to_less_chooses_the_kernels_for_that(monkeypatch, tmp_path):
+    """ATEN_CPU_CAPABILITY rules out what torch is limited from, for ours too: AVX2 leaves the
+    AVX2 kernels, less leaves none. A named set the CPU (or torch) lacks is none either."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert not native.supported()
-    assert native.load(settings.CHATBOT_MODEL_CACHE) is False
+    assert not native.supported(native.AVX512)
+    assert native.choose("avx512") is None and native.choose("false") is None
+    if torch.cpu._is_avx2_supported():
+        assert native.choose("true") is native.choose("avx2") is native.AVX2
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert native.choose("true") is None and native.choose("avx2") is None
+    assert native.load(tmp_path) is False
 
 
 AVX2_ENGINE = """
@@ -471,10 +495,10 @@ engine = Engine(model="", cache_dir=sys.argv[1])
 messages = [{"role": "user", "content": "What is the capital of France?"}]
 answer = engine.generate(messages, GenerationParams(max_new_tokens=16)).text
 decoder = engine.decoder
+target = native.loaded_target()
 print(json.dumps({
     "capability": torch.backends.cpu.get_cpu_capability(),
-    "supported": native.supported(),
-    "loaded": native.is_loaded(),
+    "kernels": target.name if target else None,
     "ours": [decoder.native, decoder.native_attention],
     "formats": sorted({type(layer.qkv).__name__ for layer in decoder.layers}),
     "paris": "Paris" in answer,
@@ -483,17 +507,25 @@ print(json.dumps({
 
 
 @pytest.mark.model
-def test_with_torch_limited_to_avx2_the_engine_answers_on_torchs_kernels():
-    """An operator who limits torch to AVX2 (or a CPU without AVX-512) gets torch's kernels
-    only, with the default setting, and the model answers."""
-    limited = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [
+        ("avx2", {"kernels": "avx2", "ours": [True, False], "formats": ["NativeInt4Linear"]}),
+        ("default", {"kernels": None, "ours": [False, False], "formats": ["Int4Linear"]}),
+    ],
+)
+def test_with_torch_limited_the_engine_answers_on_the_kernels_left(capability, expected):
+    """An operator who limits torch to AVX2 (or a CPU without AVX-512) gets our AVX2 products
+    and torch's attention, with the default setting; limited to less than AVX2, torch's
+    kernels only. The model answers either way."""
+    if capability == "avx2" and not torch.cpu._is_avx2_supported():
+        pytest.skip("no AVX2 here")
+    onednn = {"avx2": "AVX2", "default": "SSE41"}[capability]
+    limited = {"ATEN_CPU_CAPABILITY": capability, "ONEDNN_MAX_CPU_ISA": onednn}
     result = run_python("-c", AVX2_ENGINE, str(settings.CHATBOT_MODEL_CACHE), env=limited)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {
-        "capability": "AVX2",
-        "supported": False,
-        "loaded": False,
-        "ours": [False, False],
-        "formats": ["Int4Linear"],
+        "capability": capability.upper(),
+        **expected,
         "paris": True,
     }

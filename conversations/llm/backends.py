@@ -100,6 +100,7 @@ class DecoderBackend(Backend):
         limit: int,
         slot_bytes: int,
         kernels: Path | None,
+        kernel_set: str = "true",
     ) -> None:
         from . import calibration, decoder
 
@@ -117,6 +118,7 @@ class DecoderBackend(Backend):
                 loaded.tokenizer.apply_chat_template(calibration.CALIBRATION, tokenize=False)
             ),
             kernels=kernels,
+            kernel_set=kernel_set,
         )
         scheduler.decoder = self.decoder
 

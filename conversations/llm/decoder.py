@@ -62,6 +62,7 @@ class LlamaDecoder:
         release: bool = False,
         calibration: list[int] | None = None,
         kernels: Path | str | None = None,
+        kernel_set: str = "true",
     ):
         """With `release`, each layer's own linear weights are dropped from `model` once the
         decoder holds them in its format (the model can no longer run its forward pass): the
@@ -71,6 +72,7 @@ class LlamaDecoder:
         are not smoothed.
         `kernels`: where our own kernels are built and kept (native.py), for the bf16 formats
         (quantized products and decode-step attention); None: torch's kernels only.
+        `kernel_set`: which instruction set's (native.choose: `true` for the best the CPU has).
         `slot_bytes`: the most the slot rows' keys and values may take (SlotCache.max_bytes;
         0: no limit)."""
         if fmt not in weights.WEIGHT_FORMATS:
@@ -85,7 +87,11 @@ class LlamaDecoder:
         self.rotary = model.model.rotary_emb
         self._cos = self._sin = torch.empty(0)
         # Our own kernels, where they can be built (quantized products, decode-step attention).
-        self.native = kernels is not None and self.dtype == torch.bfloat16 and native.load(kernels)
+        self.native = (
+            kernels is not None
+            and self.dtype == torch.bfloat16
+            and native.load(kernels, kernel_set)
+        )
         peaks = [None] * len(model.model.layers)
         if calibration and fmt == "int4" and not self.native:
             peaks = input_peaks(model, calibration)

@@ -168,7 +168,7 @@ class Engine(ChatEngine):
         token_cache_bytes: int = 32 * 2**20,
         weights: str = "int4",
         max_batch: int = 8,
-        native_kernels: bool = True,
+        native_kernels: bool | str = True,
         shared_system_prompt: str | None = None,
     ) -> None:
         self.model_setting = model
@@ -235,7 +235,8 @@ class Engine(ChatEngine):
             fmt=self.weights,
             limit=self._window(loaded),
             slot_bytes=self.batch_bytes,
-            kernels=self.cache_dir if self.native_kernels else None,
+            kernels=self.cache_dir if str(self.native_kernels).lower() != "false" else None,
+            kernel_set=str(self.native_kernels).lower(),
         )
         backend.share_system_prompt(self.shared_system_prompt)
         _return_freed_memory()

@@ -1,13 +1,18 @@
-"""Kernels of our own, compiled on this machine, for CPUs with AVX-512 BF16 and VNNI:
-`chat::decode_attention` (decode_attention.cpp), the attention of a decode step, and
-`chat::int4_linear` and `chat::int8_linear` (quantized_linear.cpp), the layers' int4 and the
-output head's int8 matrix products for decode steps and short prompts.
+"""Kernels of our own, compiled on this machine: `chat::int4_linear` and `chat::int8_linear`
+(quantized_linear.cpp), the layers' int4 and the output head's int8 matrix products for decode
+steps and short prompts, and `chat::decode_attention` (decode_attention.cpp), the attention of
+a decode step.
+
+They come in two instruction sets (TARGETS): AVX-512 with its bf16 and int8 dot products (all
+three kernels), and AVX2 with FMA and F16C, which CPUs without AVX-512 have (the quantized
+products; attention stays torch's there). The best the CPU has is used, or the one that
+CHATBOT_NATIVE_KERNELS names (`avx2` on an AVX-512 machine tests and measures the other).
 
 They are built the first time a model loads (about 20 s with the C++ compiler that pip needs for
 packages that compile; `prepare_model` does it at install) into a folder of the model cache
 named after the instruction sets they were built for, then loaded from there in milliseconds.
-Where the CPU lacks those instructions, torch is limited to less (ATEN_CPU_CAPABILITY=avx2), or
-the build fails, the decoder uses torch's kernels instead (scaled_dot_product_attention, the int4
+Where the CPU lacks those instructions, torch is limited to less (ATEN_CPU_CAPABILITY), or the
+build fails, the decoder uses torch's kernels instead (scaled_dot_product_attention, the int4
 and FBGEMM int8 products); the log says why.
 """
 
@@ -20,29 +25,51 @@ import os
 import shutil
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [
-    Path(__file__).with_name(name) for name in ("decode_attention.cpp", "quantized_linear.cpp")
-]
-# What the build targets: the folder it goes to is named after it, so that a model cache
-# copied to another machine never loads code for instructions that machine lacks.
-TARGET = "avx512-bf16-vnni"
+
+@dataclass(frozen=True)
+class Target:
+    """An instruction set the kernels are built for. Its folder is named after it, so that a
+    model cache copied to another machine never loads code for instructions that machine
+    lacks."""
+
+    name: str
+    folder: str
+    flags: tuple[str, ...]
+    attention: bool  # whether decode_attention is among its kernels
+
+    @property
+    def sources(self) -> list[Path]:
+        names = ["quantized_linear.cpp"] + (["decode_attention.cpp"] if self.attention else [])
+        return [Path(__file__).with_name(name) for name in names]
+
+
+AVX512 = Target(
+    "avx512",
+    "avx512-bf16-vnni",
+    (
+        "-O3",
+        "-fopenmp",
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512bf16",
+        "-mavx512vnni",
+        "-mfma",
+    ),
+    attention=True,
+)
+AVX2 = Target("avx2", "avx2-fma-f16c", ("-O3", "-fopenmp", "-mavx2", "-mfma", "-mf16c"), False)
+TARGETS = {target.name: target for target in (AVX512, AVX2)}
+# What CHATBOT_NATIVE_KERNELS may say: the best the CPU has, none, or one by name.
+CHOICES = ("true", "false", *TARGETS)
 LIBRARY = "chat_kernels.so"
-FLAGS = [
-    "-O3",
-    "-fopenmp",
-    "-mavx512f",
-    "-mavx512bw",
-    "-mavx512vl",
-    "-mavx512bf16",
-    "-mavx512vnni",
-    "-mfma",
-]
 # The quantized products' layout (see pack): groups of GROUP inputs, blocks of BLOCK outputs.
 GROUP = 32
 BLOCK = 16
@@ -56,20 +83,48 @@ _library.define("int8_linear(Tensor x, Tensor packed) -> Tensor")
 
 _lock = threading.Lock()
 _loaded: Path | None = None
+_loaded_target: Target | None = None
 
 
-def supported() -> bool:
-    """Whether the kernels may run here: the CPU has AVX-512 with its bf16 and int8 dot products,
-    and torch is not limited to less. (An operator who sets ATEN_CPU_CAPABILITY=avx2 rules
-    AVX-512 out for torch's kernels; ours stay off too, as on a CPU without it. Torch's check of
-    the CPU's instructions does not see that limit.)"""
-    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-        return False
-    checks = [
-        getattr(torch.cpu, name, None)  # (torch's, not public)
-        for name in ("_is_avx512_bf16_supported", "_is_vnni_supported")
-    ]
+def supported(target: Target = AVX512) -> bool:
+    """Whether `target`'s kernels may run here: the CPU has its instructions, and torch is not
+    limited to less. (An operator who sets ATEN_CPU_CAPABILITY=avx2 rules AVX-512 out for
+    torch's kernels; ours stay off too, as on a CPU without it. Torch's check of the CPU's
+    instructions does not see that limit.)"""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if target is AVX2:
+        names = ("_is_avx2_supported",)
+        if not capability.startswith(("AVX2", "AVX512")):
+            return False
+    else:
+        names = ("_is_avx512_bf16_supported", "_is_vnni_supported")
+        if not capability.startswith("AVX512"):
+            return False
+    checks = [getattr(torch.cpu, name, None) for name in names]  # (torch's, not public)
     return all(check is not None and check() for check in checks)
+
+
+def choose(setting: str | bool) -> Target | None:
+    """The target to build for a CHATBOT_NATIVE_KERNELS setting: the best the CPU supports
+    (`true`), none (`false`), or the one named, if the CPU supports it (else none, logged)."""
+    setting = str(setting).lower()
+    if setting == "false":
+        return None
+    if setting == "true":
+        best = next((t for t in (AVX512, AVX2) if supported(t)), None)
+        if best is None:
+            logger.info(
+                "Neither AVX-512 BF16 and VNNI nor AVX2 here (or torch is limited to less: "
+                "ATEN_CPU_CAPABILITY): the decoder uses torch's kernels"
+            )
+        return best
+    target = TARGETS[setting]
+    if not supported(target):
+        logger.warning(
+            "CHATBOT_NATIVE_KERNELS=%s, but this CPU lacks them: torch's kernels", setting
+        )
+        return None
+    return target
 
 
 def is_loaded() -> bool:
@@ -77,11 +132,18 @@ def is_loaded() -> bool:
     return _loaded is not None
 
 
+def loaded_target() -> Target | None:
+    return _loaded_target
+
+
 def attention_fits(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
-    """Whether the kernel takes a model of this shape: bf16 keys and values, heads of 64 or
-    128 values, one to four query heads to a key-value head (decode_attention.cpp's `pick`)."""
+    """Whether the loaded kernels attend for a model of this shape: bf16 keys and values, heads
+    of 64 or 128 values, one to four query heads to a key-value head (decode_attention.cpp's
+    `pick`)."""
     return (
-        dtype == torch.bfloat16
+        _loaded_target is not None
+        and _loaded_target.attention
+        and dtype == torch.bfloat16
         and head_dim in (64, 128)
         and heads % kv_heads == 0
         and 1 <= heads // kv_heads <= 4
@@ -133,21 +195,26 @@ def pack(
     return torch.cat([runs, per_group(scale), per_group(minimum)], dim=-1).contiguous()
 
 
-def load(cache_root: Path | str) -> bool:
-    """Build the kernels into `cache_root` (once: later calls find them built) and load them
-    into this process. False, with the reason logged, where they cannot be."""
-    global _loaded
+def load(cache_root: Path | str, setting: str | bool = "true") -> bool:
+    """Build the kernels the setting chooses (see `choose`) into `cache_root` (once: later
+    calls find them built) and load them into this process. False, with the reason logged,
+    where they cannot be. A process holds one target's: a later call for another is refused."""
+    global _loaded, _loaded_target
     with _lock:
+        target = choose(setting)
         if _loaded is not None:
-            return True
-        if not supported():
-            logger.info(
-                "No AVX-512 BF16 and VNNI here (the CPU lacks them, or torch is limited to less: "
-                "ATEN_CPU_CAPABILITY): the decoder uses torch's kernels"
-            )
+            if target is not None and target is not _loaded_target:
+                logger.warning(
+                    "The %s kernels are loaded in this process; %s ones cannot be as well",
+                    _loaded_target.name if _loaded_target else "",
+                    target.name,
+                )
+                return False
+            return target is not None
+        if target is None:
             return False
         # (Resolved: ninja builds again for another spelling of the same folder.)
-        directory = Path(cache_root).resolve() / "kernels" / TARGET
+        directory = Path(cache_root).resolve() / "kernels" / target.folder
         try:
             directory.mkdir(parents=True, exist_ok=True)
             # One process builds at a time. torch's own lock is a file that a process killed
@@ -155,7 +222,7 @@ def load(cache_root: Path | str) -> bool:
             # is released with its process, and while we hold it theirs can only be stale.
             with open(directory / "build.lock", "w") as held:
                 fcntl.flock(held, fcntl.LOCK_EX)
-                path = _load_built(directory) or _build(directory)
+                path = _load_built(directory, target) or _build(directory, target)
         except Exception:
             logger.warning(
                 "Could not build our kernels (they need a C++ compiler and ninja); the decoder "
@@ -163,32 +230,32 @@ def load(cache_root: Path | str) -> bool:
                 exc_info=True,
             )
             return False
-        _loaded = path
-        logger.info("Kernels loaded from %s", path)
+        _loaded, _loaded_target = path, target
+        logger.info("Kernels (%s) loaded from %s", target.name, path)
         return True
 
 
-def _stamp() -> str:
+def _stamp(target: Target) -> str:
     """What a build is made from: the sources, the flags, torch and Python."""
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in target.sources:
         digest.update(source.read_bytes())
-    digest.update(" ".join([*FLAGS, torch.__version__, sys.version]).encode())
+    digest.update(" ".join([*target.flags, torch.__version__, sys.version]).encode())
     return digest.hexdigest()
 
 
-def _load_built(directory: Path) -> Path | None:
+def _load_built(directory: Path, target: Target) -> Path | None:
     """The library built before from these very sources, loaded; None if there is none. (Not
     through torch's cpp_extension, which builds again whenever the path it includes torch's
     headers from is spelled differently, as when the virtualenv is reached through a link.)"""
     library, stamp = directory / LIBRARY, directory / "stamp"
-    if not library.is_file() or not stamp.is_file() or stamp.read_text() != _stamp():
+    if not library.is_file() or not stamp.is_file() or stamp.read_text() != _stamp(target):
         return None
     torch.ops.load_library(str(library))
     return library
 
 
-def _build(directory: Path) -> Path:
+def _build(directory: Path, target: Target) -> Path:
     """Build the library with torch's cpp_extension (which loads it), and stamp it."""
     from torch.utils import cpp_extension
 
@@ -202,11 +269,11 @@ def _build(directory: Path) -> Path:
     (directory / "stamp").unlink(missing_ok=True)
     path = cpp_extension.load(
         name=LIBRARY.removesuffix(".so"),
-        sources=[str(source) for source in SOURCES],
-        extra_cflags=FLAGS,
+        sources=[str(source) for source in target.sources],
+        extra_cflags=list(target.flags),
         extra_ldflags=["-fopenmp"],
         build_directory=str(directory),
         is_python_module=False,
     )
-    (directory / "stamp").write_text(_stamp())
+    (directory / "stamp").write_text(_stamp(target))
     return Path(path)

@@ -1,9 +1,10 @@
 // y = x @ W.T for decode steps and short prompts (a few rows of input), W quantized in groups of
 // 32 inputs with a scale and a minimum each (w = level * scale + minimum): `int4_linear` for the
 // layers' matrices (levels 0..15, as decoder._Linear quantizes them; bf16 results) and
-// `int8_linear` for the output head (levels 0..255; fp32 scores). For CPUs with AVX-512 VNNI
-// (built and loaded by native.py; the decoder multiplies with torch's int4 kernel and FBGEMM's
-// int8 one elsewhere).
+// `int8_linear` for the output head (levels 0..255; fp32 scores). Built by native.py for one
+// instruction set at a time: AVX-512 VNNI, or AVX2 with FMA and F16C (the same products in
+// 256-bit registers, below); the decoder multiplies with torch's int4 kernel and FBGEMM's int8
+// one where neither can be built.
 //
 // Why: torch's int4 kernel turns the weights into floats and multiplies in floats, and reads
 // them again for every four rows of input: eight rows cost three times one. FBGEMM's int8
@@ -41,7 +42,6 @@ constexpr int64_t kOutputs = 16;  // outputs to a block: one register of fp32 su
 // 4c + t.
 template <int Bits>
 constexpr int64_t kRecord = Bits * 64 + 2 * 32;
-constexpr int kRowsAPass = 8;
 // How far ahead (bytes) the loop asks for the weights: they come from memory, a layer's
 // matrices at a time, and the hardware's prefetching alone waits for each.
 constexpr int64_t kAhead = 1024;
@@ -53,6 +53,9 @@ struct Quantized {
   const float* steps;
   const float* sums;
 };
+
+#if defined(__AVX512F__)
+constexpr int kRowsAPass = 8;
 
 inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
 inline __m512 load16(const at::BFloat16* x) {
@@ -128,6 +131,135 @@ void block(const uint8_t* w, int64_t groups, const Quantized* x, Out* out, int64
   for (int r = 0; r < R; ++r) store16(out + r * out_stride, acc[r]);
 }
 
+#else
+// AVX2: sixteen registers of 256 bits, so a block's 16 outputs are taken as two halves of 8, for
+// up to 4 rows a pass, and the integer dot products are `maddubs` (unsigned bytes times signed
+// bytes, pairs summed to 16 bits) then `madd` (pairs summed to 32 bits), as llama.cpp's Q4_1 x
+// Q8_1 does. 4 bits: a group's eight 16-bit pair sums stay within 8 * 2 * 15 * 127 < 2^15, so
+// they are added before widening. 8 bits: levels 0..255 times -127..127 would overflow a pair
+// sum, so the levels are taken less 128 (-128..127, their magnitude the unsigned side) and
+// the 128 * sum of the inputs goes back in with the minimum.
+constexpr int kRowsAPass = 4;
+
+inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+inline __m256 load8(const at::BFloat16* x) {
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+inline float max8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+inline int32_t sum8(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
+template <typename T>
+void quantize_row(const T* x, int64_t groups, int32_t* levels, float* steps, float* sums) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  // packs_epi32 then packs_epi16 leave the four words of each register in lanes: back in order.
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 v[4];
+    for (int i = 0; i < 4; ++i) v[i] = load8(x + g * kGroup + 8 * i);
+    const __m256 peaks = _mm256_max_ps(
+        _mm256_max_ps(_mm256_and_ps(v[0], magnitude), _mm256_and_ps(v[1], magnitude)),
+        _mm256_max_ps(_mm256_and_ps(v[2], magnitude), _mm256_and_ps(v[3], magnitude)));
+    const float peak = max8(peaks);
+    const __m256 inverse = _mm256_set1_ps(peak > 0.f ? 127.f / peak : 0.f);
+    __m256i q[4];
+    // (Rounded to nearest, ties to even: the default rounding mode.)
+    for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse));
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]),
+                                             _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(levels + g * 8),
+                        _mm256_permutevar8x32_epi32(bytes, order));
+    steps[g] = peak / 127.f;
+    const __m256i total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    sums[g] = steps[g] * static_cast<float>(sum8(total));
+  }
+}
+
+inline void store8(float* out, __m256 y) { _mm256_storeu_ps(out, y); }
+inline void store8(at::BFloat16* out, __m256 y) {
+  // fp32 -> bf16 rounded to nearest, ties to even (the results are finite).
+  const __m256i bits = _mm256_castps_si256(y);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(
+      _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(rounded),
+                                          _mm256_extracti128_si256(rounded, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), packed);
+}
+
+// Outputs o0..o0+15 (their block of `packed`, at w) for R rows of x, as two halves of eight:
+// writes 16 results to each row of out (row r at out + r * out_stride).
+template <int Bits, int R, typename Out>
+void block(const uint8_t* w, int64_t groups, const Quantized* x, Out* out, int64_t out_stride) {
+  constexpr int64_t record = kRecord<Bits>;
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int half = 0; half < 2; ++half) {
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    const uint8_t* at = w;
+    for (int64_t g = 0; g < groups; ++g, at += record) {
+      if (half == 0)  // (the second half finds the group in the cache)
+        for (int64_t offset = 0; offset < record; offset += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(at) + kAhead + offset, _MM_HINT_T0);
+      __m256i dots[R];
+      if constexpr (Bits == 4) {
+        __m256i pairs[R];
+        for (int r = 0; r < R; ++r) pairs[r] = _mm256_setzero_si256();
+        for (int c = 0; c < 4; ++c) {
+          const __m256i both =
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + 64 * c + 32 * half));
+          const __m256i low = _mm256_and_si256(both, nibble);
+          const __m256i high = _mm256_and_si256(_mm256_srli_epi16(both, 4), nibble);
+          for (int r = 0; r < R; ++r) {
+            const int32_t* levels = x[r].levels + g * 8;
+            pairs[r] = _mm256_add_epi16(
+                pairs[r], _mm256_maddubs_epi16(low, _mm256_set1_epi32(levels[c])));
+            pairs[r] = _mm256_add_epi16(
+                pairs[r], _mm256_maddubs_epi16(high, _mm256_set1_epi32(levels[c + 4])));
+          }
+        }
+        for (int r = 0; r < R; ++r) dots[r] = _mm256_madd_epi16(pairs[r], ones);
+      } else {
+        for (int r = 0; r < R; ++r) dots[r] = _mm256_setzero_si256();
+        for (int c = 0; c < 8; ++c) {
+          const __m256i centred = _mm256_xor_si256(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + 64 * c + 32 * half)), bias);
+          const __m256i size = _mm256_abs_epi8(centred);
+          for (int r = 0; r < R; ++r) {
+            const __m256i signed_x =
+                _mm256_sign_epi8(_mm256_set1_epi32(x[r].levels[g * 8 + c]), centred);
+            dots[r] = _mm256_add_epi32(
+                dots[r], _mm256_madd_epi16(_mm256_maddubs_epi16(size, signed_x), ones));
+          }
+        }
+      }
+      const auto* halves = reinterpret_cast<const __m128i*>(at + Bits * 64);
+      const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(halves + half));
+      __m256 minimum = _mm256_cvtph_ps(_mm_loadu_si128(halves + 2 + half));
+      if constexpr (Bits == 8) minimum = _mm256_fmadd_ps(scale, _mm256_set1_ps(128.f), minimum);
+      for (int r = 0; r < R; ++r) {
+        const __m256 step = _mm256_mul_ps(scale, _mm256_set1_ps(x[r].steps[g]));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[r]), step, acc[r]);
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(x[r].sums[g]), minimum, acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) store8(out + r * out_stride + 8 * half, acc[r]);
+  }
+}
+#endif
+
 template <int Bits, typename Out>
 using Block = void (*)(const uint8_t*, int64_t, const Quantized*, Out*, int64_t);
 
@@ -171,7 +303,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const char* nam
   Out* result = out.template data_ptr<Out>();
   at::parallel_for(0, packed.size(0), 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      // (Past eight rows, the block's weights are read again: from the cache by then.)
+      // (Past kRowsAPass rows, the block's weights are read again: from the cache by then.)
       for (int64_t first = 0; first < rows; first += kRowsAPass) {
         const int64_t count = std::min<int64_t>(kRowsAPass, rows - first);
         kernels[count - 1](weights + b * groups * kRecord<Bits>, groups, quantized.data() + first,

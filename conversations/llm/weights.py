@@ -110,8 +110,13 @@ def layer_matrices(
     attention, mlp = layer.self_attn, layer.mlp
     attention_peaks, mlp_peaks = peaks or (None, None)
 
+    # Without AVX-512 BF16, bf16 products are emulated in fp32 and prompts read faster through
+    # the AVX2 kernel of our own: no bf16 copies there (and ~200 MB less memory).
+    avx2_only = native_int4 and native.loaded_target() is native.AVX2
+    dense_rows = 0 if avx2_only else DENSE_ROWS
+
     def matrix(weight, **batches):
-        return linear(weight, fmt, dense_rows=DENSE_ROWS, native_int4=native_int4, **batches)
+        return linear(weight, fmt, dense_rows=dense_rows, native_int4=native_int4, **batches)
 
     qkv = torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
     # (Out and down keep no int8 copy: their inputs are not a norm's output, and int8 inputs to
