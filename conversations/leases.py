@@ -123,6 +123,11 @@ class LeaseKeeper:
         with self._lock:
             self._held.pop(holder.reply.pk, None)
 
+    def holds(self, reply_id) -> bool:
+        """Whether a writer of this process holds the reply's lease now."""
+        with self._lock:
+            return reply_id in self._held
+
     def stop_conversation(self, conversation_id) -> bool:
         """Stop the replies this process is writing in a conversation; True if there were any."""
         with self._lock:

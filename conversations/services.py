@@ -436,10 +436,13 @@ def _writer(
 
 
 def _after_reply(writer: ReplyWriter) -> ReplyEvent | None:
-    """After a finished reply: a conversation sent whole by a program keeps the digest of its
-    turns (transcripts.py); then the model may name the conversation."""
+    """After a finished reply: a conversation a program sent through OpenAI's API keeps the
+    digest of its turns (transcripts.py) and the title its first message gave it (a title
+    written by the model would delay the program's answer, and such clients ask for their own);
+    any other may be named by the model."""
     if writer.conversation.api_key_id is not None:
         transcripts.remember(writer.conversation)
+        return None
     return _write_title(writer)
 
 

@@ -24,8 +24,11 @@ def base_url(live_server) -> str:
 
 
 @pytest.fixture
-def client(base_url, key) -> openai.OpenAI:
-    return openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=30)
+def client(base_url, key):
+    """OpenAI's client with the key; closed after the test (its kept-alive connections would
+    hold the live server's request threads)."""
+    with openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=30) as sdk:
+        yield sdk
 
 
 def test_the_served_model_is_listed_and_found_by_its_name(client):

@@ -12,7 +12,7 @@ from django.test import Client
 from rest_framework.test import APIClient
 
 from accounts.keys import issue_key
-from conversations import services
+from conversations import leases, services
 from conversations.models import Conversation, Message
 from tests.conftest import PASSWORD, make_user
 
@@ -28,8 +28,13 @@ def key(user) -> str:
 
 
 @pytest.fixture
-def client(live_server, key) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=key, max_retries=0, timeout=60)
+def client(live_server, key):
+    """OpenAI's client with the key; closed after the test (its kept-alive connections would
+    hold the live server's request threads)."""
+    with openai.OpenAI(
+        base_url=f"{live_server.url}/v1", api_key=key, max_retries=0, timeout=60
+    ) as sdk:
+        yield sdk
 
 
 @pytest.fixture
@@ -409,9 +414,9 @@ def test_a_failed_reply_is_an_error_and_the_message_is_kept(client, fake_engine)
             chat(client, fake_engine.model_name, [{"role": "user", "content": "x"}], stream=stream)
         assert raised.value.status_code == 503 and "the model broke" in raised.value.message
     assert Message.objects.filter(role="user").count() == 2
-    assert set(Message.objects.filter(role="assistant").values_list("status", flat=True)) == {
-        "error"
-    }
+    replies = Message.objects.filter(role="assistant")
+    assert {reply.status for reply in replies} == {"error"}
+    assert not any(leases.keeper.holds(reply.pk) for reply in replies), "every writer ended"
 
 
 def test_a_failure_while_streaming_is_an_error_the_client_raises(client, fake_engine):
@@ -510,3 +515,14 @@ def test_admin_shows_which_conversations_a_program_sent(client, fake_engine, use
         f"/admin/conversations/conversation/{completion.model_extra['conversation']}/change/"
     )
     assert "sdk (" in page.content.decode(), "the key, by its name"
+
+
+def test_no_model_written_title_delays_the_answer(client, fake_engine, settings):
+    """The model names chats made in the web UI after their first exchange; a conversation sent
+    through /v1 keeps its first message's title, and the model writes nothing more."""
+    settings.CHATBOT_AUTO_TITLE = True
+    fake_engine.replies = ["Hello back", "A Title"]
+    completion = chat(client, fake_engine.model_name, [{"role": "user", "content": "Hi there"}])
+    conversation = Conversation.objects.get(pk=completion.model_extra["conversation"])
+    assert conversation.title == "Hi there"
+    assert len(fake_engine.calls) == 1, "only the reply was written"

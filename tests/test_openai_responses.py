@@ -40,8 +40,13 @@ def key(user) -> str:
 
 
 @pytest.fixture
-def client(live_server, key) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=key, max_retries=0, timeout=60)
+def client(live_server, key):
+    """OpenAI's client with the key; closed after the test (its kept-alive connections would
+    hold the live server's request threads)."""
+    with openai.OpenAI(
+        base_url=f"{live_server.url}/v1", api_key=key, max_retries=0, timeout=60
+    ) as sdk:
+        yield sdk
 
 
 @pytest.fixture

@@ -59,6 +59,7 @@ def first_event(request, writer):
         raise
     if first.kind == EventKind.ERROR:
         unwatch()
+        writer.cancel_and_finish()  # (ends its events: the reply's lease is let go)
         raise writer.error
     return first, unwatch
 
