@@ -144,15 +144,9 @@ def continue_transcript(
             owner=owner, api_key=api_key, system_prompt=system_prompt, earlier=earlier
         )
         if conversation is None:
-            first = next(m["content"] for m in messages if m["role"] == Message.Role.USER)
-            quotas.check_room(owner=owner, texts=tuple(m["content"] for m in earlier))
-            conversation = create_conversation(
-                owner=owner,
-                title=fallback_title(first),
-                system_prompt=system_prompt,
-                api_key=api_key,
-            )
-            transcripts.store_turns(conversation, earlier)
+            conversation = _program_conversation(owner, api_key, system_prompt, messages)
+            if earlier:
+                add_messages(conversation=conversation, messages=earlier)
         return open_message_stream(
             conversation=conversation,
             content=question["content"],
@@ -208,25 +202,26 @@ def answer_items(
             if transcripts.last_turn(conversation) != after.pk:
                 conversation = _copy_up_to(after)
         if conversation is None:
-            first = next(m["content"] for m in items if m["role"] == Message.Role.USER)
-            conversation = create_conversation(
-                owner=owner,
-                title=fallback_title(first),
-                system_prompt=system_prompt or "",
-                api_key=api_key,
-            )
+            conversation = _program_conversation(owner, api_key, system_prompt or "", items)
         elif system_prompt is not None and system_prompt != conversation.system_prompt:
             update_conversation(conversation=conversation, system_prompt=system_prompt)
         if earlier:
-            _ensure_idle(conversation)
-            quotas.check_room(owner=owner, texts=tuple(m["content"] for m in earlier))
-            transcripts.store_turns(conversation, earlier)
+            add_messages(conversation=conversation, messages=earlier)
         return open_message_stream(
             conversation=conversation,
             content=question["content"],
             overrides=overrides,
             labels=labels,
         )
+
+
+def _program_conversation(owner, api_key, system_prompt: str, messages) -> Conversation:
+    """A new conversation sent through OpenAI's API with `api_key`, titled by its first user
+    message among `messages`."""
+    first = next(m["content"] for m in messages if m["role"] == Message.Role.USER)
+    return create_conversation(
+        owner=owner, title=fallback_title(first), system_prompt=system_prompt, api_key=api_key
+    )
 
 
 def _copy_up_to(reply: Message) -> Conversation:
@@ -245,8 +240,7 @@ def _copy_up_to(reply: Message) -> Conversation:
         system_prompt=source.system_prompt,
         api_key=source.api_key,
     )
-    quotas.check_room(owner=source.owner, texts=tuple(m["content"] for m in turns))
-    transcripts.store_turns(copy, turns)
+    add_messages(conversation=copy, messages=turns)
     return copy
 
 

@@ -21,11 +21,13 @@ from .chat_requests import (
     generation_overrides,
     refuse_unknown,
 )
+from .chat_requests import NEUTRAL as CHAT_NEUTRAL
 from .errors import OpenAIError
 from .ids import parse_id
 
 NEUTRAL = {
-    "tools": (lambda v: v in (None, []), "Tools are not supported here."),
+    # (What both APIs take alike is chat completions' rule.)
+    **{name: CHAT_NEUTRAL[name] for name in ("tools", "top_logprobs")},
     "tool_choice": (lambda v: v in (None, "none", "auto"), "Tools are not supported here."),
     "parallel_tool_calls": (lambda v: v in (None, False, True), ""),
     "text": (
@@ -43,7 +45,6 @@ NEUTRAL = {
     "metadata": (lambda v: v in (None, {}), "Metadata of responses is not stored here."),
     "store": (lambda v: v in (None, True), "Every response is stored here: leave store out."),
     "service_tier": (lambda v: v in (None, "auto", "default"), "There is one service tier."),
-    "top_logprobs": (lambda v: v in (None, 0), "Log-probabilities are not returned here."),
     "max_tool_calls": (lambda v: v is None, "Tools are not supported here."),
     "prompt": (lambda v: v is None, "Stored prompts are not supported here."),
     "stream_options": (
@@ -51,9 +52,6 @@ NEUTRAL = {
         "stream_options holds include_obfuscation only.",
     ),
 }
-# The text parts each role's content may hold.
-TEXT_PARTS = {"user": "input_text", "system": "input_text", "developer": "input_text"}
-TEXT_PARTS["assistant"] = "output_text"
 
 
 @extend_schema_field(

@@ -47,12 +47,7 @@ class Responses(OpenAIView):
         after = conversation = None
         labels = dict(asked.labels)
         if asked.previous_response_id:
-            after = get_object_or_404(
-                Message.objects.filter(
-                    conversation__owner=request.user, role=Message.Role.ASSISTANT
-                ).select_related("conversation"),
-                pk=asked.previous_response_id,
-            )
+            after = owned_reply(request, asked.previous_response_id)
             labels["previous_response_id"] = make_id("resp", after.pk)
         if asked.conversation_id:
             conversation = get_object_or_404(
@@ -79,10 +74,14 @@ class Responses(OpenAIView):
         return stream_response(writer, response_objects.events(writer, first), unwatch=unwatch)
 
 
-def owned_reply(request, response_id: str) -> Message:
-    pk = parse_id(response_id, "resp", "response_id")
+def owned_reply(request, pk: str) -> Message:
+    """The user's reply by its UUID (404 for any other, as if it did not exist)."""
     replies = Message.objects.filter(conversation__owner=request.user, role=Message.Role.ASSISTANT)
     return get_object_or_404(replies.select_related("conversation"), pk=pk)
+
+
+def reply_by_id(request, response_id: str) -> Message:
+    return owned_reply(request, parse_id(response_id, "resp", "response_id"))
 
 
 class ResponseDetail(OpenAIView):
@@ -93,7 +92,7 @@ class ResponseDetail(OpenAIView):
         description="A stored response (a reply), as it stands.",
     )
     def get(self, request, response_id: str):
-        reply = owned_reply(request, response_id)
+        reply = reply_by_id(request, response_id)
         services.interrupt_dead_replies(conversation=reply.conversation)
         reply.refresh_from_db()
         return Response(response_objects.response_object(reply))
@@ -105,7 +104,7 @@ class ResponseDetail(OpenAIView):
         description="Delete a response: the reply and the input it answered.",
     )
     def delete(self, request, response_id: str):
-        reply = owned_reply(request, response_id)
+        reply = reply_by_id(request, response_id)
         services.delete_messages(conversation=reply.conversation, messages=[*_input(reply), reply])
         return Response({"id": response_id, "object": "response.deleted", "deleted": True})
 
@@ -118,7 +117,7 @@ class ResponseInputItems(OpenAIView):
         description="The input items a response answered (`limit`, `order`, `after`).",
     )
     def get(self, request, response_id: str):
-        reply = owned_reply(request, response_id)
+        reply = reply_by_id(request, response_id)
         ids = [message.pk for message in _input(reply)]
         return Response(item_list(request, reply.conversation.messages.filter(pk__in=ids)))
 
