@@ -308,7 +308,7 @@ CHATBOT_PREFIX_CACHE_MB = env_int("CHATBOT_PREFIX_CACHE_MB", 256)
 # bf16 or fp32. Other models run as loaded.
 CHATBOT_WEIGHTS = env_choice("CHATBOT_WEIGHTS", "int4", ("int4", "int8", "bf16", "fp32"))
 # Kernels of our own for the quantized matrix products (int4 layers, int8 head) and decode-step
-# attention, compiled into the model cache at first load, on CPUs with AVX-512 BF16 and VNNI
+# attention, compiled into the model cache at first load, for AVX-512 BF16 and VNNI or for AVX2
 # (elsewhere, or off, or if they cannot be built: torch's kernels).
 CHATBOT_NATIVE_KERNELS = env_kernels("CHATBOT_NATIVE_KERNELS")
 CHATBOT_BATCH_SIZE = env_batch_size()

@@ -22,19 +22,13 @@ from conversations.llm.kv_cache import SlotCache
 from tests.processes import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
-needs_cpu = pytest.mark.skipif(
-    not native.supported(native.AVX512),
-    reason="no AVX-512 BF16 and VNNI here (the CPU lacks them or torch is limited to less)",
+# The kernels are built for AVX-512 and for AVX2: they run wherever either set does. They are
+# tested again in `make test`'s pass with torch limited to AVX2 (marked `engine`, as the real
+# model's tests are), where the AVX2 ones are loaded, so an AVX-512 machine tests both.
+needs_kernels = pytest.mark.skipif(
+    native.choose("true") is None,
+    reason="neither AVX-512 BF16 and VNNI nor AVX2 here (or torch is limited to less)",
 )
-# The quantized products are built for AVX2 too: they run wherever either set does. They are
-# tested again in `make test`'s pass with torch limited to AVX2 (marked `engine`), where the
-# AVX2 ones are loaded, so an AVX-512 machine tests both.
-needs_products = [
-    pytest.mark.skipif(
-        native.choose("true") is None, reason="neither AVX-512 BF16 and VNNI nor AVX2 here"
-    ),
-    pytest.mark.engine,
-]
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +71,8 @@ def assert_like_torch_attention(out, q, keys, values, lengths):
     assert ours <= 2 * theirs + 1e-3, (ours, theirs)
 
 
-@needs_cpu
+@needs_kernels
+@pytest.mark.engine
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim"),
     [(9, 3, 64), (4, 4, 64), (8, 4, 64), (16, 4, 128), (6, 2, 128)],
@@ -100,7 +95,8 @@ def test_the_kernel_computes_what_torch_attention_computes(kernel, heads, kv_hea
             assert torch.equal(first[head], values[0, head // group, 0])
 
 
-@needs_cpu
+@needs_kernels
+@pytest.mark.engine
 @pytest.mark.parametrize("length", [1, 100, 257, 300, 2000])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 1)])
 def test_one_rows_positions_are_cut_into_runs_that_compute_the_same(
@@ -116,7 +112,8 @@ def test_one_rows_positions_are_cut_into_runs_that_compute_the_same(
         assert_like_torch_attention(kernel(q, keys, values, lengths), q, keys, values, lengths)
 
 
-@needs_cpu
+@needs_kernels
+@pytest.mark.engine
 def test_the_kernel_refuses_what_it_cannot_compute_with_a_clear_error(kernel):
     keys, values = slot_rows(2, 3, 64)
     q = torch.randn(2, 9, 64).to(torch.bfloat16)
@@ -170,8 +167,8 @@ def int8_rounded(x):
     return (levels * (peak / 127)).view(x.shape)
 
 
-@needs_products[0]
-@needs_products[1]
+@needs_kernels
+@pytest.mark.engine
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize(("outputs", "inputs"), [(960, 576), (576, 1536), (16, 32)])
 def test_the_quantized_products_compute_the_matrix_product(kernel, bits, outputs, inputs):
@@ -202,8 +199,8 @@ def test_the_quantized_products_compute_the_matrix_product(kernel, bits, outputs
             assert torch.equal(out, alone)
 
 
-@needs_products[0]
-@needs_products[1]
+@needs_kernels
+@pytest.mark.engine
 @pytest.mark.parametrize("bits", [4, 8])
 def test_the_quantized_products_are_exact_where_int8_holds_the_inputs(kernel, bits):
     """Inputs that int8 holds exactly (integers, each group's largest 127) and power-of-two
@@ -219,8 +216,8 @@ def test_the_quantized_products_are_exact_where_int8_holds_the_inputs(kernel, bi
     assert torch.equal(out, (x.double() @ dense.double().T).to(result_type))
 
 
-@needs_products[0]
-@needs_products[1]
+@needs_kernels
+@pytest.mark.engine
 @pytest.mark.parametrize("bits", [4, 8])
 def test_the_quantized_products_refuse_what_they_cannot_compute_with_a_clear_error(kernel, bits):
     multiply, _ = product(bits)
@@ -271,7 +268,7 @@ def test_a_matrix_the_quantized_products_cannot_take_goes_to_torchs_kernels():
     assert type(head(weight, "int4", native_int8=True)) is FbgemmInt8Head
 
 
-@needs_products[0]
+@needs_kernels
 def test_the_kernel_is_built_into_the_cache_once_and_loaded_from_there(tmp_path):
     """In fresh processes, as at a first start and the starts after it: two starting at once
     over the lock file a build killed midway left behind (torch's own lock would wait for it
@@ -373,7 +370,7 @@ def perplexity(scores, targets):
     return F.cross_entropy(scores.flatten(0, 1), targets[1:].flatten()).exp().item()
 
 
-@needs_cpu
+@needs_kernels
 @pytest.mark.model
 def test_decode_steps_of_the_real_model_score_a_text_as_with_torch_attention(default_engine):
     """Eight rows read eight parts of a text one token a step: the scores with the kernel are
@@ -398,7 +395,7 @@ def test_decode_steps_of_the_real_model_score_a_text_as_with_torch_attention(def
     assert similarity.mean() > 0.998 and similarity.min() > 0.95
 
 
-@needs_products[0]
+@needs_kernels
 @pytest.mark.model
 @pytest.mark.parametrize("rows", [1, 8])
 def test_decode_steps_of_the_real_model_score_a_text_as_with_torchs_kernels(
@@ -452,21 +449,20 @@ def test_the_setting_turns_the_kernels_off(torch_kernels_engine, request):
     assert off.scheduler.call(lambda: calls(off)).result() == ((0, 1, 0, 4), (0, 1))
     if native.choose("true") is not None:
         on = request.getfixturevalue("default_engine")
-        ours = 1 if native.loaded_target().attention else 0  # (attention: AVX-512's only)
-        assert on.scheduler.call(lambda: calls(on)).result() == ((ours, 1 - ours, 4, 0), (1, 0))
+        assert on.scheduler.call(lambda: calls(on)).result() == ((1, 0, 4, 0), (1, 0))
 
 
 @pytest.mark.model
 def test_each_kernel_path_tested_is_the_one_the_engine_runs(real_engine, request):
     """The real-model tests run on each path of conftest.KERNEL_PATHS: ours (every layer's
-    products, and decode attention with AVX-512) or torch's alone. With torch limited to AVX2
-    (the run of `make test` with ATEN_CPU_CAPABILITY=avx2, as on a CPU without AVX-512), ours
-    are the AVX2 products, with torch's attention."""
+    products and decode attention) or torch's alone. With torch limited to AVX2 (the run of
+    `make test` with ATEN_CPU_CAPABILITY=avx2, as on a CPU without AVX-512), ours are the AVX2
+    builds."""
     path = request.node.callspec.params["real_engine"]
     decoder, ours = real_engine.decoder, path == "ours"
     capability = torch.backends.cpu.get_cpu_capability()
     target = native.AVX512 if capability == "AVX512" else native.AVX2
-    assert decoder.native is ours and decoder.native_attention is (ours and target.attention)
+    assert decoder.native is ours and decoder.native_attention is ours
     expected = weights.NativeInt4Linear if ours else weights.Int4Linear
     assert {type(layer.qkv) for layer in decoder.layers} == {expected}
     if ours:
@@ -510,13 +506,13 @@ print(json.dumps({
 @pytest.mark.parametrize(
     ("capability", "expected"),
     [
-        ("avx2", {"kernels": "avx2", "ours": [True, False], "formats": ["NativeInt4Linear"]}),
+        ("avx2", {"kernels": "avx2", "ours": [True, True], "formats": ["NativeInt4Linear"]}),
         ("default", {"kernels": None, "ours": [False, False], "formats": ["Int4Linear"]}),
     ],
 )
 def test_with_torch_limited_the_engine_answers_on_the_kernels_left(capability, expected):
-    """An operator who limits torch to AVX2 (or a CPU without AVX-512) gets our AVX2 products
-    and torch's attention, with the default setting; limited to less than AVX2, torch's
+    """An operator who limits torch to AVX2 (or a CPU without AVX-512) gets our AVX2 kernels
+    with the default setting; limited to less than AVX2, torch's
     kernels only. The model answers either way."""
     if capability == "avx2" and not torch.cpu._is_avx2_supported():
         pytest.skip("no AVX2 here")

@@ -1,18 +1,20 @@
-// Attention of a decode step, one new query per row over that row's cached keys and values, for
-// CPUs with AVX-512 BF16 (built and loaded by native.py; the decoder falls back to torch's
-// scaled_dot_product_attention elsewhere).
+// Attention of a decode step, one new query per row over that row's cached keys and values.
+// Built by native.py for one instruction set at a time: AVX-512 with its bf16 dot products, or
+// AVX2 with FMA (below: the keys and values widened to fp32); the decoder falls back to torch's
+// scaled_dot_product_attention where neither can be built.
 //
 // Why: torch's CPU flash-attention kernel is made for blocks of queries. With one query per row
 // it spent ~270 us on the eight rows of a step's layer at ~300 positions (~7 GB/s over their
 // keys and values, over a quarter of an eight-reply step); this reads them once per key-value
-// head, for all the query heads that share it, in bf16 dot-product instructions, asking for
-// them ahead of use: the same eight rows in ~110-130 us.
+// head, for all the query heads that share it, asking for them ahead of use: the same eight
+// rows in ~110-130 us.
 //
 // The computation is the flash kernel's: scores q.k / sqrt(D) in fp32, softmax in fp32, the
-// probabilities rounded to bf16 for their product with the values (as the flash kernel does
-// for bf16), accumulated in fp32, divided by the fp32 sum, rounded to bf16. A row's positions
-// may be cut into runs, each with its own largest score, combined at the end as the flash
-// kernel combines its blocks (see attend_all).
+// values weighted by the probabilities and accumulated in fp32 (AVX-512 rounds the
+// probabilities to bf16 first, as the flash kernel does for bf16, to use its dot products),
+// divided by the fp32 sum, rounded to bf16. A row's positions may be cut into runs, each with
+// its own largest score, combined at the end as the flash kernel combines its blocks (see
+// attend_all).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -23,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -37,6 +40,10 @@ inline void prefetch(const uint16_t* p, int bytes) {
   for (int offset = 0; offset < bytes; offset += 64)
     _mm_prefetch(reinterpret_cast<const char*>(p) + offset, _MM_HINT_T0);
 }
+
+#if defined(__AVX512F__)
+
+constexpr int64_t kLanes = 16;  // floats to a register
 
 // r[i] = the sum of the 16 floats of v[i]: 16 horizontal sums in 15 shuffles and adds.
 inline __m512 sums16(const __m512* v) {
@@ -206,6 +213,169 @@ void finish(const Partial<G, D>* parts, int count, uint16_t* out) {
   }
 }
 
+#else
+
+// r[i] = the sum of the 8 floats of v[i].
+inline __m256 sums8(const __m256* v) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  // a, 128-bit lane l: lane l of v[0..3], summed; b, of v[4..7]. Add up the two lanes.
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+inline float largest8(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+
+inline float sum8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+
+// e^x for 8 floats (x <= 0 here), as exp16 below: 2^n built in the exponent bits (n >= -126 for
+// x >= -87, a normal float).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_mul_ps(_mm256_sub_ps(t, n), _mm256_set1_ps(0.693147180559945f));
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+
+// 8 bf16 at p as fp32 (a bf16 is the top half of its fp32).
+inline __m256 widen(const uint16_t* p) {
+  const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
+}
+
+// The nearest bf16 to x (ties to even; no NaNs here).
+inline uint16_t round_bf16(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  bits += 0x7FFF + ((bits >> 16) & 1);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+constexpr int64_t kLanes = 8;  // floats to a register
+
+// What a run of positions gives the G query heads of a key-value head: per head, the largest
+// score, the sum of exp(score - largest) and the values weighted by those, unnormalized. Runs
+// of one row and head combine into its attention.
+template <int G, int D>
+struct Partial {
+  static constexpr int kChunks = D / 8;  // 8 floats to a register
+  alignas(32) float acc[G][D];
+  float top[G];
+  float total[G];
+};
+
+// As the AVX-512 `attend`: the G query heads of one row and key-value head over `length`
+// positions. `scores` holds G * (length rounded up to 8) floats.
+template <int G, int D>
+void attend(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t k_stride,
+            const uint16_t* v, int64_t v_stride, int64_t length, float* scores,
+            Partial<G, D>& part) {
+  constexpr int kChunks = Partial<G, D>::kChunks;
+  const int64_t padded = (length + 7) / 8 * 8;
+  const __m256 scale = _mm256_set1_ps(1.0f / std::sqrt(static_cast<float>(D)));
+
+  // Scores, 8 positions at a time (the padding repeats the last position). The queries, G * D
+  // floats, are more than the registers hold: they are read from the cache, the keys once.
+  alignas(32) float query[G][D];
+  for (int j = 0; j < G; ++j)
+    for (int c = 0; c < kChunks; ++c) _mm256_store_ps(query[j] + 8 * c, widen(q + j * q_stride + 8 * c));
+  __m256 peak[G];
+  for (int j = 0; j < G; ++j) peak[j] = _mm256_set1_ps(-INFINITY);
+  for (int64_t first = 0; first < padded; first += 8) {
+    __m256 products[G][8];
+    for (int i = 0; i < 8; ++i) {
+      const uint16_t* key = k + std::min<int64_t>(first + i, length - 1) * k_stride;
+      prefetch(key + kKeysAhead * k_stride, 2 * D);
+      __m256 sum[G];
+      for (int j = 0; j < G; ++j) sum[j] = _mm256_setzero_ps();
+      for (int c = 0; c < kChunks; ++c) {
+        const __m256 part = widen(key + 8 * c);
+        for (int j = 0; j < G; ++j) sum[j] = _mm256_fmadd_ps(_mm256_load_ps(query[j] + 8 * c), part, sum[j]);
+      }
+      for (int j = 0; j < G; ++j) products[j][i] = sum[j];
+    }
+    for (int j = 0; j < G; ++j) {
+      const __m256 s = _mm256_mul_ps(sums8(products[j]), scale);
+      _mm256_storeu_ps(scores + j * padded + first, s);
+      peak[j] = _mm256_max_ps(peak[j], s);
+    }
+  }
+
+  // Softmax's numerators (0 past the end) and their sums.
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int j = 0; j < G; ++j) {
+    part.top[j] = largest8(peak[j]);
+    const __m256 top = _mm256_set1_ps(part.top[j]);
+    float* s = scores + j * padded;
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t first = 0; first < padded; first += 8) {
+      const __m256 inside = _mm256_castsi256_ps(
+          _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(length - first, 8))), lane));
+      const __m256 e = _mm256_and_ps(inside, exp8(_mm256_sub_ps(_mm256_loadu_ps(s + first), top)));
+      _mm256_storeu_ps(s + first, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    part.total[j] = sum8(sum);
+  }
+
+  // Values, in halves of a row (G heads' sums of a whole row are more than the registers hold):
+  // a head of 64 bf16 is two cache lines, so each half of a pass reads one line per position.
+  constexpr int kHalf = kChunks >= 2 ? kChunks / 2 : 1;
+  for (int from = 0; from < kChunks; from += kHalf) {
+    __m256 acc[G][kHalf];
+    for (int j = 0; j < G; ++j)
+      for (int c = 0; c < kHalf; ++c) acc[j][c] = _mm256_setzero_ps();
+    for (int64_t p = 0; p < length; ++p) {
+      const uint16_t* row = v + p * v_stride + 8 * from;
+      prefetch(row + kValuesAhead * v_stride, 16 * kHalf);
+      __m256 weight[G];
+      for (int j = 0; j < G; ++j) weight[j] = _mm256_broadcast_ss(scores + j * padded + p);
+      for (int c = 0; c < kHalf; ++c) {
+        const __m256 x = widen(row + 8 * c);
+        for (int j = 0; j < G; ++j) acc[j][c] = _mm256_fmadd_ps(weight[j], x, acc[j][c]);
+      }
+    }
+    for (int j = 0; j < G; ++j)
+      for (int c = 0; c < kHalf; ++c) _mm256_store_ps(part.acc[j] + 8 * (from + c), acc[j][c]);
+  }
+}
+
+// As the AVX-512 `finish`: each run's sums rescaled to the largest score of all, added,
+// divided by the total. Writes G * D bf16 to out.
+template <int G, int D>
+void finish(const Partial<G, D>* parts, int count, uint16_t* out) {
+  for (int j = 0; j < G; ++j) {
+    float top = parts[0].top[j];
+    for (int n = 1; n < count; ++n) top = std::max(top, parts[n].top[j]);
+    float total = 0.f;
+    alignas(32) float acc[D] = {};
+    for (int n = 0; n < count; ++n) {
+      const float rescale = count == 1 ? 1.f : std::exp(parts[n].top[j] - top);
+      total += rescale * parts[n].total[j];
+      for (int d = 0; d < D; ++d) acc[d] += rescale * parts[n].acc[j][d];
+    }
+    for (int d = 0; d < D; ++d) out[j * D + d] = round_bf16(acc[d] / total);
+  }
+}
+
+#endif
+
 // Where the work is cut: by row and key-value head, and when there are fewer of those pairs
 // than twice the threads, each row's positions into runs of at least kRunPositions (one
 // conversation's three key-value heads on two cores left one core idle a third of the time).
@@ -237,7 +407,7 @@ void attend_all(const Layout& x) {
       const int64_t first = n * run_length(r);
       if (first >= x.lengths[r]) continue;
       const int64_t count = std::min(run_length(r), x.lengths[r] - first);
-      scores.resize(G * ((count + 15) / 16 * 16));  // (padded to 16, as `attend` reads)
+      scores.resize(G * ((count + kLanes - 1) / kLanes * kLanes));  // (padded, as `attend` reads)
       attend<G, D>(x.q + r * x.q_row + h * G * x.q_head, x.q_head,
                    x.k + r * x.k_row + h * x.k_head + first * x.k_position, x.k_position,
                    x.v + r * x.v_row + h * x.v_head + first * x.v_position, x.v_position, count,

@@ -3,10 +3,10 @@
 steps and short prompts, and `chat::decode_attention` (decode_attention.cpp), the attention of
 a decode step.
 
-They come in two instruction sets (TARGETS): AVX-512 with its bf16 and int8 dot products (all
-three kernels), and AVX2 with FMA and F16C, which CPUs without AVX-512 have (the quantized
-products; attention stays torch's there). The best the CPU has is used, or the one that
-CHATBOT_NATIVE_KERNELS names (`avx2` on an AVX-512 machine tests and measures the other).
+They come in two instruction sets (TARGETS): AVX-512 with its bf16 and int8 dot products, and
+AVX2 with FMA and F16C, which CPUs without AVX-512 have. The best the CPU has is used, or the
+one that CHATBOT_NATIVE_KERNELS names (`avx2` on an AVX-512 machine tests and measures the
+other).
 
 They are built the first time a model loads (about 20 s with the C++ compiler that pip needs for
 packages that compile; `prepare_model` does it at install) into a folder of the model cache
@@ -42,11 +42,10 @@ class Target:
     name: str
     folder: str
     flags: tuple[str, ...]
-    attention: bool  # whether decode_attention is among its kernels
 
     @property
     def sources(self) -> list[Path]:
-        names = ["quantized_linear.cpp"] + (["decode_attention.cpp"] if self.attention else [])
+        names = ["quantized_linear.cpp", "decode_attention.cpp"]
         return [Path(__file__).with_name(name) for name in names]
 
 
@@ -63,9 +62,8 @@ AVX512 = Target(
         "-mavx512vnni",
         "-mfma",
     ),
-    attention=True,
 )
-AVX2 = Target("avx2", "avx2-fma-f16c", ("-O3", "-fopenmp", "-mavx2", "-mfma", "-mf16c"), False)
+AVX2 = Target("avx2", "avx2-fma-f16c", ("-O3", "-fopenmp", "-mavx2", "-mfma", "-mf16c"))
 TARGETS = {target.name: target for target in (AVX512, AVX2)}
 # What CHATBOT_NATIVE_KERNELS may say: the best the CPU has, none, or one by name.
 CHOICES = ("true", "false", *TARGETS)
@@ -142,7 +140,6 @@ def attention_fits(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int)
     `pick`)."""
     return (
         _loaded_target is not None
-        and _loaded_target.attention
         and dtype == torch.bfloat16
         and head_dim in (64, 128)
         and heads % kv_heads == 0
