@@ -39,7 +39,13 @@ def kernel():
 
 def slot_rows(rows, kv_heads, head_dim, positions=300):
     """Keys and values in random rows of a SlotCache, the views the layers hand the kernel."""
-    cache = SlotCache(layers=2, heads=kv_heads, head_dim=head_dim, dtype=torch.bfloat16, limit=2048)
+    cache = SlotCache(
+        layers=2,
+        heads=kv_heads,
+        head_dim=head_dim,
+        dtype=torch.bfloat16,
+        limit=max(2048, positions),
+    )
     cache.reserve(rows + 1, positions)
     cache.data.normal_()
     return cache.keys[1], cache.values[1]
@@ -129,6 +135,77 @@ def test_the_kernel_refuses_what_it_cannot_compute_with_a_clear_error(kernel):
     for arguments, message in cases:
         with pytest.raises(RuntimeError, match=message):
             kernel(*arguments)
+
+
+needs_prefill_kernel = pytest.mark.skipif(
+    not native.supported(native.AVX512),
+    reason="prefill_attention is AVX-512's only (the CPU lacks it or torch is limited to less)",
+)
+
+
+def prefill_reference(q, keys, values, row, start, dtype=torch.float32):
+    """torch's attention of the tokens q (tokens, heads, D) at start.. over row `row`, token t
+    seeing positions 0..start + t, in `dtype`: (tokens, heads * D)."""
+    count, end = q.size(0), start + q.size(0)
+    allowed = torch.arange(end).unsqueeze(0) <= (start + torch.arange(count)).unsqueeze(1)
+    attended = F.scaled_dot_product_attention(
+        q.to(dtype).transpose(0, 1).unsqueeze(0),
+        keys[row : row + 1, :, :end].to(dtype),
+        values[row : row + 1, :, :end].to(dtype),
+        attn_mask=allowed,
+        enable_gqa=True,
+    )
+    return attended[0].transpose(0, 1).reshape(count, -1)
+
+
+@needs_prefill_kernel
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 64), (16, 4, 128), (4, 1, 64)]
+)
+@pytest.mark.parametrize(
+    ("tokens", "start"),
+    # A first token; a prompt from position 0; a follow-up over a short history, over one of
+    # several runs of 512 positions, and up to 128 queries to a key-value head.
+    [(1, 0), (1, 700), (5, 0), (25, 130), (21, 1500), (32, 600), (40, 3000)],
+)
+def test_the_prefill_kernel_computes_what_torch_attention_computes(
+    kernel, heads, kv_heads, head_dim, tokens, start
+):
+    """New tokens over a slot row's history: each sees the positions up to its own, as close to
+    attention in fp32 as torch's own bf16 attention is, with sharp and flat scores."""
+    group = heads // kv_heads
+    tokens = min(tokens, native.PREFILL_QUERIES // group)  # (the most it takes)
+    keys, values = slot_rows(3, kv_heads, head_dim, positions=start + tokens)
+    for sharpness in (1.0, 8.0):
+        wide = torch.randn(tokens, heads + 2 * kv_heads, head_dim) * sharpness
+        q = wide.to(torch.bfloat16)[:, :heads]  # (split out of a wider tensor, as the layers do)
+        out = torch.ops.chat.prefill_attention(q, keys, values, 2, start)
+        assert out.shape == (tokens, heads * head_dim) and out.dtype == torch.bfloat16
+        expected = prefill_reference(q, keys, values, 2, start)
+        theirs = prefill_reference(q, keys, values, 2, start, torch.bfloat16)
+        torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+        ours = (out.float() - expected).abs().max()
+        assert ours <= 2 * (theirs.float() - expected).abs().max() + 1e-3
+        if start == 0:  # the first token sees its own value only: exactly that
+            first = out[0].view(heads, head_dim)
+            for head in range(heads):
+                assert torch.equal(first[head], values[2, head // group, 0])
+
+
+@needs_prefill_kernel
+def test_the_prefill_kernel_refuses_what_it_cannot_compute_with_a_clear_error(kernel):
+    keys, values = slot_rows(2, 3, 64)
+    q = torch.randn(4, 9, 64).to(torch.bfloat16)
+    cases = [
+        ((q.float(), keys, values, 1, 10), "bf16 only"),
+        ((q, keys, values, keys.size(0), 10), "row or positions out of range"),
+        ((q, keys, values, 1, keys.size(2) - 3), "row or positions out of range"),
+        ((torch.randn(43, 9, 64).to(torch.bfloat16), keys, values, 1, 0), "at most 128 queries"),
+        ((torch.randn(4, 8, 64).to(torch.bfloat16), keys, values, 1, 0), "shapes do not match"),
+    ]
+    for arguments, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.chat.prefill_attention(*arguments)
 
 
 def quantized_matrix(outputs, inputs, bits, *, exact=False):
@@ -395,6 +472,36 @@ def test_decode_steps_of_the_real_model_score_a_text_as_with_torch_attention(def
     assert similarity.mean() > 0.998 and similarity.min() > 0.95
 
 
+@needs_prefill_kernel
+@pytest.mark.model
+def test_follow_ups_of_the_real_model_score_a_text_as_with_torch_attention(default_engine):
+    """A text read as a conversation's follow-ups are, a run of new tokens at a time over what
+    came before (score: eight tokens a pass), attends through our prefill kernel, and scores as
+    with torch's attention but for rounding."""
+    decoder, scheduler = default_engine.decoder, default_engine.scheduler
+    assert decoder.native_prefill, "built and loaded on this CPU"
+    ids = default_engine.prompt_tokenizer.encode(SCORED_TEXT)
+    targets = torch.tensor(ids[1:])
+
+    def score():
+        with torch.inference_mode():
+            return decoder.score(scheduler.spare_row, ids, 0)[:-1]
+
+    try:
+        ours = scheduler.call(score).result()
+        decoder.native_prefill = False
+        theirs = scheduler.call(score).result()
+    finally:
+        decoder.native_prefill = True
+
+    def perplexity_of(scores):
+        return F.cross_entropy(scores, targets).exp().item()
+
+    assert abs(perplexity_of(ours) / perplexity_of(theirs) - 1) < 0.02
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() > 0.85
+    assert F.cosine_similarity(ours, theirs, dim=-1).mean() > 0.998
+
+
 @needs_kernels
 @pytest.mark.model
 @pytest.mark.parametrize("rows", [1, 8])
@@ -463,6 +570,7 @@ def test_each_kernel_path_tested_is_the_one_the_engine_runs(real_engine, request
     capability = torch.backends.cpu.get_cpu_capability()
     target = native.AVX512 if capability == "AVX512" else native.AVX2
     assert decoder.native is ours and decoder.native_attention is ours
+    assert decoder.native_prefill is (ours and target.prefill_attention)
     expected = weights.NativeInt4Linear if ours else weights.Int4Linear
     assert {type(layer.qkv) for layer in decoder.layers} == {expected}
     if ours:

@@ -112,6 +112,10 @@ class LlamaDecoder:
         self.native_attention = self.native and native.attention_fits(
             self.dtype, self.heads, self.kv_heads, self.head_dim
         )
+        # So do a follow-up's few new tokens over the history (AVX-512 only).
+        self.native_prefill = self.native and native.prefill_attention_fits(
+            self.dtype, self.heads, self.kv_heads, self.head_dim
+        )
         self._stack = layers.script(self._layer_stack())
         self._warm_up()
 
@@ -215,7 +219,13 @@ class LlamaDecoder:
         row_heads = torch.arange(n * self.kv_heads).view(n, self.kv_heads)
         slots = (row_heads * self.cache.positions + where.unsqueeze(1)).view(-1)
         attention = layers.Attention(
-            slots=slots, length=length, mask=mask, runs=[], rows=None, lengths=lengths
+            slots=slots,
+            length=length,
+            mask=mask,
+            runs=[],
+            rows=None,
+            lengths=lengths,
+            native_run=False,
         )
         ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(1)
         hidden = self._hidden(ids, where.unsqueeze(1), attention, dense=True)
@@ -238,12 +248,18 @@ class LlamaDecoder:
         # query head of a key-value head's group (attention reads them as one run).
         group = self.heads // self.kv_heads
         mask, rows, length = None, None, 0
+        # One short run (a follow-up message): our kernel, which needs no mask.
+        native_run = (
+            self.native_prefill
+            and len(runs) == 1
+            and group * len(runs[0][1]) <= native.PREFILL_QUERIES
+        )
         if len(runs) > 1:  # all runs in one call (see layers.Attention)
             rows = torch.tensor([row for row, _, _ in runs])
             length = max(start + len(tokens) for _, tokens, start in runs)
             allowed = torch.arange(length).view(1, 1, -1) <= positions.unsqueeze(2)
             mask = self._mask(allowed).repeat(1, group, 1).unsqueeze(1)
-        else:  # one run: causal from position 0 (or one token), else masked
+        elif not native_run:  # one run: causal from position 0 (or one token), else masked
             ((_, tokens, start),) = runs
             if start > 0 and len(tokens) > 1:
                 end = start + len(tokens)
@@ -256,6 +272,7 @@ class LlamaDecoder:
             runs=[(row, start, len(tokens)) for row, tokens, start in runs],
             rows=rows,
             lengths=None,
+            native_run=native_run,
         )
         return ids, positions, attention
 

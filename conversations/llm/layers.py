@@ -77,7 +77,8 @@ class Attention(NamedTuple):
 
     `lengths` (decoding only): how many positions each row sees, for the decode-attention kernel
     of our own (native.py), which then attends instead of scaled_dot_product_attention and needs
-    no mask; None: that kernel is not used."""
+    no mask; None: that kernel is not used. `native_run` (one run only): the run attends with
+    our prefill-attention kernel, which needs no mask either."""
 
     slots: torch.Tensor | None
     length: int
@@ -85,6 +86,7 @@ class Attention(NamedTuple):
     runs: list[tuple[int, int, int]]
     rows: torch.Tensor | None
     lengths: torch.Tensor | None
+    native_run: bool
 
 
 class Layer(torch.nn.Module):
@@ -145,6 +147,7 @@ class Layer(torch.nn.Module):
                 attention.rows,
                 attention.mask,
                 attention.length,
+                attention.native_run,
             )
         x = x + self.out(attended, use_dense)
         h = self.post_attention_norm.scaled(x, self.gate_up.int8_input(tokens, use_dense))
@@ -219,10 +222,16 @@ def _attend_runs(
     rows: torch.Tensor | None,
     mask: torch.Tensor | None,
     length: int,
+    native_run: bool,
 ) -> torch.Tensor:
     """q: (tokens, heads, head size), k and v: (tokens, key-value heads, head size), tokens
-    being len(runs) runs of equal length; returns (tokens, heads * head size). `rows`, `mask`
-    and `length` as in Attention."""
+    being len(runs) runs of equal length; returns (tokens, heads * head size). `rows`, `mask`,
+    `length` and `native_run` as in Attention."""
+    if native_run:
+        row, start, used = runs[0]
+        keys[row, :, start : start + used].copy_(k.transpose(0, 1))
+        values[row, :, start : start + used].copy_(v.transpose(0, 1))
+        return torch.ops.chat.prefill_attention(q, keys, values, row, start)
     batch = len(runs)
     count = q.size(0) // batch
     q = q.view(batch, count, q.size(1), q.size(2)).transpose(1, 2)

@@ -1,7 +1,8 @@
 """Kernels of our own, compiled on this machine: `chat::int4_linear` and `chat::int8_linear`
 (quantized_linear.cpp), the layers' int4 and the output head's int8 matrix products for decode
-steps and short prompts, and `chat::decode_attention` (decode_attention.cpp), the attention of
-a decode step.
+steps and short prompts, `chat::decode_attention` (decode_attention.cpp), the attention of a
+decode step, and `chat::prefill_attention` (prefill_attention.cpp, AVX-512 only), that of a
+follow-up message's few new tokens over a long history.
 
 They come in two instruction sets (TARGETS): AVX-512 with its bf16 and int8 dot products, and
 AVX2 with FMA and F16C, which CPUs without AVX-512 have. The best the CPU has is used, or the
@@ -42,10 +43,13 @@ class Target:
     name: str
     folder: str
     flags: tuple[str, ...]
+    # Whether prefill_attention (prefill_attention.cpp, AVX-512 only) is among its kernels.
+    prefill_attention: bool = False
 
     @property
     def sources(self) -> list[Path]:
         names = ["quantized_linear.cpp", "decode_attention.cpp"]
+        names += ["prefill_attention.cpp"] if self.prefill_attention else []
         return [Path(__file__).with_name(name) for name in names]
 
 
@@ -62,6 +66,7 @@ AVX512 = Target(
         "-mavx512vnni",
         "-mfma",
     ),
+    prefill_attention=True,
 )
 AVX2 = Target("avx2", "avx2-fma-f16c", ("-O3", "-fopenmp", "-mavx2", "-mfma", "-mf16c"))
 TARGETS = {target.name: target for target in (AVX512, AVX2)}
@@ -72,10 +77,17 @@ LIBRARY = "chat_kernels.so"
 GROUP = 32
 BLOCK = 16
 FP16_MAX = 65504.0
+# The most queries of a key-value head (query heads a group times new tokens) prefill_attention
+# takes: its sums are kept in registers by blocks of 16. Longer runs are blocks of queries that
+# torch's flash-attention kernel is made for.
+PREFILL_QUERIES = 128
 
 # Scripted code names the operations, so their schemas exist whether or not the kernels are built.
 _library = torch.library.Library("chat", "DEF")
 _library.define("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor lengths) -> Tensor")
+_library.define(
+    "prefill_attention(Tensor q, Tensor keys, Tensor values, int row, int start) -> Tensor"
+)
 _library.define("int4_linear(Tensor x, Tensor packed) -> Tensor")
 _library.define("int8_linear(Tensor x, Tensor packed) -> Tensor")
 
@@ -144,6 +156,16 @@ def attention_fits(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int)
         and head_dim in (64, 128)
         and heads % kv_heads == 0
         and 1 <= heads // kv_heads <= 4
+    )
+
+
+def prefill_attention_fits(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether the loaded kernels attend for a short run of new tokens over a row (see
+    attention_fits, and PREFILL_QUERIES)."""
+    return (
+        attention_fits(dtype, heads, kv_heads, head_dim)
+        and _loaded_target is not None
+        and _loaded_target.prefill_attention
     )
 
 
@@ -233,9 +255,10 @@ def load(cache_root: Path | str, setting: str | bool = "true") -> bool:
 
 
 def _stamp(target: Target) -> str:
-    """What a build is made from: the sources, the flags, torch and Python."""
+    """What a build is made from: the sources and the header they share, the flags, torch and
+    Python."""
     digest = hashlib.sha256()
-    for source in target.sources:
+    for source in [*target.sources, Path(__file__).with_name("softmax_exp.h")]:
         digest.update(source.read_bytes())
     digest.update(" ".join([*target.flags, torch.__version__, sys.version]).encode())
     return digest.hexdigest()
