@@ -83,11 +83,11 @@ def reference_worker() -> WorkerProcess:
     return WorkerProcess([sys.executable, "-m", "benchmarks.contender", "reference"])
 
 
-def llama_worker(gguf: Path, *, threads: int = 2) -> WorkerProcess:
-    """llama.cpp on the GGUF, in its own environment (built on first use; see llama_env.py)."""
+def llama_worker(gguf: Path, *, threads: int = 2, build: str = "avx2") -> WorkerProcess:
+    """llama.cpp on the GGUF, in the environment of `build` (built on first use; see
+    llama_env.py)."""
     from .llama_env import llama_python
 
     script = Path(__file__).with_name("llama_worker.py")
-    return WorkerProcess(
-        [str(llama_python()), str(script), "--model", str(gguf), "--threads", str(threads)]
-    )
+    command = [str(llama_python(build)), str(script), "--model", str(gguf)]
+    return WorkerProcess([*command, "--threads", str(threads)])
