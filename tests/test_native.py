@@ -137,12 +137,6 @@ def test_the_kernel_refuses_what_it_cannot_compute_with_a_clear_error(kernel):
             kernel(*arguments)
 
 
-needs_prefill_kernel = pytest.mark.skipif(
-    not native.supported(native.AVX512),
-    reason="prefill_attention is AVX-512's only (the CPU lacks it or torch is limited to less)",
-)
-
-
 def prefill_reference(q, keys, values, row, start, dtype=torch.float32):
     """torch's attention of the tokens q (tokens, heads, D) at start.. over row `row`, token t
     seeing positions 0..start + t, in `dtype`: (tokens, heads * D)."""
@@ -158,7 +152,8 @@ def prefill_reference(q, keys, values, row, start, dtype=torch.float32):
     return attended[0].transpose(0, 1).reshape(count, -1)
 
 
-@needs_prefill_kernel
+@needs_kernels
+@pytest.mark.engine
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 64), (16, 4, 128), (4, 1, 64)]
 )
@@ -192,7 +187,8 @@ def test_the_prefill_kernel_computes_what_torch_attention_computes(
                 assert torch.equal(first[head], values[2, head // group, 0])
 
 
-@needs_prefill_kernel
+@needs_kernels
+@pytest.mark.engine
 def test_the_prefill_kernel_refuses_what_it_cannot_compute_with_a_clear_error(kernel):
     keys, values = slot_rows(2, 3, 64)
     q = torch.randn(4, 9, 64).to(torch.bfloat16)
@@ -472,7 +468,7 @@ def test_decode_steps_of_the_real_model_score_a_text_as_with_torch_attention(def
     assert similarity.mean() > 0.998 and similarity.min() > 0.95
 
 
-@needs_prefill_kernel
+@needs_kernels
 @pytest.mark.model
 def test_follow_ups_of_the_real_model_score_a_text_as_with_torch_attention(default_engine):
     """A text read as a conversation's follow-ups are, a run of new tokens at a time over what
@@ -570,7 +566,7 @@ def test_each_kernel_path_tested_is_the_one_the_engine_runs(real_engine, request
     capability = torch.backends.cpu.get_cpu_capability()
     target = native.AVX512 if capability == "AVX512" else native.AVX2
     assert decoder.native is ours and decoder.native_attention is ours
-    assert decoder.native_prefill is (ours and target.prefill_attention)
+    assert decoder.native_prefill is ours
     expected = weights.NativeInt4Linear if ours else weights.Int4Linear
     assert {type(layer.qkv) for layer in decoder.layers} == {expected}
     if ours:

@@ -112,10 +112,8 @@ class LlamaDecoder:
         self.native_attention = self.native and native.attention_fits(
             self.dtype, self.heads, self.kv_heads, self.head_dim
         )
-        # So do a follow-up's few new tokens over the history (AVX-512 only).
-        self.native_prefill = self.native and native.prefill_attention_fits(
-            self.dtype, self.heads, self.kv_heads, self.head_dim
-        )
+        # So do a follow-up's few new tokens over the history.
+        self.native_prefill = self.native_attention
         self._stack = layers.script(self._layer_stack())
         self._warm_up()
 

@@ -1,8 +1,8 @@
 """Kernels of our own, compiled on this machine: `chat::int4_linear` and `chat::int8_linear`
 (quantized_linear.cpp), the layers' int4 and the output head's int8 matrix products for decode
 steps and short prompts, `chat::decode_attention` (decode_attention.cpp), the attention of a
-decode step, and `chat::prefill_attention` (prefill_attention.cpp, AVX-512 only), that of a
-follow-up message's few new tokens over a long history.
+decode step, and `chat::prefill_attention` (prefill_attention.cpp), that of a follow-up
+message's few new tokens over a long history.
 
 They come in two instruction sets (TARGETS): AVX-512 with its bf16 and int8 dot products, and
 AVX2 with FMA and F16C, which CPUs without AVX-512 have. The best the CPU has is used, or the
@@ -43,13 +43,10 @@ class Target:
     name: str
     folder: str
     flags: tuple[str, ...]
-    # Whether prefill_attention (prefill_attention.cpp, AVX-512 only) is among its kernels.
-    prefill_attention: bool = False
 
     @property
     def sources(self) -> list[Path]:
-        names = ["quantized_linear.cpp", "decode_attention.cpp"]
-        names += ["prefill_attention.cpp"] if self.prefill_attention else []
+        names = ["quantized_linear.cpp", "decode_attention.cpp", "prefill_attention.cpp"]
         return [Path(__file__).with_name(name) for name in names]
 
 
@@ -66,7 +63,6 @@ AVX512 = Target(
         "-mavx512vnni",
         "-mfma",
     ),
-    prefill_attention=True,
 )
 AVX2 = Target("avx2", "avx2-fma-f16c", ("-O3", "-fopenmp", "-mavx2", "-mfma", "-mf16c"))
 TARGETS = {target.name: target for target in (AVX512, AVX2)}
@@ -149,23 +145,13 @@ def loaded_target() -> Target | None:
 def attention_fits(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
     """Whether the loaded kernels attend for a model of this shape: bf16 keys and values, heads
     of 64 or 128 values, one to four query heads to a key-value head (decode_attention.cpp's
-    `pick`)."""
+    `pick`; prefill_attention takes those too, up to PREFILL_QUERIES queries a run)."""
     return (
         _loaded_target is not None
         and dtype == torch.bfloat16
         and head_dim in (64, 128)
         and heads % kv_heads == 0
         and 1 <= heads // kv_heads <= 4
-    )
-
-
-def prefill_attention_fits(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
-    """Whether the loaded kernels attend for a short run of new tokens over a row (see
-    attention_fits, and PREFILL_QUERIES)."""
-    return (
-        attention_fits(dtype, heads, kv_heads, head_dim)
-        and _loaded_target is not None
-        and _loaded_target.prefill_attention
     )
 
 

@@ -1,20 +1,24 @@
 // Attention of a short run of new tokens over a long row of cached keys and values: a follow-up
-// message's first pass, for CPUs with AVX-512 BF16 (built and loaded by native.py with the AVX-512
-// kernels; elsewhere, and for long runs, the decoder uses torch's scaled_dot_product_attention).
+// message's first pass. Built by native.py for one instruction set at a time: AVX-512 with its
+// bf16 dot products, or AVX2 with FMA (below: fp32 products of the widened keys and values); for
+// long runs the decoder uses torch's scaled_dot_product_attention.
 //
 // Why: a follow-up's ~25 new tokens attend over the whole history in every layer, and torch's
 // CPU flash-attention kernel, made for long blocks of queries, took them at ~50 G multiply-adds a
 // second on two cores (8,000 positions: 4.6 ms a layer, ~140 ms of the first token). Here the
 // queries of a key-value head (its query heads times the new tokens) are the lanes of the
 // registers, so that a key's dot products with sixteen queries are one bf16 dot-product
-// instruction per pair of its dimensions, and the softmax's largest scores and sums run down
-// the positions in those same lanes.
+// instruction per pair of its dimensions (AVX2: eight queries, one FMA per dimension), and the
+// softmax's largest scores and sums run down the positions in those same lanes.
 //
 // The computation is the flash kernel's: scores q.k / sqrt(D) in fp32, a new token t (at
 // position start + t) seeing positions 0..start + t, softmax in fp32, the probabilities rounded to
-// bf16 for their product with the values, accumulated in fp32, divided by the fp32 sum, rounded to
-// bf16. The positions are cut into runs attended to apart and combined at the end, each with its
-// own largest score (as decode_attention.cpp does).
+// bf16 for their product with the values (AVX-512; AVX2 keeps them in fp32), accumulated in fp32,
+// divided by the fp32 sum, rounded to bf16. The positions are cut into runs attended to apart
+// and combined at the end, each with its own largest score (as decode_attention.cpp does).
+//
+// Each instruction set gives the same few pieces (Queries, keys_at, scores_pass, hide,
+// probabilities, lay_values, values_pass); attend_run, after them, is the run's loops.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -27,27 +31,16 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
-
 namespace {
 
-constexpr int kLanes = 16;         // queries to a register
-constexpr int kMaxBlocks = 8;      // registers of queries: 128 queries of a key-value head at most
-constexpr int64_t kRun = 512;      // positions to a work item
-constexpr int kPositions = 4;      // keys a pass of the scores' loop takes
-
-// A key-value head's queries, laid out for the dot products: `pairs[(b * D / 2 + i) * 16 + l]`
-// holds dimensions 2i and 2i + 1 of the query in lane l of block b (bf16, as one 32-bit word);
-// `last[b * 16 + l]`, the last position it sees (-1 for the lanes past the queries).
-template <int D>
-struct Queries {
-  int blocks;
-  std::vector<uint32_t> pairs;
-  std::vector<int32_t> last;
-};
+constexpr int kMaxQueries = 128;  // queries of a key-value head the kernel takes
+constexpr int64_t kRun = 512;     // positions to a work item
+constexpr int kPositions = 4;     // keys a step of the scores' loop takes
+constexpr int kDims = 4;          // dimensions a step of the values' loop takes
 
 // What a run of positions gives each query lane: its largest score, the sum of exp(score -
 // largest), and the values weighted by those (acc[d * lanes + lane]), unnormalized.
@@ -55,45 +48,82 @@ struct Partial {
   std::vector<float> top, total, acc;
 };
 
-// Scratch of a thread: the run's scores (then probabilities), as bf16 pairs of positions, and
-// its values as pairs of positions.
-struct Scratch {
-  std::vector<float> scores;
-  std::vector<uint32_t> probability_pairs, value_pairs;
-};
+// Calls f(std::integral_constant<int, n>) (1 <= n <= Most): the loops' sums stay in registers
+// only with their count known when compiled.
+template <int Most, int N = 1, typename F>
+void by_blocks(int n, F&& f) {
+  if constexpr (N < Most) {
+    if (n != N) return by_blocks<Most, N + 1>(n, f);
+  }
+  f(std::integral_constant<int, N>());
+}
 
-// The loops below keep B blocks of queries' sums for kPositions keys (or kDims dimensions) in
+#if defined(__AVX512F__)
+
+constexpr int kLanes = 16;  // queries to a register
+using Vec = __m512;
+using Lanes = __m512i;
+using Word = uint32_t;  // what the queries, keys and values are read as: pairs of bf16
+// The loops keep B blocks of queries' sums for kPositions keys (or kDims dimensions) in
 // registers: B * 4 of the 32, and per step B loads of queries (or probabilities) for 4 broadcast
 // pairs of key (or value) dimensions. (Two blocks for eight keys, sixteen sums of 32: 124 G
 // multiply-adds a second at 8,000 positions; five blocks for four keys: see docs/engine.md.)
 constexpr int kPass = 6;
-constexpr int kDims = 4;
-static_assert(kPositions == 4 && kPass * kPositions <= 24, "sums for the registers");
+static_assert(kPass * kPositions <= 24, "sums for the registers");
 
-// Calls f(std::integral_constant<int, B>) for B = n (1..kPass).
-template <typename F>
-void by_blocks(int n, F&& f) {
-  switch (n) {
-    case 1: f(std::integral_constant<int, 1>()); break;
-    case 2: f(std::integral_constant<int, 2>()); break;
-    case 3: f(std::integral_constant<int, 3>()); break;
-    case 4: f(std::integral_constant<int, 4>()); break;
-    case 5: f(std::integral_constant<int, 5>()); break;
-    default: f(std::integral_constant<int, 6>()); break;
-  }
+inline Vec splat(float x) { return _mm512_set1_ps(x); }
+inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
+inline void store(float* p, Vec x) { _mm512_storeu_ps(p, x); }
+inline Vec larger(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+inline Lanes load_lanes(const int32_t* p) { return _mm512_loadu_si512(p); }
+
+// s, with -inf in the lanes whose query's last position is before `position`.
+inline Vec hide(Vec s, int64_t position, Lanes last) {
+  const __mmask16 hidden = _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(static_cast<int>(position)), last);
+  return _mm512_mask_mov_ps(s, hidden, _mm512_set1_ps(-INFINITY));
 }
 
-// sum[b][i] = the scores (unscaled) of block b of `pairs` (laid out as Queries::pairs) with key i.
+// A key-value head's queries, laid out for the dot products: `data[(b * D / 2 + i) * 16 + l]`
+// holds dimensions 2i and 2i + 1 of the query in lane l of block b (bf16, as one 32-bit word);
+// `last[b * 16 + l]`, the last position it sees (-1 for the lanes past the queries).
+template <int D>
+struct Queries {
+  explicit Queries(int blocks) : blocks(blocks), data(blocks * kLanes * D / 2), last(blocks * kLanes, -1) {}
+  void lay(int64_t lane, const uint16_t* query, int32_t position) {
+    const int64_t b = lane / kLanes, l = lane % kLanes;
+    const auto* words = reinterpret_cast<const uint32_t*>(query);
+    for (int d = 0; d < D / 2; ++d) data[(b * D / 2 + d) * kLanes + l] = words[d];
+    last[lane] = position;
+  }
+  const uint32_t* block(int b) const { return data.data() + b * D / 2 * kLanes; }
+  int blocks;
+  std::vector<uint32_t> data;
+  std::vector<int32_t> last;
+};
+
+// Scratch of a thread: the run's scores, its probabilities and values as bf16 pairs of positions.
+struct Scratch {
+  std::vector<float> scores;
+  std::vector<uint32_t> probabilities, values;
+};
+
+// The keys at `rows` as scores_pass reads them: bf16 pairs, as they are.
+template <int D>
+inline void keys_at(const uint16_t* const* rows, Scratch&, const uint32_t** key) {
+  for (int i = 0; i < kPositions; ++i) key[i] = reinterpret_cast<const uint32_t*>(rows[i]);
+}
+
+// sum[b][i] = the scores (unscaled) of query block b (from `queries`) with key i.
 template <int D, int B>
-inline void scores_pass(const uint32_t* pairs, const uint32_t* const* key, __m512 (*sum)[kPositions]) {
-  __m512 acc[B][kPositions];
+inline void scores_pass(const uint32_t* queries, const uint32_t* const* key, Vec (*sum)[kPositions]) {
+  Vec acc[B][kPositions];
   for (int b = 0; b < B; ++b)
     for (int i = 0; i < kPositions; ++i) acc[b][i] = _mm512_setzero_ps();
   for (int d = 0; d < D / 2; ++d) {
     __m512bh dims[kPositions];
     for (int i = 0; i < kPositions; ++i) dims[i] = (__m512bh)_mm512_set1_epi32(static_cast<int>(key[i][d]));
     for (int b = 0; b < B; ++b) {
-      const __m512bh query = (__m512bh)_mm512_loadu_si512(pairs + (b * D / 2 + d) * kLanes);
+      const __m512bh query = (__m512bh)_mm512_loadu_si512(queries + (b * D / 2 + d) * kLanes);
       for (int i = 0; i < kPositions; ++i) acc[b][i] = _mm512_dpbf16_ps(acc[b][i], query, dims[i]);
     }
   }
@@ -101,15 +131,65 @@ inline void scores_pass(const uint32_t* pairs, const uint32_t* const* key, __m51
     for (int i = 0; i < kPositions; ++i) sum[b][i] = acc[b][i];
 }
 
-// sum[b][j] = the probabilities of block b (pairs of positions, `lanes` to a pair) times
-// dimension j of the values (pairs of positions, D to a pair), over `pairs` pairs.
+// Softmax's numerators of block b's `count` scores (0 where hidden) less `top`, as bf16 pairs
+// of positions (a lone last position paired with 0) into scratch.probabilities; returns their
+// sums (fp32, before rounding).
+inline Vec probabilities(Scratch& scratch, int lanes, int b, int64_t count, Vec top) {
+  const int64_t pairs = (count + 1) / 2;
+  scratch.probabilities.resize(pairs * lanes);
+  const float* scores = scratch.scores.data();
+  Vec total = _mm512_setzero_ps();
+  for (int64_t i = 0; i < pairs; ++i) {
+    __m512i words[2];
+    for (int j = 0; j < 2; ++j) {
+      const int64_t p = 2 * i + j;
+      Vec e = _mm512_setzero_ps();
+      if (p < count) {
+        const Vec s = _mm512_loadu_ps(scores + p * lanes + b * kLanes);
+        e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s, splat(-INFINITY), _CMP_NEQ_OQ),
+                                exp16(_mm512_sub_ps(s, top)));
+      }
+      total = _mm512_add_ps(total, e);
+      words[j] = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(e));
+    }
+    _mm512_storeu_si512(scratch.probabilities.data() + i * lanes + b * kLanes,
+                        _mm512_or_si512(words[0], _mm512_slli_epi32(words[1], 16)));
+  }
+  return total;
+}
+
+// The run's `count` values (at v, `stride` apart) as bf16 pairs of positions: word d of pair i
+// is dimension d of positions 2i and 2i + 1. Returns how many steps values_pass takes (pairs).
+template <int D>
+inline int64_t lay_values(const uint16_t* v, int64_t stride, int64_t count, Scratch& scratch) {
+  const int64_t pairs = (count + 1) / 2;
+  scratch.values.resize(pairs * D);
+  uint32_t* values = scratch.values.data();
+  const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                       39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
+  for (int64_t i = 0; i < pairs; ++i) {
+    const uint16_t* a = v + 2 * i * stride;
+    const bool both = 2 * i + 1 < count;
+    for (int c = 0; c < D / 32; ++c) {
+      const __m512i x = _mm512_loadu_si512(a + 32 * c);
+      const __m512i y = both ? _mm512_loadu_si512(a + stride + 32 * c) : _mm512_setzero_si512();
+      _mm512_storeu_si512(values + i * D + 32 * c, _mm512_permutex2var_epi16(x, low, y));
+      _mm512_storeu_si512(values + i * D + 32 * c + 16, _mm512_permutex2var_epi16(x, high, y));
+    }
+  }
+  return pairs;
+}
+
+// sum[b][j] = the probabilities of block b (`lanes` to a step) times dimension j of the values
+// (D to a step), over `steps` pairs of positions.
 template <int D, int B>
-inline void values_pass(const uint32_t* probabilities, int lanes, const uint32_t* values, int64_t pairs,
-                        __m512 (*sum)[kDims]) {
-  __m512 acc[B][kDims];
+inline void values_pass(const uint32_t* probabilities, int lanes, const uint32_t* values, int64_t steps,
+                        Vec (*sum)[kDims]) {
+  Vec acc[B][kDims];
   for (int b = 0; b < B; ++b)
     for (int j = 0; j < kDims; ++j) acc[b][j] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < pairs; ++i) {
+  for (int64_t i = 0; i < steps; ++i) {
     __m512bh dims[kDims];
     for (int j = 0; j < kDims; ++j) dims[j] = (__m512bh)_mm512_set1_epi32(static_cast<int>(values[i * D + j]));
     for (int b = 0; b < B; ++b) {
@@ -121,110 +201,194 @@ inline void values_pass(const uint32_t* probabilities, int lanes, const uint32_t
     for (int j = 0; j < kDims; ++j) sum[b][j] = acc[b][j];
 }
 
+#else
+
+// AVX2: sixteen registers of eight floats. The queries, keys and values are widened to fp32 (a
+// bf16 is the top half of its fp32) and multiplied with FMAs; the probabilities stay in fp32.
+constexpr int kLanes = 8;  // queries to a register
+using Vec = __m256;
+using Lanes = __m256i;
+using Word = float;
+// Sums in registers: two blocks of queries for kPositions keys (or kDims dimensions), with two
+// loads of queries (or probabilities) and four broadcasts a step: 14 of the 16.
+constexpr int kPass = 2;
+
+inline Vec splat(float x) { return _mm256_set1_ps(x); }
+inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
+inline void store(float* p, Vec x) { _mm256_storeu_ps(p, x); }
+inline Vec larger(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+inline Lanes load_lanes(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+inline Vec hide(Vec s, int64_t position, Lanes last) {
+  const __m256i hidden = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(position)), last);
+  return _mm256_blendv_ps(s, _mm256_set1_ps(-INFINITY), _mm256_castsi256_ps(hidden));
+}
+
+// 8 bf16 at p, widened to fp32, to out.
+inline void widen8(const uint16_t* p, float* out) {
+  const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  _mm256_storeu_ps(out, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16)));
+}
+
+// A key-value head's queries in fp32: `data[(b * D + d) * 8 + l]` is dimension d of the query in
+// lane l of block b; `last` as for AVX-512.
+template <int D>
+struct Queries {
+  explicit Queries(int blocks) : blocks(blocks), data(blocks * kLanes * D), last(blocks * kLanes, -1) {}
+  void lay(int64_t lane, const uint16_t* query, int32_t position) {
+    const int64_t b = lane / kLanes, l = lane % kLanes;
+    for (int d = 0; d < D; ++d) {
+      const uint32_t bits = static_cast<uint32_t>(query[d]) << 16;
+      std::memcpy(&data[(b * D + d) * kLanes + l], &bits, sizeof bits);
+    }
+    last[lane] = position;
+  }
+  const float* block(int b) const { return data.data() + b * D * kLanes; }
+  int blocks;
+  std::vector<float> data;
+  std::vector<int32_t> last;
+};
+
+// Scratch of a thread: the run's scores (then probabilities), kPositions keys and its values in
+// fp32.
+struct Scratch {
+  std::vector<float> scores, probabilities, keys, values;
+};
+
+// The keys at `rows`, widened into the scratch.
+template <int D>
+inline void keys_at(const uint16_t* const* rows, Scratch& scratch, const float** key) {
+  scratch.keys.resize(kPositions * D);
+  for (int i = 0; i < kPositions; ++i) {
+    float* widened = scratch.keys.data() + i * D;
+    for (int d = 0; d < D; d += 8) widen8(rows[i] + d, widened + d);
+    key[i] = widened;
+  }
+}
+
+template <int D, int B>
+inline void scores_pass(const float* queries, const float* const* key, Vec (*sum)[kPositions]) {
+  Vec acc[B][kPositions];
+  for (int b = 0; b < B; ++b)
+    for (int i = 0; i < kPositions; ++i) acc[b][i] = _mm256_setzero_ps();
+  for (int d = 0; d < D; ++d) {
+    Vec dims[kPositions];
+    for (int i = 0; i < kPositions; ++i) dims[i] = _mm256_broadcast_ss(key[i] + d);
+    for (int b = 0; b < B; ++b) {
+      const Vec query = _mm256_loadu_ps(queries + (b * D + d) * kLanes);
+      for (int i = 0; i < kPositions; ++i) acc[b][i] = _mm256_fmadd_ps(query, dims[i], acc[b][i]);
+    }
+  }
+  for (int b = 0; b < B; ++b)
+    for (int i = 0; i < kPositions; ++i) sum[b][i] = acc[b][i];
+}
+
+// Softmax's numerators of block b (fp32, 0 where hidden) into scratch.probabilities; their sums.
+inline Vec probabilities(Scratch& scratch, int lanes, int b, int64_t count, Vec top) {
+  scratch.probabilities.resize(count * lanes);
+  Vec total = _mm256_setzero_ps();
+  for (int64_t p = 0; p < count; ++p) {
+    const Vec s = _mm256_loadu_ps(scratch.scores.data() + p * lanes + b * kLanes);
+    const Vec e = _mm256_and_ps(_mm256_cmp_ps(s, splat(-INFINITY), _CMP_NEQ_OQ),
+                                exp8(_mm256_sub_ps(s, top)));
+    _mm256_storeu_ps(scratch.probabilities.data() + p * lanes + b * kLanes, e);
+    total = _mm256_add_ps(total, e);
+  }
+  return total;
+}
+
+// The run's `count` values, widened; one step of values_pass a position.
+template <int D>
+inline int64_t lay_values(const uint16_t* v, int64_t stride, int64_t count, Scratch& scratch) {
+  scratch.values.resize(count * D);
+  for (int64_t p = 0; p < count; ++p)
+    for (int d = 0; d < D; d += 8) widen8(v + p * stride + d, scratch.values.data() + p * D + d);
+  return count;
+}
+
+template <int D, int B>
+inline void values_pass(const float* probabilities, int lanes, const float* values, int64_t steps,
+                        Vec (*sum)[kDims]) {
+  Vec acc[B][kDims];
+  for (int b = 0; b < B; ++b)
+    for (int j = 0; j < kDims; ++j) acc[b][j] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < steps; ++i) {
+    Vec dims[kDims];
+    for (int j = 0; j < kDims; ++j) dims[j] = _mm256_broadcast_ss(values + i * D + j);
+    for (int b = 0; b < B; ++b) {
+      const Vec weights = _mm256_loadu_ps(probabilities + i * lanes + b * kLanes);
+      for (int j = 0; j < kDims; ++j) acc[b][j] = _mm256_fmadd_ps(weights, dims[j], acc[b][j]);
+    }
+  }
+  for (int b = 0; b < B; ++b)
+    for (int j = 0; j < kDims; ++j) sum[b][j] = acc[b][j];
+}
+
+#endif
+
 // The queries' attention over positions first..first + count - 1 of one key-value head (keys
 // at k + p * stride, values at v + p * stride, position p from the head's start).
 template <int D>
 void attend_run(const Queries<D>& q, const uint16_t* k, const uint16_t* v, int64_t stride,
                 int64_t first, int64_t count, Scratch& scratch, Partial& part) {
   const int blocks = q.blocks, lanes = blocks * kLanes;
-  const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(D)));
-  const __m512 minus_infinity = _mm512_set1_ps(-INFINITY);
+  const Vec scale = splat(1.0f / std::sqrt(static_cast<float>(D)));
   scratch.scores.resize(count * lanes);
   float* scores = scratch.scores.data();
-  __m512 peak[kMaxBlocks];
-  __m512i last[kMaxBlocks];
+  Vec peak[kMaxQueries / kLanes];
+  Lanes last[kMaxQueries / kLanes];
   for (int b = 0; b < blocks; ++b) {
-    peak[b] = minus_infinity;
-    last[b] = _mm512_loadu_si512(q.last.data() + b * kLanes);
+    peak[b] = splat(-INFINITY);
+    last[b] = load_lanes(q.last.data() + b * kLanes);
   }
 
   // Scores, kPositions keys at a time (the padding repeats the last key), up to kPass blocks of
-  // queries at a time (see scores_pass).
+  // queries at a time.
   for (int64_t p0 = 0; p0 < count; p0 += kPositions) {
-    const uint32_t* key[kPositions];
-    for (int i = 0; i < kPositions; ++i)
-      key[i] = reinterpret_cast<const uint32_t*>(k + (first + std::min<int64_t>(p0 + i, count - 1)) * stride);
+    const uint16_t* rows[kPositions];
+    for (int i = 0; i < kPositions; ++i) rows[i] = k + (first + std::min<int64_t>(p0 + i, count - 1)) * stride;
+    const Word* key[kPositions];
+    keys_at<D>(rows, scratch, key);
     for (int b0 = 0; b0 < blocks; b0 += kPass) {
-      __m512 sum[kPass][kPositions];
-      by_blocks(std::min(kPass, blocks - b0), [&](auto pass) {
-        scores_pass<D, decltype(pass)::value>(q.pairs.data() + b0 * D / 2 * kLanes, key, sum);
-      });
-      for (int b = 0; b < std::min(kPass, blocks - b0); ++b) {
+      const int pass = std::min(kPass, blocks - b0);
+      Vec sum[kPass][kPositions];
+      by_blocks<kPass>(pass, [&](auto n) { scores_pass<D, decltype(n)::value>(q.block(b0), key, sum); });
+      for (int b = 0; b < pass; ++b) {
         for (int i = 0; i < kPositions && p0 + i < count; ++i) {
           // Positions past a query's own are hidden from it.
-          const __mmask16 hidden = _mm512_cmpgt_epi32_mask(
-              _mm512_set1_epi32(static_cast<int>(first + p0 + i)), last[b0 + b]);
-          const __m512 s = _mm512_mask_mov_ps(_mm512_mul_ps(sum[b][i], scale), hidden, minus_infinity);
-          _mm512_storeu_ps(scores + (p0 + i) * lanes + (b0 + b) * kLanes, s);
-          peak[b0 + b] = _mm512_max_ps(peak[b0 + b], s);
+          const Vec s = hide(sum[b][i] * scale, first + p0 + i, last[b0 + b]);
+          store(scores + (p0 + i) * lanes + (b0 + b) * kLanes, s);
+          peak[b0 + b] = larger(peak[b0 + b], s);
         }
       }
     }
   }
 
-  // Softmax's numerators (0 where hidden) and their sums, then the numerators as bf16 pairs of
-  // positions (a lone last position paired with 0).
-  const int64_t pairs = (count + 1) / 2;
-  scratch.probability_pairs.resize(pairs * lanes);
-  uint32_t* probabilities = scratch.probability_pairs.data();
+  // Softmax: a lane that sees none of the run keeps -inf as its largest score, and its
+  // numerators are all 0 (taken less 0 instead).
   part.top.resize(lanes);
   part.total.resize(lanes);
   for (int b = 0; b < blocks; ++b) {
-    // A lane that sees none of the run keeps -inf as its largest: its numerators are all 0.
-    const __mmask16 seen = _mm512_cmp_ps_mask(peak[b], minus_infinity, _CMP_NEQ_OQ);
-    const __m512 top = _mm512_maskz_mov_ps(seen, peak[b]);
-    _mm512_storeu_ps(part.top.data() + b * kLanes, _mm512_mask_mov_ps(minus_infinity, seen, peak[b]));
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t i = 0; i < pairs; ++i) {
-      __m512i words[2];
-      for (int j = 0; j < 2; ++j) {
-        const int64_t p = 2 * i + j;
-        __m512 e = _mm512_setzero_ps();
-        if (p < count) {
-          const __m512 s = _mm512_loadu_ps(scores + p * lanes + b * kLanes);
-          e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s, minus_infinity, _CMP_NEQ_OQ),
-                                  exp16(_mm512_sub_ps(s, top)));
-        }
-        total = _mm512_add_ps(total, e);
-        words[j] = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(e));
-      }
-      _mm512_storeu_si512(probabilities + i * lanes + b * kLanes,
-                          _mm512_or_si512(words[0], _mm512_slli_epi32(words[1], 16)));
-    }
-    _mm512_storeu_ps(part.total.data() + b * kLanes, total);
+    float top[kLanes];
+    store(top, peak[b]);
+    store(part.top.data() + b * kLanes, peak[b]);
+    for (float& t : top) t = t == -INFINITY ? 0.f : t;
+    store(part.total.data() + b * kLanes, probabilities(scratch, lanes, b, count, load(top)));
   }
 
-  // The values as bf16 pairs of positions: word d of pair i is dimension d of positions 2i
-  // and 2i + 1.
-  scratch.value_pairs.resize(pairs * D);
-  uint32_t* values = scratch.value_pairs.data();
-  const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
-                                       39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-  const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
-  for (int64_t i = 0; i < pairs; ++i) {
-    const uint16_t* a = v + (first + 2 * i) * stride;
-    const bool both = 2 * i + 1 < count;
-    for (int c = 0; c < D / 32; ++c) {
-      const __m512i x = _mm512_loadu_si512(a + 32 * c);
-      const __m512i y = both ? _mm512_loadu_si512(a + stride + 32 * c) : _mm512_setzero_si512();
-      _mm512_storeu_si512(values + i * D + 32 * c, _mm512_permutex2var_epi16(x, low, y));
-      _mm512_storeu_si512(values + i * D + 32 * c + 16, _mm512_permutex2var_epi16(x, high, y));
-    }
-  }
-
-  // The weighted values, kDims dimensions and up to kPass blocks of queries at a time (see
-  // values_pass).
+  // The weighted values, kDims dimensions and up to kPass blocks of queries at a time.
+  const int64_t steps = lay_values<D>(v + first * stride, stride, count, scratch);
   part.acc.resize(D * lanes);
   for (int b0 = 0; b0 < blocks; b0 += kPass) {
     const int pass = std::min(kPass, blocks - b0);
     for (int d0 = 0; d0 < D; d0 += kDims) {
-      __m512 sum[kPass][kDims];
-      by_blocks(pass, [&](auto n) {
-        values_pass<D, decltype(n)::value>(probabilities + b0 * kLanes, lanes, values + d0, pairs, sum);
+      Vec sum[kPass][kDims];
+      by_blocks<kPass>(pass, [&](auto n) {
+        values_pass<D, decltype(n)::value>(scratch.probabilities.data() + b0 * kLanes, lanes,
+                                            scratch.values.data() + d0, steps, sum);
       });
       for (int b = 0; b < pass; ++b)
-        for (int j = 0; j < kDims; ++j)
-          _mm512_storeu_ps(part.acc.data() + (d0 + j) * lanes + (b0 + b) * kLanes, sum[b][j]);
+        for (int j = 0; j < kDims; ++j) store(part.acc.data() + (d0 + j) * lanes + (b0 + b) * kLanes, sum[b][j]);
     }
   }
 }
@@ -245,18 +409,11 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor&
   const auto* v_data = reinterpret_cast<const uint16_t*>(values.data_ptr()) + row * values.stride(0);
 
   // Lane t * group + j: token t, query head j of the key-value head's group.
-  std::vector<Queries<D>> laid(kv_heads);
+  std::vector<Queries<D>> laid(kv_heads, Queries<D>(blocks));
   for (int64_t h = 0; h < kv_heads; ++h) {
-    Queries<D>& x = laid[h];
-    x.blocks = blocks;
-    x.pairs.assign(blocks * kLanes * D / 2, 0);
-    x.last.assign(blocks * kLanes, -1);
     for (int64_t lane = 0; lane < queries; ++lane) {
       const int64_t t = lane / group, head = h * group + lane % group;
-      const auto* query = reinterpret_cast<const uint32_t*>(q_data + t * q.stride(0) + head * q.stride(1));
-      const int64_t b = lane / kLanes, l = lane % kLanes;
-      for (int d = 0; d < D / 2; ++d) x.pairs[(b * D / 2 + d) * kLanes + l] = query[d];
-      x.last[lane] = static_cast<int32_t>(start + t);
+      laid[h].lay(lane, q_data + t * q.stride(0) + head * q.stride(1), static_cast<int32_t>(start + t));
     }
   }
 
@@ -310,8 +467,8 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& keys, const 
   const int64_t tokens = q.size(0), heads = q.size(1), dim = q.size(2), kv_heads = keys.size(1);
   TORCH_CHECK(keys.size(3) == dim && kv_heads > 0 && heads % kv_heads == 0,
               "prefill_attention: shapes do not match");
-  TORCH_CHECK(tokens >= 1 && heads / kv_heads * tokens <= kLanes * kMaxBlocks,
-              "prefill_attention: at most ", kLanes * kMaxBlocks, " queries to a key-value head");
+  TORCH_CHECK(tokens >= 1 && heads / kv_heads * tokens <= kMaxQueries,
+              "prefill_attention: at most ", kMaxQueries, " queries to a key-value head");
   TORCH_CHECK(row >= 0 && row < keys.size(0) && start >= 0 && start + tokens <= keys.size(2),
               "prefill_attention: row or positions out of range");
   if (dim == 64) return attend<64>(q, keys, values, row, start);
@@ -323,5 +480,3 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& keys, const 
 
 // The schema is defined by native.py (see decode_attention.cpp).
 TORCH_LIBRARY_IMPL(chat, CPU, m) { m.impl("prefill_attention", &prefill_attention); }
-
-#endif
