@@ -500,6 +500,40 @@ def test_follow_ups_of_the_real_model_score_a_text_as_with_torch_attention(defau
 
 @needs_kernels
 @pytest.mark.model
+def test_follow_ups_read_together_attend_as_with_torch_attention(default_engine):
+    """Three conversations' follow-ups of different lengths read in one pass (padded to the
+    longest) attend through our kernel a run at a time: the scores after each are those of
+    torch's attention over the padded runs but for rounding, and so are the keys written."""
+    decoder, scheduler = default_engine.decoder, default_engine.scheduler
+    ids = default_engine.prompt_tokenizer.encode(SCORED_TEXT)
+    histories = [ids[:300], ids[50:60], ids[100:400]]
+    follow_ups = [ids[300:325], ids[60:63], ids[400:417]]
+    runs = [(row, tokens, len(histories[row])) for row, tokens in enumerate(follow_ups)]
+
+    def read():
+        assert scheduler.spare_row == 0  # rows 0-2 are free: none is parked
+        with torch.inference_mode():
+            for row, history in enumerate(histories):
+                decoder.prefill(row, history, 0)
+            scores = decoder.prefill_many(runs)
+            return scores, decoder.cache.keys[-1][:3, :, :417].clone()
+
+    try:
+        ours, our_keys = scheduler.call(read).result()
+        decoder.native_prefill = False
+        theirs, their_keys = scheduler.call(read).result()
+    finally:
+        decoder.native_prefill = True
+
+    assert F.cosine_similarity(ours, theirs, dim=-1).min() > 0.995
+    for row, (history, tokens) in enumerate(zip(histories, follow_ups, strict=True)):
+        written = slice(0, len(history) + len(tokens))  # (each key, in the last layer)
+        mine, torchs = our_keys[row, :, written].float(), their_keys[row, :, written].float()
+        assert F.cosine_similarity(mine, torchs, dim=-1).min() > 0.999
+
+
+@needs_kernels
+@pytest.mark.model
 @pytest.mark.parametrize("rows", [1, 8])
 def test_decode_steps_of_the_real_model_score_a_text_as_with_torchs_kernels(
     default_engine, torch_kernels_engine, rows

@@ -246,13 +246,9 @@ class LlamaDecoder:
         # query head of a key-value head's group (attention reads them as one run).
         group = self.heads // self.kv_heads
         mask, rows, length = None, None, 0
-        # One short run (a follow-up message): our kernel, which needs no mask.
-        native_run = (
-            self.native_prefill
-            and len(runs) == 1
-            and group * len(runs[0][1]) <= native.PREFILL_QUERIES
-        )
-        if len(runs) > 1:  # all runs in one call (see layers.Attention)
+        # Short runs (follow-up messages): our kernel, a run at a time, which needs no mask.
+        native_run = self.native_prefill and group * longest <= native.PREFILL_QUERIES
+        if len(runs) > 1 and not native_run:  # all runs in one call (see layers.Attention)
             rows = torch.tensor([row for row, _, _ in runs])
             length = max(start + len(tokens) for _, tokens, start in runs)
             allowed = torch.arange(length).view(1, 1, -1) <= positions.unsqueeze(2)

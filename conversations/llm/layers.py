@@ -77,8 +77,8 @@ class Attention(NamedTuple):
 
     `lengths` (decoding only): how many positions each row sees, for the decode-attention kernel
     of our own (native.py), which then attends instead of scaled_dot_product_attention and needs
-    no mask; None: that kernel is not used. `native_run` (one run only): the run attends with
-    our prefill-attention kernel, which needs no mask either."""
+    no mask; None: that kernel is not used. `native_run` (reading prompts): each run attends
+    with our prefill-attention kernel, which needs no mask either (nor `rows` or `length`)."""
 
     slots: torch.Tensor | None
     length: int
@@ -212,6 +212,47 @@ def _attend_decoding(
 
 
 @script
+def _store_runs(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    runs: list[tuple[int, int, int]],
+):
+    """The runs' keys and values, k and v (runs, tokens, key-value heads, head size), into their
+    slot rows (their padding left out)."""
+    for i in range(len(runs)):
+        row, start, used = runs[i]
+        keys[row, :, start : start + used].copy_(k[i, :used].transpose(0, 1))
+        values[row, :, start : start + used].copy_(v[i, :used].transpose(0, 1))
+
+
+@script
+def _attend_runs_natively(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    runs: list[tuple[int, int, int]],
+) -> torch.Tensor:
+    """As _attend_runs, each run through our prefill-attention kernel (its padding is not
+    attended: zeros, thrown away)."""
+    batch = len(runs)
+    count = q.size(0) // batch
+    q = q.view(batch, count, q.size(1), q.size(2))
+    k = k.view(batch, count, k.size(1), k.size(2))
+    v = v.view(batch, count, v.size(1), v.size(2))
+    _store_runs(k, v, keys, values, runs)
+    attended: list[torch.Tensor] = []
+    for i in range(batch):
+        row, start, used = runs[i]
+        out = torch.ops.chat.prefill_attention(q[i, :used], keys, values, row, start)
+        attended.append(F.pad(out, [0, 0, 0, count - used]))
+    return torch.cat(attended)
+
+
+@script
 def _attend_runs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -227,21 +268,15 @@ def _attend_runs(
     """q: (tokens, heads, head size), k and v: (tokens, key-value heads, head size), tokens
     being len(runs) runs of equal length; returns (tokens, heads * head size). `rows`, `mask`,
     `length` and `native_run` as in Attention."""
-    if native_run:
-        row, start, used = runs[0]
-        keys[row, :, start : start + used].copy_(k.transpose(0, 1))
-        values[row, :, start : start + used].copy_(v.transpose(0, 1))
-        return torch.ops.chat.prefill_attention(q, keys, values, row, start)
     batch = len(runs)
     count = q.size(0) // batch
+    if native_run:
+        return _attend_runs_natively(q, k, v, keys, values, runs)
     q = q.view(batch, count, q.size(1), q.size(2)).transpose(1, 2)
     k = k.view(batch, count, k.size(1), k.size(2))
     v = v.view(batch, count, v.size(1), v.size(2))
     heads, kv_heads, head_dim = q.size(1), k.size(2), q.size(3)
-    for i in range(batch):
-        row, start, used = runs[i]
-        keys[row, :, start : start + used].copy_(k[i, :used].transpose(0, 1))
-        values[row, :, start : start + used].copy_(v[i, :used].transpose(0, 1))
+    _store_runs(k, v, keys, values, runs)
     if rows is not None:
         # The runs' rows of the slot tensors, up to the furthest position: one call, its
         # query heads grouped by key-value head as below. (A padded query sees whatever its
