@@ -17,6 +17,10 @@ test: install-test
 	# The bundled model's engine tests again with torch limited to AVX2: the path of a CPU
 	# without AVX-512 (torch's kernels, none of ours), taken on every machine that runs them.
 	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/pytest -m engine
+	# The kernels' tests once more as a CPU with AVX-VNNI runs them (the AVX2 products with VNNI's
+	# dot products; on an AVX-512 VNNI CPU the same instruction in its AVX-512 VL encoding).
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 CHATBOT_NATIVE_KERNELS=avx2-vnni \
+		$(BIN)/pytest -m engine tests/test_native.py
 
 # The whole suite again on a real PostgreSQL, but for the engine tests that use no database
 # (installs and starts it: needs root, Debian). See .ci/postgres-tests.

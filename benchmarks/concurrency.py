@@ -12,8 +12,9 @@ minutes (a slow spell moved that ratio by 10%): after the levels in order, one c
 eight are measured PAIRS - 1 more times, each right after the other. The ratio is taken per pair
 (one run of 1 and the run of 8 that follows it) and the median of the pairs is reported.
 
-Two configurations, one server each: the engine as it runs here (the best kernels the CPU has),
-and as on a CPU with AVX2 and no AVX-512 (workers.AVX2_ENV).
+Three configurations, one server each: the engine as it runs here (the best kernels the CPU
+has), as on a CPU with AVX2 and no AVX-512 (workers.AVX2_ENV), and as on one with AVX-VNNI as
+well (workers.AVX2_VNNI_ENV; left out where this CPU has neither AVX-VNNI nor AVX-512 VNNI).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+
+from conversations.llm import native
 
 from . import common, workers
 from .report import Report, fmt, fmt_ratio
@@ -34,7 +37,11 @@ PROMPT = "Write a long story about a lighthouse keeper named {name}."
 NAMES = ["Ada", "Ben", "Clara", "David", "Elena", "Finn", "Greta", "Hugo"]
 # Per configuration: the server's environment, and the least the widest level should reach as a
 # multiple of one conversation.
-CONFIGS = {"native": ({}, 3.3), "AVX2 only": (workers.AVX2_ENV, 3.0)}
+CONFIGS = {
+    "native": ({}, 3.3),
+    "AVX2 only": (workers.AVX2_ENV, 3.0),
+    "AVX2 + VNNI": (workers.AVX2_VNNI_ENV, 3.0),
+}
 
 
 def run(report: Report, quick: bool) -> None:
@@ -42,6 +49,10 @@ def run(report: Report, quick: bool) -> None:
         KEY, f"Concurrency over HTTP: conversations at once, {NEW_TOKENS} tokens each"
     )
     for config, (env, goal) in CONFIGS.items():
+        kernels = env.get("CHATBOT_NATIVE_KERNELS")
+        if kernels and native.choose(kernels) is None:
+            print(f"  {config}: left out (this CPU cannot run those kernels)")
+            continue
         print(f"  {config}:")
         section.data[config] = _config(report, quick, config, env, goal)
 

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from conversations.llm import native
+
 from .common import BENCH_DIR
 
 LLAMA_CPP_PACKAGE = "llama-cpp-python[server]==0.3.36"
@@ -38,18 +40,9 @@ AVX512_SWITCHES = {
 BUILD_TIMEOUT_SECONDS = 45 * 60
 
 
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
-
-
 def native_args() -> str:
     """AVX2_ARGS and the AVX-512 switches this CPU has (each only with the base set)."""
-    flags = cpu_flags()
+    flags = native.cpu_flags()
     switches = [s for s, needs in AVX512_SWITCHES.items() if flags.issuperset(needs)]
     if "-DGGML_AVX512=ON" not in switches:
         switches = []

@@ -64,15 +64,16 @@ def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
 
 def env_kernels(name: str) -> str:
     """Which kernels of our own to use: `true` (the best the CPU has), `false` (torch's), or an
-    instruction set by name (`avx2`, `avx512`)."""
+    instruction set by name (`avx2`, `avx2-vnni`, `avx512`: conversations.llm.native.TARGETS,
+    not imported here since a server relaying to an inference server imports no torch)."""
     value = env_str(name).lower()
     if not value or value in TRUE_WORDS:
         return "true"
     if value in FALSE_WORDS:
         return "false"
-    if value in ("avx2", "avx512"):
+    if value in ("avx2", "avx2-vnni", "avx512"):
         return value
-    raise ImproperlyConfigured(f"{name}={value!r}: use true, false, avx2 or avx512.")
+    raise ImproperlyConfigured(f"{name}={value!r}: use true, false, avx2, avx2-vnni or avx512.")
 
 
 def env_list(name: str, default: str = "") -> list[str]:

@@ -5,6 +5,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from accounts.keys import issue_key
+from chatsite.env import env_kernels
 from conversations import runtime
 from conversations.llm import native
 from tests.factories import make_conversation, messages_url
@@ -13,11 +14,13 @@ from tests.fakes import FakeEngine
 PASSWORD = "a-Long-test-passw0rd"
 
 
-# The kernel paths the bundled model's engine can take on this machine: ours (the default setting:
-# the AVX-512 ones, or the AVX2 ones where torch is limited to AVX2 or the CPU has no more) and
-# torch's alone (CHATBOT_NATIVE_KERNELS=false). Where none of ours can run, the default setting
-# takes torch's path: that one is tested, its fallback included, and once.
-KERNELS_RUN_HERE = native.choose("true") is not None
+# The kernel paths the bundled model's engine can take on this machine: ours (as the setting
+# chooses them: by default the AVX-512 ones, or the AVX2 ones where torch is limited to AVX2 or
+# the CPU has no more; `make test` also names `avx2-vnni`) and torch's alone
+# (CHATBOT_NATIVE_KERNELS=false). Where none of ours can run, the setting takes torch's path: that
+# one is tested, its fallback included, and once.
+KERNEL_SETTING = env_kernels("CHATBOT_NATIVE_KERNELS")
+KERNELS_RUN_HERE = native.choose(KERNEL_SETTING) is not None
 KERNEL_PATHS = ["ours", "torch"] if KERNELS_RUN_HERE else ["torch"]
 
 
@@ -26,6 +29,7 @@ def _bundled_engine(**options):
 
     from conversations.llm.engine import Engine
 
+    options.setdefault("native_kernels", KERNEL_SETTING)
     engine = Engine(model="", cache_dir=settings.CHATBOT_MODEL_CACHE, **options)
     engine.load()
     return engine

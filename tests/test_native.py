@@ -6,6 +6,7 @@ and where they cannot be built the decoder uses torch's kernels."""
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,21 +20,24 @@ from benchmarks.quality import SCORED_TEXT
 from conversations.llm import native, weights
 from conversations.llm.engine import GenerationParams
 from conversations.llm.kv_cache import SlotCache
+from tests.conftest import KERNEL_SETTING, KERNELS_RUN_HERE
 from tests.processes import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
-# The kernels are built for AVX-512 and for AVX2: they run wherever either set does. They are
-# tested again in `make test`'s pass with torch limited to AVX2 (marked `engine`, as the real
-# model's tests are), where the AVX2 ones are loaded, so an AVX-512 machine tests both.
+# The kernels are built for AVX-512, for AVX2 with AVX-VNNI and for AVX2: they run wherever one
+# of those does. They are tested again in `make test`'s pass with torch limited to AVX2 (marked
+# `engine`, as the real model's tests are), where the AVX2 ones are loaded, and in one with
+# CHATBOT_NATIVE_KERNELS=avx2-vnni, so an AVX-512 machine tests all three.
 needs_kernels = pytest.mark.skipif(
-    native.choose("true") is None,
-    reason="neither AVX-512 BF16 and VNNI nor AVX2 here (or torch is limited to less)",
+    not KERNELS_RUN_HERE,
+    reason=f"CHATBOT_NATIVE_KERNELS={KERNEL_SETTING}: none of ours run here (or torch is "
+    "limited to less)",
 )
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    assert native.load(settings.CHATBOT_MODEL_CACHE)
+    assert native.load(settings.CHATBOT_MODEL_CACHE, KERNEL_SETTING)
     return torch.ops.chat.decode_attention
 
 
@@ -586,7 +590,7 @@ def test_the_setting_turns_the_kernels_off(torch_kernels_engine, request):
         )
 
     assert off.scheduler.call(lambda: calls(off)).result() == ((0, 1, 0, 4), (0, 1))
-    if native.choose("true") is not None:
+    if KERNELS_RUN_HERE:
         on = request.getfixturevalue("default_engine")
         assert on.scheduler.call(lambda: calls(on)).result() == ((1, 0, 4, 0), (1, 0))
 
@@ -599,14 +603,16 @@ def test_each_kernel_path_tested_is_the_one_the_engine_runs(real_engine, request
     builds."""
     path = request.node.callspec.params["real_engine"]
     decoder, ours = real_engine.decoder, path == "ours"
-    capability = torch.backends.cpu.get_cpu_capability()
-    target = native.AVX512 if capability == "AVX512" else native.AVX2
     assert decoder.native is ours and decoder.native_attention is ours
     assert decoder.native_prefill is ours
     expected = weights.NativeInt4Linear if ours else weights.Int4Linear
     assert {type(layer.qkv) for layer in decoder.layers} == {expected}
     if ours:
-        assert native.loaded_target() is target
+        target = native.loaded_target()
+        assert target is native.choose(KERNEL_SETTING)
+        if KERNEL_SETTING == "true":
+            wide = torch.backends.cpu.get_cpu_capability() == "AVX512"
+            assert target.registers == (512 if wide else 256)
 
 
 @pytest.mark.usefixtures("kernels_not_loaded")
@@ -617,7 +623,8 @@ def test_torch_limited_to_less_chooses_the_kernels_for_that(monkeypatch, tmp_pat
     assert not native.supported(native.AVX512)
     assert native.choose("avx512") is None and native.choose("false") is None
     if torch.cpu._is_avx2_supported():
-        assert native.choose("true") is native.choose("avx2") is native.AVX2
+        assert native.choose("avx2") is native.AVX2
+        assert native.choose("true") in (native.AVX2_VNNI, native.AVX2)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     assert native.choose("true") is None and native.choose("avx2") is None
     assert native.load(tmp_path) is False
@@ -665,3 +672,52 @@ def test_with_torch_limited_the_engine_answers_on_the_kernels_left(capability, e
         **expected,
         "paris": True,
     }
+
+
+@pytest.mark.usefixtures("kernels_not_loaded")
+def test_avx2_vnni_by_name_is_the_instruction_the_cpu_has(monkeypatch):
+    """`avx2-vnni` is the AVX2 products with VNNI's dot products: AVX-VNNI's encoding on a CPU
+    that has it, the AVX-512 VL one (the same instruction, the same code) on a CPU with AVX-512
+    VNNI only, none on a CPU with neither. `true` prefers AVX-512, then AVX-VNNI, then AVX2."""
+    flags = native.cpu_flags()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx2_supported", lambda: True)
+    monkeypatch.setattr(native, "cpu_flags", lambda: flags | {"avx_vnni"})
+    assert native.choose("avx2-vnni") is native.AVX2_VNNI
+    assert native.choose("true") is native.AVX512
+    monkeypatch.setattr(native, "cpu_flags", lambda: flags - {"avx_vnni"})
+    assert native.choose("avx2-vnni") is native.AVX512_AS_AVX2_VNNI
+    assert "-DCHAT_KERNELS_256" in native.AVX512_AS_AVX2_VNNI.flags
+    # Named, it stands for an AVX-VNNI CPU's kernels with torch limited to AVX2 too; by
+    # default, AVX-512 limited away leaves plain AVX2.
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert native.choose("avx2-vnni") is native.AVX512_AS_AVX2_VNNI
+    assert native.choose("true") is native.AVX2
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
+    assert native.choose("avx2-vnni") is None
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(native, "cpu_flags", lambda: flags | {"avx_vnni"})
+    assert native.choose("true") is native.AVX2_VNNI
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler here")
+def test_the_avx_vnni_build_takes_avx_vnnis_dot_products(tmp_path):
+    """No CPU here need have AVX-VNNI, so that build is compiled, not run (its code runs in the
+    `avx2-vnni` pass through AVX-512 VL's encoding of the same instruction): the products
+    compile with its flags into the VEX-encoded dot products, and no AVX-512 instruction."""
+    from torch.utils import cpp_extension
+
+    source = Path(native.__file__).with_name("quantized_linear.cpp")
+    assembly = tmp_path / "quantized_linear.s"
+    includes = [f"-I{path}" for path in cpp_extension.include_paths()]
+    command = ["c++", "-std=c++17", "-S", *native.AVX2_VNNI.flags, *includes, str(source)]
+    result = subprocess.run(
+        [*command, "-o", str(assembly)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    text = assembly.read_text()
+    assert "{vex} vpdpbusd" in text and "zmm" not in text and "vpmaddubsw" not in text

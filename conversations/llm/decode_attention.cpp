@@ -22,6 +22,7 @@
 
 #include <immintrin.h>
 
+#include "simd.h"
 #include "softmax_exp.h"
 
 #include <algorithm>
@@ -43,7 +44,7 @@ inline void prefetch(const uint16_t* p, int bytes) {
     _mm_prefetch(reinterpret_cast<const char*>(p) + offset, _MM_HINT_T0);
 }
 
-#if defined(__AVX512F__)
+#if CHAT_AVX512
 
 constexpr int64_t kLanes = 16;  // floats to a register
 
@@ -208,24 +209,6 @@ inline __m256 sums8(const __m256* v) {
   return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
-inline float largest8(__m256 v) {
-  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
-}
-
-inline float sum8(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
-}
-
-// 8 bf16 at p as fp32 (a bf16 is the top half of its fp32).
-inline __m256 widen(const uint16_t* p) {
-  const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
-}
-
 // The nearest bf16 to x (ties to even; no NaNs here).
 inline uint16_t round_bf16(float x) {
   uint32_t bits;
@@ -261,7 +244,7 @@ void attend(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t k_st
   // floats, are more than the registers hold: they are read from the cache, the keys once.
   alignas(32) float query[G][D];
   for (int j = 0; j < G; ++j)
-    for (int c = 0; c < kChunks; ++c) _mm256_store_ps(query[j] + 8 * c, widen(q + j * q_stride + 8 * c));
+    for (int c = 0; c < kChunks; ++c) _mm256_store_ps(query[j] + 8 * c, widen8(q + j * q_stride + 8 * c));
   __m256 peak[G];
   for (int j = 0; j < G; ++j) peak[j] = _mm256_set1_ps(-INFINITY);
   for (int64_t first = 0; first < padded; first += 8) {
@@ -272,7 +255,7 @@ void attend(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t k_st
       __m256 sum[G];
       for (int j = 0; j < G; ++j) sum[j] = _mm256_setzero_ps();
       for (int c = 0; c < kChunks; ++c) {
-        const __m256 part = widen(key + 8 * c);
+        const __m256 part = widen8(key + 8 * c);
         for (int j = 0; j < G; ++j) sum[j] = _mm256_fmadd_ps(_mm256_load_ps(query[j] + 8 * c), part, sum[j]);
       }
       for (int j = 0; j < G; ++j) products[j][i] = sum[j];
@@ -287,7 +270,7 @@ void attend(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t k_st
   // Softmax's numerators (0 past the end) and their sums.
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int j = 0; j < G; ++j) {
-    part.top[j] = largest8(peak[j]);
+    part.top[j] = max8(peak[j]);
     const __m256 top = _mm256_set1_ps(part.top[j]);
     float* s = scores + j * padded;
     __m256 sum = _mm256_setzero_ps();
@@ -314,7 +297,7 @@ void attend(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t k_st
       __m256 weight[G];
       for (int j = 0; j < G; ++j) weight[j] = _mm256_broadcast_ss(scores + j * padded + p);
       for (int c = 0; c < kHalf; ++c) {
-        const __m256 x = widen(row + 8 * c);
+        const __m256 x = widen8(row + 8 * c);
         for (int j = 0; j < G; ++j) acc[j][c] = _mm256_fmadd_ps(weight[j], x, acc[j][c]);
       }
     }

@@ -4,10 +4,11 @@ steps and short prompts, `chat::decode_attention` (decode_attention.cpp), the at
 decode step, and `chat::prefill_attention` (prefill_attention.cpp), that of a follow-up
 message's few new tokens over a long history.
 
-They come in two instruction sets (TARGETS): AVX-512 with its bf16 and int8 dot products, and
-AVX2 with FMA and F16C, which CPUs without AVX-512 have. The best the CPU has is used, or the
-one that CHATBOT_NATIVE_KERNELS names (`avx2` on an AVX-512 machine tests and measures the
-other).
+They come in three instruction sets (TARGETS): AVX-512 with its bf16 and int8 dot products,
+AVX2 with FMA and F16C, which CPUs without AVX-512 have, and AVX2 with AVX-VNNI's int8 dot
+products (Intel's Alder Lake and later). The best the CPU has is used, or the one that
+CHATBOT_NATIVE_KERNELS names (`avx2` or `avx2-vnni` on an AVX-512 machine tests and measures
+the others).
 
 They are built the first time a model loads (about 20 s with the C++ compiler that pip needs for
 packages that compile; `prepare_model` does it at install) into a folder of the model cache
@@ -38,11 +39,13 @@ logger = logging.getLogger(__name__)
 class Target:
     """An instruction set the kernels are built for. Its folder is named after it, so that a
     model cache copied to another machine never loads code for instructions that machine
-    lacks."""
+    lacks. `cpu`: the flags /proc/cpuinfo must list for it, beyond what torch checks."""
 
     name: str
     folder: str
     flags: tuple[str, ...]
+    registers: int = 256
+    cpu: tuple[str, ...] = ()
 
     @property
     def sources(self) -> list[Path]:
@@ -50,6 +53,7 @@ class Target:
         return [Path(__file__).with_name(name) for name in names]
 
 
+_AVX2_FLAGS = ("-O3", "-fopenmp", "-mavx2", "-mfma", "-mf16c")
 AVX512 = Target(
     "avx512",
     "avx512-bf16-vnni",
@@ -63,9 +67,23 @@ AVX512 = Target(
         "-mavx512vnni",
         "-mfma",
     ),
+    registers=512,
 )
-AVX2 = Target("avx2", "avx2-fma-f16c", ("-O3", "-fopenmp", "-mavx2", "-mfma", "-mf16c"))
-TARGETS = {target.name: target for target in (AVX512, AVX2)}
+AVX2 = Target("avx2", "avx2-fma-f16c", _AVX2_FLAGS)
+# The AVX2 kernels with VNNI's dot products on 256-bit registers (quantized_linear.cpp): Intel's
+# Alder Lake and later, AMD's Zen 5 have them as AVX-VNNI. A CPU with AVX-512 VNNI has the same
+# instruction in its AVX-512 VL encoding: there the same code builds as AVX512_AS_AVX2_VNNI, so
+# that an AVX-512 machine runs (tests, measures) what AVX-VNNI CPUs run, by name only.
+AVX2_VNNI = Target(
+    "avx2-vnni", "avx2-fma-f16c-avxvnni", (*_AVX2_FLAGS, "-mavxvnni"), cpu=("avx_vnni",)
+)
+AVX512_AS_AVX2_VNNI = Target(
+    "avx2-vnni",
+    "avx2-fma-f16c-avx512vnni-vl",
+    # (Its own instructions in 256-bit registers only, as an AVX-VNNI CPU runs them.)
+    (*_AVX2_FLAGS, "-mavx512vnni", "-mavx512vl", "-mprefer-vector-width=256", "-DCHAT_KERNELS_256"),
+)
+TARGETS = {target.name: target for target in (AVX512, AVX2_VNNI, AVX2)}
 # What CHATBOT_NATIVE_KERNELS may say: the best the CPU has, none, or one by name.
 CHOICES = ("true", "false", *TARGETS)
 LIBRARY = "chat_kernels.so"
@@ -98,26 +116,44 @@ def supported(target: Target = AVX512) -> bool:
     torch's kernels; ours stay off too, as on a CPU without it. Torch's check of the CPU's
     instructions does not see that limit.)"""
     capability = torch.backends.cpu.get_cpu_capability()
-    if target is AVX2:
-        names = ("_is_avx2_supported",)
-        if not capability.startswith(("AVX2", "AVX512")):
-            return False
-    else:
+    if target is AVX512:
         names = ("_is_avx512_bf16_supported", "_is_vnni_supported")
-        if not capability.startswith("AVX512"):
-            return False
+        allowed = capability.startswith("AVX512")
+    elif target is AVX512_AS_AVX2_VNNI:
+        # (Named only: with torch limited to AVX2, it stands for an AVX-VNNI CPU's kernels.)
+        names = ("_is_avx512_supported", "_is_vnni_supported")
+        allowed = capability.startswith(("AVX2", "AVX512"))
+    else:
+        names = ("_is_avx2_supported",)
+        allowed = capability.startswith(("AVX2", "AVX512"))
     checks = [getattr(torch.cpu, name, None) for name in names]  # (torch's, not public)
-    return all(check is not None and check() for check in checks)
+    return (
+        allowed
+        and all(check is not None and check() for check in checks)
+        and set(target.cpu) <= cpu_flags()
+    )
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's flags as Linux lists them (none where it does not)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
 
 
 def choose(setting: str | bool) -> Target | None:
     """The target to build for a CHATBOT_NATIVE_KERNELS setting: the best the CPU supports
-    (`true`), none (`false`), or the one named, if the CPU supports it (else none, logged)."""
+    (`true`), none (`false`), or the one named, if the CPU supports it (else none, logged).
+    `avx2-vnni` on a CPU with AVX-512 VNNI but not AVX-VNNI: the same code in the encoding
+    that CPU has (AVX512_AS_AVX2_VNNI)."""
     setting = str(setting).lower()
     if setting == "false":
         return None
     if setting == "true":
-        best = next((t for t in (AVX512, AVX2) if supported(t)), None)
+        best = next((t for t in (AVX512, AVX2_VNNI, AVX2) if supported(t)), None)
         if best is None:
             logger.info(
                 "Neither AVX-512 BF16 and VNNI nor AVX2 here (or torch is limited to less: "
@@ -125,6 +161,8 @@ def choose(setting: str | bool) -> Target | None:
             )
         return best
     target = TARGETS[setting]
+    if target is AVX2_VNNI and not supported(target) and supported(AVX512_AS_AVX2_VNNI):
+        return AVX512_AS_AVX2_VNNI
     if not supported(target):
         logger.warning(
             "CHATBOT_NATIVE_KERNELS=%s, but this CPU lacks them: torch's kernels", setting
@@ -244,7 +282,8 @@ def _stamp(target: Target) -> str:
     """What a build is made from: the sources and the header they share, the flags, torch and
     Python."""
     digest = hashlib.sha256()
-    for source in [*target.sources, Path(__file__).with_name("softmax_exp.h")]:
+    headers = [Path(__file__).with_name(name) for name in ("simd.h", "softmax_exp.h")]
+    for source in [*target.sources, *headers]:
         digest.update(source.read_bytes())
     digest.update(" ".join([*target.flags, torch.__version__, sys.version]).encode())
     return digest.hexdigest()

@@ -26,6 +26,7 @@
 
 #include <immintrin.h>
 
+#include "simd.h"
 #include "softmax_exp.h"
 
 #include <algorithm>
@@ -58,7 +59,7 @@ void by_blocks(int n, F&& f) {
   f(std::integral_constant<int, N>());
 }
 
-#if defined(__AVX512F__)
+#if CHAT_AVX512
 
 constexpr int kLanes = 16;  // queries to a register
 using Vec = __m512;
@@ -224,12 +225,6 @@ inline Vec hide(Vec s, int64_t position, Lanes last) {
   return _mm256_blendv_ps(s, _mm256_set1_ps(-INFINITY), _mm256_castsi256_ps(hidden));
 }
 
-// 8 bf16 at p, widened to fp32, to out.
-inline void widen8(const uint16_t* p, float* out) {
-  const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  _mm256_storeu_ps(out, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16)));
-}
-
 // A key-value head's queries in fp32: `data[(b * D + d) * 8 + l]` is dimension d of the query in
 // lane l of block b; `last` as for AVX-512.
 template <int D>
@@ -261,7 +256,7 @@ inline void keys_at(const uint16_t* const* rows, Scratch& scratch, const float**
   scratch.keys.resize(kPositions * D);
   for (int i = 0; i < kPositions; ++i) {
     float* widened = scratch.keys.data() + i * D;
-    for (int d = 0; d < D; d += 8) widen8(rows[i] + d, widened + d);
+    for (int d = 0; d < D; d += 8) store(widened + d, widen8(rows[i] + d));
     key[i] = widened;
   }
 }
@@ -302,7 +297,7 @@ template <int D>
 inline int64_t lay_values(const uint16_t* v, int64_t stride, int64_t count, Scratch& scratch) {
   scratch.values.resize(count * D);
   for (int64_t p = 0; p < count; ++p)
-    for (int d = 0; d < D; d += 8) widen8(v + p * stride + d, scratch.values.data() + p * D + d);
+    for (int d = 0; d < D; d += 8) store(scratch.values.data() + p * D + d, widen8(v + p * stride + d));
   return count;
 }
 

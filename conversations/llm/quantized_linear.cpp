@@ -26,6 +26,8 @@
 
 #include <immintrin.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <array>
 #include <cstdint>
@@ -54,7 +56,7 @@ struct Quantized {
   const float* sums;
 };
 
-#if defined(__AVX512F__)
+#if CHAT_AVX512
 constexpr int kRowsAPass = 8;
 
 inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
@@ -138,25 +140,29 @@ void block(const uint8_t* w, int64_t groups, const Quantized* x, Out* out, int64
 // Q8_1 does. 4 bits: a group's eight 16-bit pair sums stay within 8 * 2 * 15 * 127 < 2^15, so
 // they are added before widening. 8 bits: levels 0..255 times -127..127 would overflow a pair
 // sum, so the levels are taken less 128 (-128..127, their magnitude the unsigned side) and
-// the 128 * sum of the inputs goes back in with the minimum.
+// the 128 * sum of the inputs goes back in with the minimum. Where the CPU has VNNI's dot
+// products on 256-bit registers (AVX-VNNI; or AVX-512 VNNI with VL, the same instruction), one
+// `dpbusd` takes and adds what those three instructions do, straight from the unsigned levels.
 constexpr int kRowsAPass = 4;
+
+#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
+constexpr bool kVnni = true;
+// acc + the sums of four products of unsigned bytes of u and signed bytes of s, per 32 bits.
+inline __m256i dot_add(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+  return _mm256_dpbusd_epi32(acc, u, s);
+#endif
+}
+#else
+constexpr bool kVnni = false;
+inline __m256i dot_add(__m256i acc, __m256i, __m256i) { return acc; }  // (never called)
+#endif
 
 inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
 inline __m256 load8(const at::BFloat16* x) {
-  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
-}
-
-inline float max8(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-
-inline int32_t sum8(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+  return widen8(reinterpret_cast<const uint16_t*>(x));
 }
 
 template <typename T>
@@ -214,7 +220,21 @@ void block(const uint8_t* w, int64_t groups, const Quantized* x, Out* out, int64
         for (int64_t offset = 0; offset < record; offset += 64)
           _mm_prefetch(reinterpret_cast<const char*>(at) + kAhead + offset, _MM_HINT_T0);
       __m256i dots[R];
-      if constexpr (Bits == 4) {
+      if constexpr (kVnni) {
+        for (int r = 0; r < R; ++r) dots[r] = _mm256_setzero_si256();
+        for (int c = 0; c < Bits; ++c) {
+          const __m256i run =
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + 64 * c + 32 * half));
+          const __m256i low = Bits == 4 ? _mm256_and_si256(run, nibble) : run;
+          const __m256i high = _mm256_and_si256(_mm256_srli_epi16(run, 4), nibble);
+          for (int r = 0; r < R; ++r) {
+            const int32_t* levels = x[r].levels + g * 8;
+            dots[r] = dot_add(dots[r], low, _mm256_set1_epi32(levels[c]));
+            if constexpr (Bits == 4)
+              dots[r] = dot_add(dots[r], high, _mm256_set1_epi32(levels[c + 4]));
+          }
+        }
+      } else if constexpr (Bits == 4) {
         __m256i pairs[R];
         for (int r = 0; r < R; ++r) pairs[r] = _mm256_setzero_si256();
         for (int c = 0; c < 4; ++c) {
@@ -248,7 +268,7 @@ void block(const uint8_t* w, int64_t groups, const Quantized* x, Out* out, int64
       const auto* halves = reinterpret_cast<const __m128i*>(at + Bits * 64);
       const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(halves + half));
       __m256 minimum = _mm256_cvtph_ps(_mm_loadu_si128(halves + 2 + half));
-      if constexpr (Bits == 8) minimum = _mm256_fmadd_ps(scale, _mm256_set1_ps(128.f), minimum);
+      if constexpr (Bits == 8 && !kVnni) minimum = _mm256_fmadd_ps(scale, _mm256_set1_ps(128.f), minimum);
       for (int r = 0; r < R; ++r) {
         const __m256 step = _mm256_mul_ps(scale, _mm256_set1_ps(x[r].steps[g]));
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[r]), step, acc[r]);

@@ -5,7 +5,9 @@
 
 #include <immintrin.h>
 
-#if defined(__AVX512F__)
+#include "simd.h"
+
+#if CHAT_AVX512
 
 // e^x for 16 floats (x <= 0 here): 2^(x log2 e) split into 2^n and a degree-6 polynomial of
 // the fraction; relative error ~2e-7, below what bf16 keeps.

@@ -116,7 +116,8 @@ def layer_matrices(
 
     # Without AVX-512 BF16, bf16 products are emulated in fp32 and prompts read faster through
     # the AVX2 kernel of our own: no bf16 copies there (and ~200 MB less memory).
-    avx2_only = native_int4 and native.loaded_target() is native.AVX2
+    target = native.loaded_target()
+    avx2_only = native_int4 and target is not None and target.registers == 256
     dense_rows = 0 if avx2_only else NATIVE_DENSE_ROWS if native_int4 else DENSE_ROWS
 
     def matrix(weight, **batches):
