@@ -12,6 +12,12 @@ class ChatError(Exception):
         self.exchange = exchange
 
 
+class InvalidInput(ChatError):
+    """What was sent cannot be taken as it is (the detail says why)."""
+
+    status_code = 400
+
+
 class Conflict(ChatError):
     """The conversation is not in a state that allows this (a reply is still being written,
     there is nothing to regenerate, ...)."""

@@ -12,7 +12,7 @@ The JSON document keeps every version of every message, so an import restores th
       "messages": [  # oldest first
         {"id", "role", "content", "status", "error", "created_at", "reply_to", "version_group",
          "is_active", "model", "prompt_tokens", "completion_tokens", "ttft_ms", "total_ms",
-         "context_turns", "generation_params"},
+         "context_turns", "generation_params", "rating", "feedback", "rated_at", "context"},
         ...
       ]
     }
@@ -31,7 +31,7 @@ from django.http import HttpResponse
 from django.utils import timezone
 from django.utils.text import slugify
 
-from .models import REPLY_FIELDS, Conversation, Message
+from .models import RATING_NAMES, REPLY_FIELDS, Conversation, Message
 
 FORMAT = "local-chat.conversation"
 VERSION = 1
@@ -87,6 +87,12 @@ def _export_message(message: Message) -> dict:
         "version_group": str(message.version_group),
         "is_active": message.is_active,
         **{field: getattr(message, field) for field in REPLY_FIELDS},
+        # Replies: their owner's rating, and what the model read (ids of this document's
+        # messages: context.ContextRecord).
+        "rating": {stored: name for name, stored in RATING_NAMES.items()}.get(message.rating),
+        "feedback": message.feedback,
+        "rated_at": _iso(message.rated_at) if message.rated_at else None,
+        "context": message.context,
     }
 
 

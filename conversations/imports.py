@@ -20,7 +20,7 @@ from django.utils.dateparse import parse_datetime
 from . import quotas
 from .errors import ChatError
 from .exports import FORMAT, VERSION
-from .models import REPLY_COUNTS, REPLY_FIELDS, Conversation, Message
+from .models import RATING_NAMES, REPLY_COUNTS, REPLY_FIELDS, Conversation, Message
 from .services import system_prompt_or_default
 from .validators import lone_surrogate_problem
 
@@ -106,6 +106,10 @@ def import_conversation(*, owner, document: Any) -> Conversation:
                 version_group=version_group,
                 is_active=row["is_active"],
                 **{field: row[field] for field in REPLY_FIELDS},
+                rating=row["rating"],
+                feedback=row["feedback"],
+                rated_at=row["rated_at"],
+                context=_renamed(row["context"], new_ids),
             )
         )
     if conversation_fields["created_at"] is None:
@@ -181,8 +185,42 @@ def _validate(document: Any) -> tuple[dict, list[dict]]:
                 f'messages[{index}].reply_to: "{row["reply_to"]}" is not the id of a message '
                 "in this export."
             )
+    for index, row in enumerate(rows):
+        for kept in (row["context"] or {}).get("messages", []):
+            if kept not in ids:
+                raise InvalidImport(
+                    f'messages[{index}].context.messages: "{kept}" is not the id of a message '
+                    "in this export."
+                )
     _check_no_cycles(rows)
     return fields, rows
+
+
+def _renamed(record: dict | None, new_ids: dict) -> dict | None:
+    """A context record with the imported messages' new ids."""
+    if record is None:
+        return None
+    return {**record, "messages": [str(new_ids[kept]) for kept in record["messages"]]}
+
+
+def _context_record(item: dict, where: str) -> dict | None:
+    """A reply's record of what the model read (context.ContextRecord), or None."""
+    record = item.get("context")
+    if record is None:
+        return None
+    where = f"{where}.context"
+    if not isinstance(record, dict):
+        raise InvalidImport(f"{where} must be an object or null (found {_describe(record)}).")
+    kept = record.get("messages", [])
+    if not isinstance(kept, list) or not all(isinstance(i, str) and i for i in kept):
+        raise InvalidImport(f"{where}.messages must be a list of message ids.")
+    return {
+        "system_prompt": _text(
+            record, "system_prompt", where, limit=Conversation.MAX_SYSTEM_PROMPT_CHARS
+        ),
+        "messages": kept,
+        "dropped": _integer(record, "dropped", where, 0, MAX_POSITIVE_INT) or 0,
+    }
 
 
 def _system_prompt(conversation: dict) -> str:
@@ -210,6 +248,10 @@ def _validate_message(item: Any, where: str) -> dict:
         "is_active": _boolean(item, "is_active", where, default=True),
         "model": _text(item, "model", where, limit=MAX_MODEL_CHARS),
         "generation_params": _params(item, "generation_params", where),
+        "rating": RATING_NAMES.get(_choice(item, "rating", where, tuple(RATING_NAMES)) or ""),
+        "feedback": _text(item, "feedback", where, limit=Message.MAX_FEEDBACK_CHARS) or None,
+        "rated_at": _timestamp(item, "rated_at", where, required=False),
+        "context": _context_record(item, where),
     }
     for field in REPLY_COUNTS:
         row[field] = _integer(item, field, where, 0, MAX_POSITIVE_INT)

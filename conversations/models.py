@@ -122,6 +122,8 @@ class Conversation(models.Model):
 REPLY_COUNTS = ("prompt_tokens", "completion_tokens", "ttft_ms", "total_ms", "context_turns")
 # What a reply records about how it was written (empty on user messages).
 REPLY_FIELDS = ("model", *REPLY_COUNTS, "generation_params")
+# Its owner's judgement of a reply.
+FEEDBACK_FIELDS = ("rating", "feedback", "rated_at")
 
 
 class MessageQuerySet(models.QuerySet):
@@ -158,6 +160,13 @@ class Message(models.Model):
         INTERRUPTED = "interrupted"  # the server stopped while writing; the partial text is kept
         ERROR = "error"  # generation failed; `error` says why
 
+    class Rating(models.IntegerChoices):
+        UP = 1, "Thumbs up"
+        DOWN = -1, "Thumbs down"
+
+    # The longest comment a rating may carry (pages, API and imports alike).
+    MAX_FEEDBACK_CHARS = 2000
+
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     conversation = models.ForeignKey(
         Conversation, on_delete=models.CASCADE, related_name="messages"
@@ -188,11 +197,19 @@ class Message(models.Model):
         null=True, blank=True, help_text="Earlier messages of the conversation the model saw."
     )
     generation_params = models.JSONField(default=dict, blank=True)
+    # What the model read to write this reply (context.ContextRecord): the system prompt, the ids
+    # of the earlier messages kept, how many older ones were dropped for room. Kept as it was
+    # when later messages are edited or regenerated.
+    context = models.JSONField(null=True, blank=True, editable=False)
+    # Its owner's judgement of a reply: thumbs up (1) or down (-1), and why, if they said.
+    rating = models.SmallIntegerField(null=True, blank=True, choices=Rating.choices)
+    feedback = models.TextField(null=True, blank=True)  # noqa: DJ001 (nullable: see below)
+    rated_at = models.DateTimeField(null=True, blank=True)
     # The lease of a reply being written: its writer renews this while it lives (leases.py). A
     # streaming reply whose lease is older than CHATBOT_STALE_REPLY_SECONDS, or that has none
-    # (written before leases existed), has lost its writer. (Nullable without a default, so that
-    # SQLite adds the column in place instead of rebuilding the table without its search
-    # triggers.)
+    # (written before leases existed), has lost its writer. (This and the fields above are
+    # nullable without a default, so that SQLite adds the columns in place instead of
+    # rebuilding the table without its search triggers.)
     lease_renewed_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     objects = MessageQuerySet.as_manager()
@@ -221,3 +238,7 @@ class Message(models.Model):
         if not self.completion_tokens or not self.total_ms:
             return None
         return self.completion_tokens / (self.total_ms / 1000)
+
+
+# A rating as the API and exports spell it, and as stored.
+RATING_NAMES = {"up": Message.Rating.UP, "down": Message.Rating.DOWN}

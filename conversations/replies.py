@@ -21,7 +21,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from . import connections, metrics
-from .context import build_context
+from .context import ContextRecord, build_context
 from .errors import ChatError, ContextOverflow, GenerationFailed
 from .leases import keeper
 from .llm.interface import ChatEngine, FinishReason, GenerationParams, StreamingReply
@@ -105,6 +105,7 @@ class ReplyWriter:
     _stream: StreamingReply | None = field(default=None, repr=False)
     _events: Iterator[ReplyEvent] | None = field(default=None, repr=False)
     _stopped: bool = field(default=False, repr=False)
+    _context: ContextRecord | None = field(default=None, repr=False)  # once built
 
     def __iter__(self) -> Iterator[ReplyEvent]:
         if self._events is None:
@@ -158,6 +159,7 @@ class ReplyWriter:
             context = build_context(
                 self.conversation, new_message=self.question, engine=self.engine, params=self.params
             )
+            self._context = context.record()
             stream = self._stream = stop_at(
                 self.engine.stream(
                     context.messages, self.params, cache_key=cache_key(self.conversation)
@@ -199,6 +201,7 @@ class ReplyWriter:
             "ttft_ms": result.ttft_ms,
             "total_ms": result.total_ms,
             "context_turns": context_turns,
+            "context": self._context,
             "generation_params": {
                 **self.params.as_dict(),
                 **self.labels,
@@ -228,8 +231,9 @@ class ReplyWriter:
     def _fail_unexpected(self, exc: Exception, text: str) -> ReplyEvent:
         logger.exception("Generation failed in conversation %s", self.conversation.pk)
         reason = f"{type(exc).__name__}: {exc}"
-        Message.objects.filter(pk=self.reply.pk).update(content=text)
-        self.reply.content = text  # the error event and the 503 body show the saved text
+        # (The context, if it was built: what the model read before it failed.)
+        Message.objects.filter(pk=self.reply.pk).update(content=text, context=self._context)
+        self.reply.content, self.reply.context = text, self._context  # (for the 503 body)
         error = GenerationFailed(
             f"The model could not answer: {reason.rstrip('.')}. Your message was saved."
         )

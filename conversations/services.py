@@ -19,7 +19,8 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from . import leases, quotas, transcripts
-from .errors import Conflict, TooManyReplies
+from .context import RecordedContext, recorded_context
+from .errors import Conflict, InvalidInput, TooManyReplies
 from .llm.interface import ChatMessage, FinishReason
 from .models import Conversation, Message
 from .replies import EventKind, Exchange, ReplyEvent, ReplyWriter, reserve_reply
@@ -288,6 +289,33 @@ def activate_version(*, conversation: Conversation, message: Message) -> Message
         Message.objects.filter(pk=message.pk).update(is_active=True)
     message.is_active = True
     return message
+
+
+def reply_context(*, reply: Message) -> RecordedContext | None:
+    """What the model read to write `reply`: the system prompt, the stored messages kept and
+    how many older ones were dropped for room (None for a reply that kept no record)."""
+    return recorded_context(reply)
+
+
+def rate_reply(*, reply: Message, rating: int | None, feedback: str | None = None) -> Message:
+    """Keep its owner's thumbs up (Message.Rating.UP) or down on a reply, with a comment if
+    they gave one; a rating of None takes both back. Only replies are rated."""
+    if reply.role != Message.Role.ASSISTANT:
+        raise InvalidInput("Only the model's replies can be rated, not your own messages.")
+    if rating is not None and rating not in Message.Rating.values:
+        raise InvalidInput("A rating is thumbs up or thumbs down.")
+    feedback = (feedback or "").strip()
+    if len(feedback) > Message.MAX_FEEDBACK_CHARS:
+        raise InvalidInput(
+            f"Keep the comment under {Message.MAX_FEEDBACK_CHARS} characters "
+            f"({len(feedback)} given)."
+        )
+    if rating is None:
+        feedback = ""
+    reply.rating, reply.feedback = rating, feedback or None
+    reply.rated_at = timezone.now() if rating is not None else None
+    reply.save(update_fields=["rating", "feedback", "rated_at"])
+    return reply
 
 
 def stop_generation(*, conversation: Conversation) -> bool:

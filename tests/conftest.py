@@ -139,6 +139,16 @@ def fake_engine(settings):
     runtime.set_engine(previous)
 
 
+@pytest.fixture
+def small_engine(settings):
+    """A FakeEngine whose prompt budget is 30 tokens (one token per word plus two a message)."""
+    settings.CHATBOT_SYSTEM_PROMPT = "Be brief."  # 4 tokens
+    engine = FakeEngine(context_window=settings.CHATBOT_MAX_NEW_TOKENS + 30)
+    previous = runtime.set_engine(engine)
+    yield engine
+    runtime.set_engine(previous)
+
+
 def make_user(username: str):
     return get_user_model().objects.create_user(username=username, password=PASSWORD)
 

@@ -78,7 +78,9 @@ def snapshot(conversation) -> tuple:
     """Everything about a conversation a request could change."""
     conversation = Conversation.objects.get(pk=conversation.pk)
     rows = list(
-        conversation.messages.order_by("created_at").values_list("id", "role", "content", "status")
+        conversation.messages.order_by("created_at").values_list(
+            "id", "role", "content", "status", "rating", "feedback"
+        )
     )
     return (
         conversation.owner_id,

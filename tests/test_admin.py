@@ -192,3 +192,30 @@ def test_anonymous_users_are_sent_to_the_admin_login(client, db):
 
     assert response.status_code == 302
     assert response["Location"].startswith("/admin/login/")
+
+
+def test_a_reply_shows_what_the_model_read_and_the_logs_filter_by_feedback(
+    admin_client, api, owner, fake_engine
+):
+    """The message page shows a reply's context record as the thread's context page does; the
+    message log filters by rating, the conversation list by replies rated up or down."""
+    conversation = services.create_conversation(owner=owner, title="Rated", system_prompt="Terse.")
+    url = f"/api/conversations/{conversation.pk}/messages/"
+    api.post(url, {"content": "First question"}, format="json")
+    second = api.post(url, {"content": "Second question"}, format="json").json()["reply"]
+    other = services.create_conversation(owner=owner, title="Unrated")
+    services.post_message(conversation=other, content="Nothing to rate")
+    reply = Message.objects.get(pk=second["id"])
+    services.rate_reply(reply=reply, rating=Message.Rating.DOWN, feedback="Wrong.")
+
+    page = admin_client.get(f"{MESSAGES}{reply.pk}/change/").content.decode()
+    assert "What the model read" in page
+    assert "Terse." in page and "First question" in page and "Echo: First question" in page
+    assert "Wrong." in page
+
+    assert result_ids(admin_client.get(MESSAGES, {"rating__exact": "-1"})) == {reply.pk}
+    assert result_ids(admin_client.get(MESSAGES, {"rating__exact": "1"})) == set()
+    assert result_ids(admin_client.get(CONVERSATIONS, {"feedback": "down"})) == {conversation.pk}
+    assert result_ids(admin_client.get(CONVERSATIONS, {"feedback": "up"})) == set()
+    assert result_ids(admin_client.get(CONVERSATIONS, {"feedback": "any"})) == {conversation.pk}
+    assert result_ids(admin_client.get(CONVERSATIONS)) == {conversation.pk, other.pk}

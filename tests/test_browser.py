@@ -359,6 +359,52 @@ def test_5_search_finds_the_chat_with_a_highlighted_snippet(page, chat):
     expect(page.locator(".conversation-list")).to_have_count(0)
 
 
+def test_5b_a_reply_opens_what_the_model_read_and_takes_thumbs_and_a_comment(page, chat):
+    """The last reply's "saw N earlier messages" opens its context: the system prompt, then the
+    earlier exchange (France and its answer), then the question it answered. Thumbs and a comment
+    are kept across a reload; the chosen thumb pressed again takes the rating back."""
+    _needs(chat, "path")
+    page.goto(chat["path"])
+    reply = _last_reply(page)
+    reply.get_by_role("link", name=re.compile(r"saw 2 earlier messages")).click()
+    expect(page.get_by_role("heading", name="What the model read")).to_be_visible()
+    items = page.locator(".context-view > li")
+    expect(items).to_have_count(4)  # system prompt, France, its answer, the dragon question
+    expect(items.nth(0)).to_contain_text("System prompt")
+    expect(items.nth(1)).to_contain_text(FRANCE)
+    expect(items.nth(2)).to_contain_text("Paris")
+    expect(items.nth(3)).to_contain_text(DRAGON)
+    page.get_by_role("link", name="← Back to the chat").click()
+
+    def pressed(name: str) -> None:
+        expect(_thumb(page, name)).to_have_attribute("aria-pressed", "true")
+
+    def not_pressed(name: str) -> None:
+        expect(_thumb(page, name)).to_have_attribute("aria-pressed", "false")
+
+    not_pressed("Bad reply")
+    _thumb(page, "Bad reply").click()
+    pressed("Bad reply")
+    expect(page.get_by_role("alert")).to_contain_text("feedback is saved")
+
+    comment = _last_reply(page).get_by_label("What was good or bad about this reply?")
+    _last_reply(page).locator(".feedback-comment summary").click()
+    comment.fill("Too long.")
+    _last_reply(page).get_by_role("button", name="Save with 👍").click()
+    page.reload()
+    pressed("Good reply")
+    not_pressed("Bad reply")
+    expect(comment).to_have_value("Too long.")
+
+    _thumb(page, "Good reply").click()
+    not_pressed("Good reply")
+    expect(_last_reply(page).locator(".feedback-comment")).not_to_have_attribute("open", "")
+
+
+def _thumb(page, name: str):
+    return _last_reply(page).get_by_role("button", name=name)
+
+
 # 6-7: chats of their own.
 
 

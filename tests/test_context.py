@@ -6,10 +6,8 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from conversations import runtime
 from conversations.models import Message
 from tests.factories import assert_detail, make_conversation, messages_url, post
-from tests.fakes import FakeEngine
 
 pytestmark = pytest.mark.django_db
 
@@ -102,16 +100,6 @@ def test_interrupted_and_cancelled_replies_are_in_the_context_error_replies_are_
 
 
 # --- a history longer than the context window ----------------------------------------------------
-
-
-@pytest.fixture
-def small_engine(settings):
-    """A FakeEngine whose prompt budget is 30 tokens (one token per word plus two a message)."""
-    settings.CHATBOT_SYSTEM_PROMPT = "Be brief."  # 4 tokens
-    engine = FakeEngine(context_window=settings.CHATBOT_MAX_NEW_TOKENS + 30)
-    previous = runtime.set_engine(engine)
-    yield engine
-    runtime.set_engine(previous)
 
 
 def test_message_too_long_for_the_context_is_422(api, owner, small_engine):

@@ -31,6 +31,10 @@ API = {
     "conversation-activate": [
         ("post", "/api/conversations/{id}/activate/", {"message": "{message}"})
     ],
+    "conversation-context": [("get", "/api/conversations/{id}/messages/{message}/context/", None)],
+    "conversation-feedback": [
+        ("post", "/api/conversations/{id}/messages/{message}/feedback/", {"rating": "up"})
+    ],
     "api-conversation-export": [("get", "/api/conversations/{id}/export/", None)],
     "api-messages": [("post", "/api/messages/", {"content": "Hijack", "conversation": "{id}"})],
 }
@@ -49,6 +53,8 @@ PAGES = {
     ],
     "conversations:delete": [("get", "/c/{id}/delete/", None), ("post", "/c/{id}/delete/", None)],
     "conversations:export": [("get", "/c/{id}/export/?format=json", None)],
+    "conversations:context": [("get", "/c/{id}/m/{message}/context/", None)],
+    "conversations:feedback": [("post", "/c/{id}/m/{message}/feedback/", {"rating": "down"})],
 }
 
 

@@ -365,6 +365,27 @@ def test_round_trip_of_a_conversation_written_by_the_model(owner, other_user, fa
     ]
 
 
+def test_ratings_and_context_records_survive_a_round_trip(owner, other_user, fake_engine):
+    """A reply's rating and comment go along, and its record of what the model read points at
+    the imported copies of the messages it kept."""
+    original, _ = services.start_conversation(owner=owner, content="Hello there")
+    second = services.post_message(conversation=original, content="Second").reply
+    services.rate_reply(reply=second, rating=Message.Rating.DOWN, feedback="Echoes.")
+    document = json.loads(json.dumps(exports.export_conversation(original)))
+    exported = next(m for m in document["messages"] if m["id"] == str(second.pk))
+    assert (exported["rating"], exported["feedback"]) == ("down", "Echoes.")
+
+    imported = imports.import_conversation(owner=other_user, document=document)
+
+    copy = imported.messages.get(content="Echo: Second")
+    assert (copy.rating, copy.feedback) == (Message.Rating.DOWN, "Echoes.")
+    assert copy.rated_at == second.rated_at
+    kept = [imported.messages.get(pk=i).content for i in copy.context["messages"]]
+    assert kept == ["Hello there", "Echo: Hello there"]
+    assert copy.context["system_prompt"] == second.context["system_prompt"]
+    assert services.reply_context(reply=copy).messages[0].conversation_id == imported.pk
+
+
 def test_another_user_importing_an_export_leaves_the_original_alone(api, other_api, owner):
     original, _ = make_versioned_conversation(owner)
     before = shape(original)
@@ -544,6 +565,17 @@ INVALID_DOCUMENTS = {
         "temperature",
     ),
     "too many messages": (_too_many(), f"limit is {imports.MAX_MESSAGES}"),
+    "bad rating": (with_message(1, rating="sideways"), "rating"),
+    "feedback too long": (with_message(1, feedback="x" * 2001), "feedback"),
+    "context not an object": (with_message(1, context=[1]), "context must be an object"),
+    "context of unknown messages": (
+        with_message(1, context={"messages": ["zz"], "dropped": 0}),
+        '"zz" is not the id of a message',
+    ),
+    "context dropping less than none": (
+        with_message(1, context={"messages": [], "dropped": -1}),
+        "dropped",
+    ),
 }
 
 

@@ -5,7 +5,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from .. import exports
-from ..models import REPLY_FIELDS, Conversation, Message
+from ..models import FEEDBACK_FIELDS, RATING_NAMES, REPLY_FIELDS, Conversation, Message
 from ..validators import validate_message_content
 
 
@@ -50,7 +50,23 @@ class SystemPromptField(serializers.CharField):
         )
 
 
+@extend_schema_field({"type": "string", "enum": ["up", "down"], "nullable": True})
+class RatingField(serializers.Field):
+    """A reply's thumbs up or down: "up", "down" or null (not rated)."""
+
+    default_error_messages = {"invalid": 'A rating is "up", "down" or null.'}
+
+    def to_representation(self, value):
+        return {stored: name for name, stored in RATING_NAMES.items()}.get(value)
+
+    def to_internal_value(self, data):
+        if data not in RATING_NAMES:
+            self.fail("invalid")
+        return RATING_NAMES[data]
+
+
 class MessageSerializer(serializers.ModelSerializer):
+    rating = RatingField(read_only=True, help_text="Replies: your thumbs up or down, if any.")
     version = serializers.IntegerField(
         read_only=True, default=1, help_text="Which version this is among its siblings (1-based)."
     )
@@ -73,17 +89,66 @@ class MessageSerializer(serializers.ModelSerializer):
             "version_group",
             "reply_to",
             *REPLY_FIELDS,
+            *FEEDBACK_FIELDS,
         )
         read_only_fields = fields
 
     def to_representation(self, instance):
         data = super().to_representation(instance)
         if instance.role != Message.Role.ASSISTANT:
-            for field in (*REPLY_FIELDS, "reply_to"):
+            for field in (*REPLY_FIELDS, *FEEDBACK_FIELDS, "reply_to"):
                 data.pop(field, None)
         if not instance.error:
             data.pop("error", None)
         return data
+
+
+class FeedbackSerializer(serializers.Serializer):
+    rating = RatingField(allow_null=True, help_text='"up", "down", or null to take it back.')
+    feedback = serializers.CharField(
+        required=False, allow_blank=True, allow_null=True, help_text="Why, in a few words."
+    )
+
+
+class ContextMessageSerializer(serializers.Serializer):
+    id = serializers.UUIDField(allow_null=True, help_text="Null: the message was deleted since.")
+    role = serializers.CharField(allow_null=True)
+    content = serializers.CharField(allow_null=True)
+
+
+class ReplyContextSerializer(serializers.Serializer):
+    recorded = serializers.BooleanField(
+        help_text="False for a reply written before replies kept their context."
+    )
+    system_prompt = serializers.CharField(allow_blank=True, allow_null=True)
+    dropped = serializers.IntegerField(
+        allow_null=True, help_text="Older messages left out: they did not fit."
+    )
+    messages = ContextMessageSerializer(
+        many=True, help_text="The earlier messages the model read, oldest first."
+    )
+    question = ContextMessageSerializer(help_text="The message the reply answers.")
+    prompt_tokens = serializers.IntegerField(allow_null=True)
+
+
+def context_data(reply: Message, recorded) -> dict:
+    """ReplyContextSerializer's document for `reply` and its RecordedContext (or None)."""
+
+    def item(message: Message | None) -> dict:
+        if message is None:
+            return {"id": None, "role": None, "content": None}
+        return {"id": message.pk, "role": message.role, "content": message.content}
+
+    return ReplyContextSerializer(
+        {
+            "recorded": recorded is not None,
+            "system_prompt": recorded.system_prompt if recorded else None,
+            "dropped": recorded.dropped if recorded else None,
+            "messages": [item(m) for m in recorded.messages] if recorded else [],
+            "question": item(reply.reply_to),
+            "prompt_tokens": reply.prompt_tokens,
+        }
+    ).data
 
 
 def message_data(message: Message) -> dict:
@@ -231,6 +296,17 @@ class ExportedMessageSerializer(serializers.Serializer):
     total_ms = serializers.IntegerField(allow_null=True, required=False)
     context_turns = serializers.IntegerField(allow_null=True, required=False)
     generation_params = serializers.DictField(required=False)
+    rating = serializers.ChoiceField(
+        choices=list(RATING_NAMES), allow_null=True, required=False, help_text="Replies only."
+    )
+    feedback = serializers.CharField(allow_null=True, allow_blank=True, required=False)
+    rated_at = serializers.DateTimeField(allow_null=True, required=False)
+    context = serializers.DictField(
+        allow_null=True,
+        required=False,
+        help_text='What the model read: {"system_prompt", "messages" (ids in this document, '
+        'oldest first), "dropped"}.',
+    )
 
 
 class ExportDocumentSerializer(serializers.Serializer):

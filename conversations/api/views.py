@@ -7,22 +7,27 @@ from rest_framework.response import Response
 
 from .. import services
 from ..disconnects import run_while_connected
-from ..models import Conversation
+from ..models import Conversation, Message
 from ..search import search_conversations
 from ..throttles import ConversationRateThrottle, MessageRateThrottle
 from .serializers import (
     ActivateSerializer,
     ConversationSerializer,
     ExchangeSerializer,
+    FeedbackSerializer,
     MessageSerializer,
     PostMessageSerializer,
+    ReplyContextSerializer,
     StartMessageSerializer,
     StopResultSerializer,
     StreamOptionSerializer,
+    context_data,
     load_versions,
+    message_data,
 )
 from .streaming import EVENT_STREAM, EventStreamRenderer, reply_response, wants_stream
 
+UUID = "[0-9a-fA-F-]{36}"
 # JSON by default; `Accept: text/event-stream` (or "stream": true in the body) streams the reply.
 STREAM_RENDERERS = [
     renderers.JSONRenderer,
@@ -226,6 +231,32 @@ class ConversationViewSet(viewsets.ModelViewSet):
         services.activate_version(conversation=conversation, message=message)
         message = conversation.messages.with_versions().get(pk=message.pk)
         return Response(MessageSerializer(message).data)
+
+    def _reply(self, message_id) -> Message:
+        """One of this conversation's replies (404 for any other id, or a user message)."""
+        return get_object_or_404(
+            self.get_object().messages, pk=message_id, role=Message.Role.ASSISTANT
+        )
+
+    @extend_schema(request=None, responses={200: ReplyContextSerializer})
+    @action(detail=True, methods=["get"], url_path=f"messages/(?P<message_id>{UUID})/context")
+    def context(self, request, pk=None, message_id=None):
+        """What the model read to write a reply: the system prompt, the earlier messages kept
+        (oldest first) and how many older ones were left out for room."""
+        reply = self._reply(message_id)
+        return Response(context_data(reply, services.reply_context(reply=reply)))
+
+    @extend_schema(request=FeedbackSerializer, responses={200: MessageSerializer})
+    @action(detail=True, methods=["post"], url_path=f"messages/(?P<message_id>{UUID})/feedback")
+    def feedback(self, request, pk=None, message_id=None):
+        """Rate a reply thumbs up or down, with an optional comment; a null rating takes both
+        back."""
+        reply = self._reply(message_id)
+        serializer = FeedbackSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        services.rate_reply(reply=reply, rating=data["rating"], feedback=data.get("feedback"))
+        return Response(message_data(reply))
 
     def _answer(self, request, writer, *, with_user_message: bool):
         if wants_stream(request):

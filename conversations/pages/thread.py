@@ -9,7 +9,7 @@ from django.core.exceptions import ValidationError
 from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
-from django.views.decorators.http import require_http_methods, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from .. import services
 from ..disconnects import run_while_connected
@@ -103,6 +103,49 @@ def activate(request, conversation):
     except ChatError as exc:
         flash.error(request, exc.detail)
     return _back_to_thread(conversation)
+
+
+@login_required
+@require_GET
+@owned_conversation
+def reply_context(request, conversation, message_id):
+    """What the model read to write one reply: its system prompt, the turns it kept, and where
+    older turns were dropped for room."""
+    reply = get_object_or_404(conversation.messages, pk=message_id, role=Message.Role.ASSISTANT)
+    context = {
+        "conversation": conversation,
+        "reply": reply,
+        "recorded": services.reply_context(reply=reply),
+    }
+    return render(request, "conversations/context.html", context)
+
+
+# What the feedback form's buttons say, as the ratings they mean.
+RATINGS = {"up": Message.Rating.UP, "down": Message.Rating.DOWN, "clear": None}
+
+
+@login_required
+@require_POST
+@owned_conversation
+def feedback(request, conversation, message_id):
+    """Thumbs up or down on a reply, with an optional comment; "clear" takes it back."""
+    reply = get_object_or_404(conversation.messages, pk=message_id)
+    choice = request.POST.get("rating", "")
+    if choice not in RATINGS:
+        flash.error(request, "Choose thumbs up or thumbs down.")
+    else:
+        try:
+            services.rate_reply(
+                reply=reply, rating=RATINGS[choice], feedback=request.POST.get("feedback")
+            )
+        except ChatError as exc:
+            flash.error(request, exc.detail)
+        else:
+            flash.success(
+                request,
+                "Thanks: your feedback is saved." if choice != "clear" else "Feedback taken back.",
+            )
+    return redirect(conversation.get_absolute_url() + f"#m-{reply.pk}")
 
 
 @login_required

@@ -18,6 +18,16 @@ urlpatterns = [
         name="settings",
     ),
     path("c/<uuid:conversation_id>/delete/", thread.delete, name="delete"),
+    path(
+        "c/<uuid:conversation_id>/m/<uuid:message_id>/context/",
+        thread.reply_context,
+        name="context",
+    ),
+    path(
+        "c/<uuid:conversation_id>/m/<uuid:message_id>/feedback/",
+        thread.feedback,
+        name="feedback",
+    ),
     path("c/<uuid:conversation_id>/export/", exports.export, name="export"),
     path("import/", imports.import_conversation, name="import"),
     path("keys/", keys.api_keys, name="keys"),
