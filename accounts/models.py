@@ -24,3 +24,26 @@ class ApiKey(models.Model):
 
     def __str__(self):
         return f"{self.name} ({self.prefix}…)"
+
+
+class TokenQuota(models.Model):
+    """How many tokens (prompt and reply, summed over the replies written for them) a user may
+    spend a day, set by staff in the admin. A user without one has the server's default
+    (CHATBOT_TOKENS_PER_DAY, unlimited unless set)."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="token_quota"
+    )
+    tokens_per_day = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Empty: the server's default (CHATBOT_TOKENS_PER_DAY). 0: unlimited.",
+    )
+
+    class Meta:
+        verbose_name = "token quota"
+
+    def __str__(self):
+        return (
+            f"{self.user}: {self.tokens_per_day if self.tokens_per_day is not None else 'default'}"
+        )

@@ -333,6 +333,9 @@ CHATBOT_MAX_NEW_TOKENS = env_int("CHATBOT_MAX_NEW_TOKENS", 256)
 CHATBOT_MAX_NEW_TOKENS_LIMIT = max(1, env_int("CHATBOT_MAX_NEW_TOKENS_LIMIT", 1024))
 # Replies one user may have in flight at once (0: no limit); the model is shared by everyone.
 CHATBOT_REPLIES_PER_USER = env_int("CHATBOT_REPLIES_PER_USER", 2)
+# Tokens (prompt and reply) one user may spend a day, unless staff set theirs in the admin
+# (accounts.TokenQuota); 0: unlimited. The day is TIME_ZONE's.
+CHATBOT_TOKENS_PER_DAY = max(0, env_int("CHATBOT_TOKENS_PER_DAY", 0))
 CHATBOT_TEMPERATURE = env_float("CHATBOT_TEMPERATURE", 0.0)
 CHATBOT_TOP_P = env_float("CHATBOT_TOP_P", 0.9)
 CHATBOT_REPETITION_PENALTY = env_float("CHATBOT_REPETITION_PENALTY", 1.1)

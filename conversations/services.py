@@ -291,6 +291,15 @@ def activate_version(*, conversation: Conversation, message: Message) -> Message
     return message
 
 
+USAGE_DAYS = 14  # the days the usage page and GET /api/usage/ list
+
+
+def token_usage(*, owner) -> tuple[quotas.TokenUsage, list]:
+    """`owner`'s tokens today against their daily quota, and their last USAGE_DAYS days
+    (day, tokens, replies), newest first."""
+    return quotas.token_usage(owner.pk), quotas.daily_tokens(owner.pk, USAGE_DAYS)
+
+
 def reply_context(*, reply: Message) -> RecordedContext | None:
     """What the model read to write `reply`: the system prompt, the stored messages kept and
     how many older ones were dropped for room (None for a reply that kept no record)."""
@@ -388,6 +397,7 @@ def _ensure_reply_allowed(owner_id) -> None:
     the transaction that reserves the reply: the user's row is locked (PostgreSQL; SQLite's
     write transactions are serialized), so two messages at once cannot both take the last
     place."""
+    quotas.check_tokens(owner_id)
     limit = settings.CHATBOT_REPLIES_PER_USER
     if limit <= 0:
         return

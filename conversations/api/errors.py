@@ -26,7 +26,10 @@ def exception_handler(exc, context):
         body = {"detail": exc.detail}
         if exc.exchange is not None:
             body.update(ExchangeSerializer(exc.exchange).data)
-        return Response(body, status=exc.status_code)
+        response = Response(body, status=exc.status_code)
+        if (wait := getattr(exc, "retry_after", None)) is not None:
+            response["Retry-After"] = str(wait)
+        return response
 
     response = drf_exception_handler(exc, context)
     if response is not None and isinstance(exc, exceptions.ValidationError):

@@ -6,6 +6,7 @@ from accounts.views import TokenView
 
 from .exports import ConversationExportView
 from .imports import ConversationImportView
+from .usage import UsageView
 from .views import ConversationViewSet, StartMessageView
 
 router = DefaultRouter()
@@ -14,6 +15,7 @@ router.register("conversations", ConversationViewSet, basename="conversation")
 urlpatterns = [
     path("token/", TokenView.as_view(), name="api-token"),
     path("messages/", StartMessageView.as_view(), name="api-messages"),
+    path("usage/", UsageView.as_view(), name="api-usage"),
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
     # The split view serves Swagger UI's init script at its own URL: the Content-Security-Policy
     # allows no inline script.

@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from . import auth, chats, exports, imports, keys, thread
+from . import auth, chats, exports, imports, keys, thread, usage
 
 app_name = "conversations"
 
@@ -31,6 +31,7 @@ urlpatterns = [
     path("c/<uuid:conversation_id>/export/", exports.export, name="export"),
     path("import/", imports.import_conversation, name="import"),
     path("keys/", keys.api_keys, name="keys"),
+    path("usage/", usage.usage, name="usage"),
     path("keys/<int:key_id>/revoke/", keys.revoke_key, name="revoke-key"),
 ]
 
