@@ -4,8 +4,8 @@
 
 Migrates a fresh database (CHATBOT_VAR_DIR / DATABASE_URL point at a temp dir: the caller sets
 them), seeds it with bulk_create (the full-text search triggers fire for every row), then times
-the listing endpoints in-process through Django's test client and counts their SQL queries with
-CaptureQueriesContext. Prints one JSON object.
+the listing endpoints and the admin's Insights page in-process through Django's test client and
+counts their SQL queries with CaptureQueriesContext. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 import os
 import random
 import time
-from datetime import timedelta
+from datetime import date, timedelta
 
 from .common import percentile
 
@@ -35,6 +35,10 @@ BATCH = 5000
 # Each endpoint is timed `--requests` times, or for this long (but at least MIN_REQUESTS times).
 SECONDS_PER_ENDPOINT = 20
 MIN_REQUESTS = 20
+# The Insights page draws the longest preset's number of days from the first seeded day: every
+# message of both scales falls in them (10 and 1,000 conversations an hour apart), so the two
+# pages draw the same days and differ only in the rows they aggregate.
+INSIGHTS_DAYS = 90
 
 
 def main() -> None:
@@ -54,7 +58,11 @@ def main() -> None:
     call_command("migrate", verbosity=0)
     setup_test_environment()  # lets the test client's host in; the database stays as it is
     seeded = seed(args.conversations, args.messages)
-    result = {"seed": seeded, "endpoints": measure(seeded, args.requests)}
+    result = {
+        "seed": seeded,
+        "endpoints": measure(seeded, args.requests),
+        "insights": measure_insights(seeded, args.requests),
+    }
     print(json.dumps(result))
 
 
@@ -132,6 +140,7 @@ def seed(conversations: int, messages: int) -> dict:
         "messages_per_s": total / (seconds - conversations_seconds),
         "token": token,
         "thread": str(middle.pk),
+        "first_day": timezone.localtime(start).date().isoformat(),
     }
 
 
@@ -140,9 +149,7 @@ def _text(rng: random.Random, low: int, high: int) -> str:
 
 
 def measure(seeded: dict, requests: int) -> dict:
-    from django.db import connection
     from django.test import Client
-    from django.test.utils import CaptureQueriesContext
 
     client = Client(HTTP_AUTHORIZATION=f"Token {seeded['token']}")
     thread = seeded["thread"]
@@ -153,33 +160,57 @@ def measure(seeded: dict, requests: int) -> dict:
     }
     results = {}
     for name, url in endpoints.items():
-        for _ in range(5):  # warm-up: first requests import and compile
-            assert client.get(url).status_code == 200
-        with CaptureQueriesContext(connection) as captured:
-            response = client.get(url)
-        assert response.status_code == 200, response.content[:200]
-        # Read now: the log is cleared when the next request starts.
-        queries = [q["sql"] for q in captured.captured_queries]
+        timed, response = _time(client, url, requests)
         body = response.json()
-        times = []
-        deadline = time.perf_counter() + SECONDS_PER_ENDPOINT
-        while len(times) < min(requests, MIN_REQUESTS) or (
-            len(times) < requests and time.perf_counter() < deadline
-        ):
-            started = time.perf_counter()
-            client.get(url)
-            times.append(time.perf_counter() - started)
-        results[name] = {
-            "url": url,
-            "queries": len(queries),
-            "sql": queries,
-            "items": len(body["results"]),
-            "count": body["count"],
-            "p50_ms": percentile(times, 50) * 1000,
-            "p95_ms": percentile(times, 95) * 1000,
-            "requests": len(times),
-        }
+        results[name] = {**timed, "items": len(body["results"]), "count": body["count"]}
     return results
+
+
+def measure_insights(seeded: dict, requests: int) -> dict:
+    """The admin's Insights page over INSIGHTS_DAYS days holding every seeded message, as a
+    staff user signed in to the admin sees it."""
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    staff = get_user_model().objects.create_user("operator", is_staff=True)
+    client = Client()
+    client.force_login(staff)
+    first = date.fromisoformat(seeded["first_day"])
+    last = first + timedelta(days=INSIGHTS_DAYS - 1)
+    timed, response = _time(client, f"/admin/insights/?from={first}&to={last}", requests)
+    assert b'class="insights-chart"' in response.content, response.content[:200]
+    return {**timed, "days": INSIGHTS_DAYS, "messages": seeded["messages"]}
+
+
+def _time(client, url: str, requests: int) -> tuple[dict, object]:
+    """`url`'s SQL queries and p50/p95, and one response of it to check."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    for _ in range(5):  # warm-up: first requests import and compile
+        assert client.get(url).status_code == 200
+    with CaptureQueriesContext(connection) as captured:
+        response = client.get(url)
+    assert response.status_code == 200, response.content[:200]
+    # Read now: the log is cleared when the next request starts.
+    queries = [q["sql"] for q in captured.captured_queries]
+    times = []
+    deadline = time.perf_counter() + SECONDS_PER_ENDPOINT
+    while len(times) < min(requests, MIN_REQUESTS) or (
+        len(times) < requests and time.perf_counter() < deadline
+    ):
+        started = time.perf_counter()
+        client.get(url)
+        times.append(time.perf_counter() - started)
+    timed = {
+        "url": url,
+        "queries": len(queries),
+        "sql": queries,
+        "p50_ms": percentile(times, 50) * 1000,
+        "p95_ms": percentile(times, 95) * 1000,
+        "requests": len(times),
+    }
+    return timed, response
 
 
 if __name__ == "__main__":
