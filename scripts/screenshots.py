@@ -1,9 +1,11 @@
 """Screenshots of the chat pages as a person sees them, for a look at the layout.
 
 Starts the product the way the tests do (gunicorn, the real bundled model, a temporary var dir),
-signs up a user in Chromium, has a chat of two exchanges, and saves PNGs of the list page and the
-thread page, at desktop (1280x900) and phone (390x844) sizes, into screenshots/ at the repository
-root (git-ignored). Run it with `make screenshots`.
+signs up a user in Chromium, has a chat of two exchanges (one with code), rates a reply, and saves
+PNGs of the list page, the thread page (and on phones its chat menu open), what the model read
+for a reply, the usage page and the admin's insights, at desktop (1280x900) and phone (390x844)
+sizes, light and dark, into screenshots/ at the repository root (git-ignored). Run it with `make
+screenshots`.
 
 Needs Chromium (apt-get install chromium; CHROMIUM_PATH to use another) and Playwright (in
 requirements-test.txt).
@@ -13,6 +15,7 @@ import argparse
 import re
 import sys
 import tempfile
+from itertools import product
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +26,10 @@ from playwright.sync_api import expect, sync_playwright  # noqa: E402
 from tests.live_server import CHROMIUM, CHROMIUM_ARGS, Server  # noqa: E402
 
 SIZES = {"desktop": {"width": 1280, "height": 900}, "mobile": {"width": 390, "height": 844}}
-QUESTIONS = ["What is the capital of France?", "Tell me three facts about Paris."]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a Python function that adds two numbers, in a code block.",
+]
 USERNAME, PASSWORD = "dana", "correct-Horse-battery-9"
 REPLY_MS = 180_000
 
@@ -70,9 +76,29 @@ def main() -> None:
                     executable_path=str(CHROMIUM), args=CHROMIUM_ARGS
                 )
                 context = browser.new_context(base_url=server.url, viewport=SIZES["desktop"])
-                thread = have_a_chat(context.new_page())
+                page = context.new_page()
+                thread = have_a_chat(page)
+                page.locator("li.message.assistant").first.get_by_role(
+                    "button", name="Good reply"
+                ).click()
+                context_page = page.locator("a.context-link").last.get_attribute("href")
                 login = context.storage_state()
-                for size, viewport in SIZES.items():
+                # The admin's insights need a staff user: the same person, made staff.
+                server.manage(
+                    "shell",
+                    "-c",
+                    "from django.contrib.auth.models import User; "
+                    f"User.objects.filter(username='{USERNAME}')"
+                    ".update(is_staff=True, is_superuser=True)",
+                )
+                pages = [
+                    ("list", "/"),
+                    ("thread", thread),
+                    ("context", context_page),
+                    ("usage", "/usage/"),
+                    ("insights", "/admin/insights/"),
+                ]
+                for (size, viewport), scheme in product(SIZES.items(), ("light", "dark")):
                     phone = size == "mobile"
                     shots = browser.new_context(
                         base_url=server.url,
@@ -81,12 +107,14 @@ def main() -> None:
                         is_mobile=phone,
                         has_touch=phone,
                         device_scale_factor=2 if phone else 1,
+                        color_scheme=scheme,
                     )
                     page = shots.new_page()
-                    for name, path in (("list", "/"), ("thread", thread)):
+                    menu = [("thread-menu", f"{thread}#sidebar")] if phone else []
+                    for name, path in [*pages, *menu]:
                         page.goto(path)
                         page.wait_for_load_state("networkidle")
-                        target = args.out / f"{name}-{size}.png"
+                        target = args.out / f"{name}-{size}-{scheme}.png"
                         page.screenshot(path=target)
                         print(target.relative_to(ROOT) if target.is_relative_to(ROOT) else target)
                     shots.close()

@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -58,7 +59,10 @@ def _browser_available():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = Server(tmp_path_factory.mktemp("browser"), env={"CHATBOT_MAX_NEW_TOKENS": "96"})
+    # (A dozen people sign up from one address within a minute or two here: more than the
+    # sign-in limit lets through.)
+    env = {"CHATBOT_MAX_NEW_TOKENS": "96", "CHATBOT_LOGINS_PER_MINUTE": "100"}
+    server = Server(tmp_path_factory.mktemp("browser"), env=env)
     server.prepare()
     server.start()
     yield server
@@ -236,7 +240,7 @@ def test_1_sign_up_start_a_chat_and_watch_the_reply_stream_in(page, chat):
     expect(stats).to_be_visible()
     expect(stats).to_contain_text("SmolLM2-135M-Instruct")
     expect(stats).to_contain_text(re.compile(r"\d+ tokens\s+· [\d.]+ tok/s\s+· [\d.]+ s"))
-    expect(stats).to_contain_text("saw 0 earlier messages")
+    expect(reply.locator("a.context-link")).to_have_text("saw 0 earlier messages")
     expect(reply.get_by_role("button", name="Regenerate")).to_be_visible()
     expect(page.locator("#messages li.message.user details.edit summary")).to_have_text("Edit")
 
@@ -431,7 +435,7 @@ def test_6_without_javascript_a_message_is_sent_by_a_form_post(new_browser):
         assert history[2] == "Thank you!"
         reply = _last_reply(page)
         expect(reply).to_have_class(re.compile(r"\bstatus-ok\b"))
-        expect(reply.locator(".stats")).to_contain_text("saw 2 earlier messages")
+        expect(reply.locator("a.context-link")).to_have_text("saw 2 earlier messages")
         assert history[3]
         assert page.locator("#latest").count() == 1
 
@@ -530,6 +534,9 @@ def test_9_no_page_breaks_the_content_security_policy(new_browser, server):
         page.goto(thread + "delete/")
         page.goto("/?q=hello")
         page.goto("/keys/")
+        page.goto("/usage/")
+        page.goto("/admin/insights/")
+        expect(page.locator("svg").first).to_be_visible()
         page.goto("/api/docs/")
         expect(page.locator(".swagger-ui .info .title")).to_contain_text("Chat API")
         page.goto("/admin/")
@@ -559,3 +566,190 @@ def test_10_a_key_made_on_the_keys_page_opens_the_api_until_it_is_revoked(new_br
         row.get_by_role("button", name="Revoke my script").click()
         expect(page.get_by_role("alert")).to_contain_text("Revoked")
         assert requests.get(api, headers=bearer, timeout=UI_MS / 1000).status_code == 401
+
+
+# 11-15: the chat UI people expect: theme, the chat list beside a thread, copy buttons, keys,
+# and an automated accessibility check.
+
+
+def _stored_chat(server, username: str, title: str, reply: str) -> None:
+    """A chat of `username`'s with one question and `reply`, as if the model had written it."""
+    server.manage(
+        "shell",
+        "-c",
+        "from django.contrib.auth import get_user_model; "
+        "from conversations import services; from conversations.models import Message; "
+        f"user = get_user_model().objects.get(username={username!r}); "
+        f"chat = services.create_conversation(owner=user, title={title!r}); "
+        "question = Message.objects.create(conversation=chat, role='user', content='Hi'); "
+        f"Message.objects.create(conversation=chat, role='assistant', content={reply!r}, "
+        "reply_to=question, context_turns=0, "
+        "context={'system_prompt': chat.system_prompt, 'messages': [], 'dropped': 0})",
+    )
+
+
+def _background(page) -> str:
+    return page.evaluate("getComputedStyle(document.body).backgroundColor")
+
+
+LIGHT_BG, DARK_BG = "rgb(246, 247, 249)", "rgb(18, 21, 27)"
+
+
+def test_11_dark_mode_follows_the_system_and_the_toggle_is_remembered(new_browser):
+    with _watched(new_browser(color_scheme="dark")) as page:
+        _sign_up(page, "judy")
+        assert page.evaluate("document.documentElement.dataset.theme") == "system"
+        assert _background(page) == DARK_BG  # the system's dark
+
+        toggle = page.get_by_role("button", name=re.compile("Colour theme"))
+        toggle.click()  # system -> dark
+        expect(page.locator("html")).to_have_attribute("data-theme", "dark")
+        page.get_by_role("button", name=re.compile("Colour theme")).click()  # dark -> light
+        expect(page.locator("html")).to_have_attribute("data-theme", "light")
+        assert _background(page) == LIGHT_BG  # chosen over the system's dark
+        page.reload()
+        expect(page.locator("html")).to_have_attribute("data-theme", "light")
+        page.goto("/usage/")
+        assert _background(page) == LIGHT_BG
+        page.get_by_role("button", name=re.compile("Colour theme")).click()  # back to the system
+        expect(page.locator("html")).to_have_attribute("data-theme", "system")
+        assert _background(page) == DARK_BG
+
+
+def test_12_the_chat_list_is_beside_a_thread_and_a_menu_on_phones(new_browser, server):
+    with _watched(new_browser(viewport={"width": 1280, "height": 900})) as page:
+        _sign_up(page, "karl")
+        for title in ("Older chat", "Newer chat"):
+            _stored_chat(server, "karl", title, "Hello.")
+        page.goto("/")
+        page.get_by_role("link", name=re.compile("Older chat")).click()
+        sidebar = page.get_by_role("navigation", name="Your chats")
+        expect(sidebar).to_be_visible()
+        links = sidebar.locator(".sidebar-list a")
+        expect(links).to_have_text(["Older chat", "Newer chat"][::-1])  # newest first
+        expect(sidebar.locator('a[aria-current="page"]')).to_have_text("Older chat")
+        expect(sidebar.get_by_role("link", name="+ New chat")).to_be_visible()
+        sidebar.get_by_role("searchbox", name="Search your chats").fill("newer")
+        sidebar.get_by_role("searchbox", name="Search your chats").press("Enter")
+        page.wait_for_url(re.compile(r"\?q=newer$"))
+        page.go_back()
+
+        page.set_viewport_size({"width": 390, "height": 844})
+        expect(sidebar).to_be_hidden()
+        page.get_by_role("link", name="☰ Chats").click()
+        expect(sidebar).to_be_visible()
+        expect(sidebar.locator('a[aria-current="page"]')).to_have_text("Older chat")
+        sidebar.get_by_role("link", name="Close the list of chats").click()
+        expect(sidebar).to_be_hidden()
+
+
+def test_13_copy_buttons_copy_a_code_block_and_a_whole_reply(new_browser, server):
+    page = new_browser()
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    with _watched(page):
+        _sign_up(page, "lena")
+        code = 'def add(a, b):\n    return a + b  # "sum" < 3'
+        _stored_chat(server, "lena", "Code", f"Here:\n\n```python\n{code}\n```\n\nDone.")
+        page.goto("/")
+        page.get_by_role("link", name=re.compile("Code")).click()
+        reply = _last_reply(page)
+        reply.get_by_role("button", name="Copy this code").click()
+        expect(reply.get_by_role("button", name="Copy this code")).to_have_text("Copied ✓")
+        assert page.evaluate("navigator.clipboard.readText()").strip() == code
+        reply.get_by_role("button", name="Copy this reply").click()
+        copied = page.evaluate("navigator.clipboard.readText()")
+        assert copied.startswith("Here:") and "return a + b" in copied and "Done." in copied
+
+
+def test_14_esc_stops_a_streaming_reply_and_keyboard_shortcuts_work(new_browser, server):
+    """A short window, so the thread scrolls: the page follows the reply being written until
+    the person scrolls up, then offers "Jump to latest"; Esc stops the reply. (The story may be
+    long, so that it is still being written meanwhile.)"""
+    with _watched(new_browser(viewport={"width": 800, "height": 420})) as page:
+        _sign_up(page, "mona")
+        _start_chat(page, FRANCE)
+        _wait_for_reply_done(page)
+        server.manage(
+            "shell",
+            "-c",
+            "from conversations.models import Conversation; "
+            "Conversation.objects.filter(owner__username='mona').update(max_new_tokens=1000)",
+        )
+        _send(page, DRAGON)
+        _wait_for_streamed_text(page, 20)
+        jump = page.get_by_role("button", name="Jump to latest")
+        expect(jump).to_be_hidden()
+        page.evaluate("window.scrollTo(0, 0)")
+        expect(jump).to_be_visible()
+        jump.click()
+        expect(jump).to_be_hidden()
+        assert page.evaluate(
+            "window.innerHeight + window.scrollY >= document.documentElement.scrollHeight - 120"
+        )
+        page.keyboard.press("Escape")
+        _wait_for_reply_done(page, timeout=STOP_MS)
+        reply = _last_reply(page)
+        expect(reply).to_have_class(re.compile(r"\bstatus-cancelled\b"))
+        expect(reply.locator(".badge")).to_have_text("Stopped")
+
+        # Shift+Enter writes a new line; Ctrl+Shift+O opens a new chat, its box focused.
+        box = page.locator("#send-form textarea[name=content]")
+        box.focus()
+        box.type("one")
+        box.press("Shift+Enter")
+        box.type("two")
+        expect(box).to_have_value("one\ntwo")
+        page.keyboard.press("Control+Shift+O")
+        page.wait_for_url(re.compile(r"/#new-chat-form$"))
+        expect(page.locator("#new-chat-form textarea[name=content]")).to_be_focused()
+
+
+AXE = Path(__file__).resolve().parent.parent / "node_modules" / "axe-core" / "axe.min.js"
+
+
+def _serious_violations(page) -> list[str]:
+    """axe-core's violations of impact serious or critical on the page, one line each."""
+    page.add_script_tag(path=str(AXE))
+    violations = page.evaluate(
+        "async () => (await axe.run(document, {resultTypes: ['violations']})).violations"
+    )
+    return [
+        f"{v['id']} ({v['impact']}): {v['help']} at {[n['html'][:120] for n in v['nodes']][:3]}"
+        for v in violations
+        if v["impact"] in ("serious", "critical")
+    ]
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_15_the_pages_pass_an_automated_accessibility_check(browser, server, scheme):
+    """axe-core (vendored through npm, loaded into the page: the policy is bypassed for it
+    alone) finds nothing serious on the pages a person uses, in light and dark."""
+    if not AXE.exists():
+        _unavailable(f"axe-core is not installed at {AXE} (npm ci)")
+    context = browser.new_context(base_url=server.url, bypass_csp=True, color_scheme=scheme)
+    context.set_default_timeout(UI_MS)
+    page = context.new_page()
+    try:
+        username = f"nina{scheme}"
+        page.goto("/accounts/login/")
+        problems = {"login": _serious_violations(page)}
+        _sign_up(page, username)
+        code = "print('hi')"
+        _stored_chat(server, username, "Checked", f"Sure:\n\n```python\n{code}\n```")
+        page.goto("/")
+        problems["list"] = _serious_violations(page)
+        page.get_by_role("link", name=re.compile("Checked")).click()
+        problems["thread"] = _serious_violations(page)
+        page.locator("a.context-link").first.click()
+        expect(page.get_by_role("heading", name="What the model read")).to_be_visible()
+        problems["context"] = _serious_violations(page)
+        page.goto("/usage/")
+        problems["usage"] = _serious_violations(page)
+        page.goto("/keys/")
+        problems["keys"] = _serious_violations(page)
+        found = {name: found for name, found in problems.items() if found}
+        assert not found, "\n".join(
+            f"{name}: {line}" for name, lines in found.items() for line in lines
+        )
+    finally:
+        context.close()

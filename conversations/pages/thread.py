@@ -18,6 +18,9 @@ from ..models import Conversation, Message
 from ..throttles import MessageRateThrottle, throttled
 from .forms import ConversationSettingsForm, MessageForm
 
+# The chats listed beside a thread (the list page has them all).
+SIDEBAR_CHATS = 40
+
 
 def owned_conversation(view):
     """A page view of one of the user's conversations, called with it in place of its id.
@@ -60,6 +63,7 @@ def thread(request, conversation):
         "switchers": _version_switchers(last_question, last_reply),
         "form": form,
         "streaming": any(m.status == Message.Status.STREAMING for m in messages),
+        "sidebar": services.recent_conversations(owner=request.user, limit=SIDEBAR_CHATS),
     }
     return render(request, "conversations/thread.html", context, status=400 if form.errors else 200)
 

@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from . import auth, chats, exports, imports, keys, thread, usage
+from . import auth, chats, exports, imports, keys, theme, thread, usage
 
 app_name = "conversations"
 
@@ -32,6 +32,7 @@ urlpatterns = [
     path("import/", imports.import_conversation, name="import"),
     path("keys/", keys.api_keys, name="keys"),
     path("usage/", usage.usage, name="usage"),
+    path("theme/", theme.choose_theme, name="theme"),
     path("keys/<int:key_id>/revoke/", keys.revoke_key, name="revoke-key"),
 ]
 

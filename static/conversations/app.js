@@ -69,7 +69,40 @@ function setupThread() {
   const textarea = form.querySelector("textarea[name=content]");
   const sendButton = form.querySelector("button[type=submit]");
   const stopButton = document.getElementById("stop-button");
+  const jumpButton = document.getElementById("jump-button");
   let busy = false;
+  // While a reply streams the page follows it, unless the person scrolled up to read: then a
+  // "Jump to latest" button brings them back (and following resumes).
+  let following = true;
+
+  function nearBottom() {
+    return window.innerHeight + window.scrollY >= document.documentElement.scrollHeight - 120;
+  }
+
+  function follow(item) {
+    if (following) item.scrollIntoView({ block: "end" });
+  }
+
+  window.addEventListener("scroll", () => {
+    if (!busy) return;
+    following = nearBottom();
+    jumpButton.hidden = following;
+  }, { passive: true });
+
+  jumpButton.addEventListener("click", () => {
+    following = true;
+    jumpButton.hidden = true;
+    list.lastElementChild?.scrollIntoView({ block: "end" });
+    textarea.focus();
+  });
+
+  // Esc stops the reply being written, from anywhere on the page.
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && busy && !stopButton.hidden) {
+      event.preventDefault();
+      stopButton.click();
+    }
+  });
 
   function bubble(role, text) {
     const item = document.createElement("li");
@@ -83,7 +116,7 @@ function setupThread() {
     item.append(box);
     list.querySelector(".empty")?.remove();
     list.append(item);
-    item.scrollIntoView({ block: "end" });
+    follow(item);
     return item;
   }
 
@@ -94,15 +127,18 @@ function setupThread() {
     const page = new DOMParser().parseFromString(await response.text(), "text/html");
     const fresh = page.getElementById("messages");
     if (fresh) list.replaceChildren(...fresh.childNodes);
+    addCopyButtons(list);
     const title = page.getElementById("thread-title");
     if (title) document.getElementById("thread-title").textContent = title.textContent;
     document.title = page.title;
-    document.getElementById("latest")?.scrollIntoView({ block: "end" });
+    const latest = document.getElementById("latest");
+    if (latest) follow(latest);
   }
 
   async function stream(url, body, { question = null, replaces = [] } = {}) {
     if (busy) return;
     busy = true;
+    following = true;
     sendButton.disabled = true;
     stopButton.hidden = false;
     for (const item of replaces) item?.remove();
@@ -119,7 +155,7 @@ function setupThread() {
       for await (const event of readEvents(response)) {
         if (event.kind === "delta") {
           text.textContent += event.data.text;
-          reply.scrollIntoView({ block: "end" });
+          follow(reply);
         } else if (event.kind === "error") {
           showError(event.data.detail);
         } else if (event.kind === "title") {
@@ -133,7 +169,8 @@ function setupThread() {
       busy = false;
       sendButton.disabled = false;
       stopButton.hidden = true;
-      textarea.focus();
+      jumpButton.hidden = true;
+      textarea.focus({ preventScroll: !following });
     }
   }
 
@@ -215,7 +252,77 @@ function setupSendBoxes() {
   }
 }
 
+// Copy buttons: one on each code block of a reply, one per reply. Added by the script (they
+// need it to work), again after the thread is swapped in anew.
+async function copyText(text, button) {
+  try {
+    await navigator.clipboard.writeText(text);
+  } catch {
+    // Without the clipboard API (an insecure origin): the old way, through a selection.
+    const area = document.createElement("textarea");
+    area.value = text;
+    area.setAttribute("readonly", "");
+    area.className = "visually-hidden";
+    document.body.append(area);
+    area.select();
+    document.execCommand("copy");
+    area.remove();
+  }
+  const label = button.textContent;
+  button.textContent = "Copied ✓";
+  setTimeout(() => { button.textContent = label; }, 2000);
+}
+
+function copyButton(label, describedAs, text) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "link copy-button";
+  button.textContent = label;
+  button.setAttribute("aria-label", describedAs);
+  button.addEventListener("click", () => copyText(text(), button));
+  return button;
+}
+
+function addCopyButtons(root) {
+  for (const pre of root.querySelectorAll(".markdown pre")) {
+    if (pre.querySelector(".copy-button")) continue;
+    const code = pre.querySelector("code") || pre;
+    pre.classList.add("has-copy");
+    pre.prepend(copyButton("Copy", "Copy this code", () => code.innerText));
+  }
+  for (const item of root.querySelectorAll("li.message.assistant")) {
+    const meta = item.querySelector(".message-meta");
+    const text = item.querySelector(".bubble .text");
+    if (!meta || !text || meta.querySelector(".copy-reply")) continue;
+    const button = copyButton("Copy", "Copy this reply", () => text.innerText);
+    button.classList.add("copy-reply");
+    meta.append(" · ", button);
+  }
+}
+
+// Ctrl+Shift+O (Cmd+Shift+O) starts a new chat, as in other chat apps.
+function setupShortcuts() {
+  document.addEventListener("keydown", (event) => {
+    if ((event.ctrlKey || event.metaKey) && event.shiftKey && event.key.toLowerCase() === "o") {
+      const link = document.getElementById("new-chat-link");
+      const newChat = document.querySelector("#new-chat-form textarea[name=content]");
+      if (!link && !newChat) return;
+      event.preventDefault();
+      if (newChat) newChat.focus();
+      else location.assign(link.href);
+    }
+  });
+  // Arriving at the list page for a new chat: its message box takes the keyboard (once the
+  // page has loaded: the browser's move to the #new-chat-form anchor comes after this script).
+  if (location.hash === "#new-chat-form") {
+    const box = document.querySelector("#new-chat-form textarea[name=content]");
+    window.addEventListener("load", () => setTimeout(() => box?.focus(), 0));
+  }
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  setupShortcuts();
+  addCopyButtons(document);
   setupSendBoxes();
   setupThread();
   setupNewChat();
