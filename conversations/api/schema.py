@@ -6,7 +6,7 @@ decorators document their particular outcomes (201, 409, 503 ...), and this hook
 statuses that any of them can meet. It also marks the response fields that are not always
 there as optional."""
 
-from ..models import REPLY_FIELDS
+from ..models import FEEDBACK_FIELDS, REPLY_FIELDS
 
 ERROR_SCHEMA = {
     "type": "object",
@@ -32,6 +32,8 @@ METHODS = ("get", "post", "put", "patch", "delete")
 # required): a conversation's `snippet` comes with search results only; a message's reply
 # statistics with replies only, its `error` with failed ones only.
 SOMETIMES_PRESENT = {"snippet", "reply_to", "error", *REPLY_FIELDS}
+# ... and a reply's feedback, with replies only (in responses: a request to rate one needs it).
+SOMETIMES_IN_RESPONSES = set(FEEDBACK_FIELDS)
 
 
 def add_error_responses(result, generator, request, public):
@@ -39,7 +41,10 @@ def add_error_responses(result, generator, request, public):
     schemas["Error"] = ERROR_SCHEMA
     for name, component in schemas.items():
         if "required" in component and not name.startswith("OpenAI"):
-            component["required"] = [f for f in component["required"] if f not in SOMETIMES_PRESENT]
+            absent = SOMETIMES_PRESENT | (
+                set() if name.endswith("Request") else SOMETIMES_IN_RESPONSES
+            )
+            component["required"] = [f for f in component["required"] if f not in absent]
     product = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     # OpenAI's API under /v1/ answers errors in OpenAI's shape (openai_api/errors.py).
     openai = {"application/json": {"schema": {"$ref": "#/components/schemas/OpenAIError"}}}
