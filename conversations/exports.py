@@ -31,7 +31,7 @@ from django.http import HttpResponse
 from django.utils import timezone
 from django.utils.text import slugify
 
-from .models import RATING_NAMES, REPLY_FIELDS, Conversation, Message
+from .models import REPLY_FIELDS, Conversation, Message, rating_name
 
 FORMAT = "local-chat.conversation"
 VERSION = 1
@@ -89,7 +89,7 @@ def _export_message(message: Message) -> dict:
         **{field: getattr(message, field) for field in REPLY_FIELDS},
         # Replies: their owner's rating, and what the model read (ids of this document's
         # messages: context.ContextRecord).
-        "rating": {stored: name for name, stored in RATING_NAMES.items()}.get(message.rating),
+        "rating": rating_name(message.rating),
         "feedback": message.feedback,
         "rated_at": _iso(message.rated_at) if message.rated_at else None,
         "context": message.context,

@@ -242,3 +242,8 @@ class Message(models.Model):
 
 # A rating as the API and exports spell it, and as stored.
 RATING_NAMES = {"up": Message.Rating.UP, "down": Message.Rating.DOWN}
+
+
+def rating_name(rating: int | None) -> str | None:
+    """A stored rating as RATING_NAMES spells it ("up", "down"); None if not rated."""
+    return next((name for name, stored in RATING_NAMES.items() if stored == rating), None)

@@ -5,7 +5,14 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from .. import exports
-from ..models import FEEDBACK_FIELDS, RATING_NAMES, REPLY_FIELDS, Conversation, Message
+from ..models import (
+    FEEDBACK_FIELDS,
+    RATING_NAMES,
+    REPLY_FIELDS,
+    Conversation,
+    Message,
+    rating_name,
+)
 from ..validators import validate_message_content
 
 
@@ -57,7 +64,7 @@ class RatingField(serializers.Field):
     default_error_messages = {"invalid": 'A rating is "up", "down" or null.'}
 
     def to_representation(self, value):
-        return {stored: name for name, stored in RATING_NAMES.items()}.get(value)
+        return rating_name(value)
 
     def to_internal_value(self, data):
         if data not in RATING_NAMES:

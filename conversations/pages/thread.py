@@ -14,7 +14,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from .. import services
 from ..disconnects import run_while_connected
 from ..errors import ChatError
-from ..models import Conversation, Message
+from ..models import RATING_NAMES, Conversation, Message
 from ..throttles import MessageRateThrottle, throttled
 from .forms import ConversationSettingsForm, MessageForm
 
@@ -125,7 +125,7 @@ def reply_context(request, conversation, message_id):
 
 
 # What the feedback form's buttons say, as the ratings they mean.
-RATINGS = {"up": Message.Rating.UP, "down": Message.Rating.DOWN, "clear": None}
+RATINGS = {**RATING_NAMES, "clear": None}
 
 
 @login_required
