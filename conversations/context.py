@@ -61,7 +61,6 @@ class RecordedContext:
     system_prompt: str
     dropped: int
     messages: list[Message | None]
-    prompt_tokens: int | None
 
 
 def load_history(conversation: Conversation, *, before: Message) -> list[StoredTurn]:
@@ -104,7 +103,6 @@ def recorded_context(reply: Message) -> RecordedContext | None:
         system_prompt=record.get("system_prompt", ""),
         dropped=int(record.get("dropped", 0)),
         messages=[found.get(i) for i in ids],
-        prompt_tokens=reply.prompt_tokens,
     )
 
 
