@@ -9,7 +9,7 @@ Checked before a reply is reserved; a reply counts once it has ended (its counts
 then), and one started under the quota is written whole."""
 
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, time, timedelta
 
 from django.conf import settings
 from django.db.models import Count, F, Func, IntegerField, Sum
@@ -97,9 +97,15 @@ class TokenUsage:
         return None if self.limit is None else max(0, self.limit - self.used)
 
 
-def _today_start() -> datetime:
-    now = timezone.localtime()
-    return now.replace(hour=0, minute=0, second=0, microsecond=0)
+def _midnight(day: date) -> datetime:
+    """The start of `day` in TIME_ZONE (days are not all 24 h long where clocks change)."""
+    return timezone.make_aware(datetime.combine(day, time()))
+
+
+def _today() -> tuple[datetime, datetime]:
+    """Today's start and the next day's, in TIME_ZONE."""
+    today = timezone.localdate()
+    return _midnight(today), _midnight(today + timedelta(days=1))
 
 
 def _reply_tokens():
@@ -114,30 +120,27 @@ def token_limit(owner_id) -> int | None:
     return limit or None
 
 
-def _used_today(owner_id) -> int:
+def _used_since(owner_id, start: datetime) -> int:
     return (
         Message.objects.filter(
-            conversation__owner_id=owner_id,
-            role=Message.Role.ASSISTANT,
-            created_at__gte=_today_start(),
+            conversation__owner_id=owner_id, role=Message.Role.ASSISTANT, created_at__gte=start
         ).aggregate(n=Sum(_reply_tokens()))["n"]
         or 0
     )
 
 
 def token_usage(owner_id) -> TokenUsage:
+    start, resets_at = _today()
     return TokenUsage(
-        used=_used_today(owner_id),
-        limit=token_limit(owner_id),
-        resets_at=_today_start() + timedelta(days=1),
+        used=_used_since(owner_id, start), limit=token_limit(owner_id), resets_at=resets_at
     )
 
 
 def daily_tokens(owner_id, days: int) -> list[tuple[date, int, int]]:
     """`owner`'s last `days` days, newest first: (day, tokens, replies), days without replies
     too (one query)."""
-    today = _today_start()
-    first = today - timedelta(days=days - 1)
+    today = timezone.localdate()
+    first = _midnight(today - timedelta(days=days - 1))
     rows = (
         Message.objects.filter(
             conversation__owner_id=owner_id, role=Message.Role.ASSISTANT, created_at__gte=first
@@ -149,7 +152,7 @@ def daily_tokens(owner_id, days: int) -> list[tuple[date, int, int]]:
     found = {row["day"]: (row["tokens"] or 0, row["replies"]) for row in rows}
     result = []
     for back in range(days):
-        day = (today - timedelta(days=back)).date()
+        day = today - timedelta(days=back)
         tokens, replies = found.get(day, (0, 0))
         result.append((day, tokens, replies))
     return result
@@ -161,10 +164,10 @@ def check_tokens(owner_id) -> None:
     limit = token_limit(owner_id)
     if limit is None:
         return
-    used = _used_today(owner_id)
+    start, resets_at = _today()
+    used = _used_since(owner_id, start)
     if used < limit:
         return
-    resets_at = _today_start() + timedelta(days=1)
     resets = timezone.localtime(resets_at)
     hours, rest = divmod(int((resets_at - timezone.now()).total_seconds()), 3600)
     raise OverTokenQuota(
